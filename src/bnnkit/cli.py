@@ -1,0 +1,264 @@
+"""Command line: ``bnnkit train | evaluate | bench | data | methods``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from .errors import BnnkitError, ConfigError
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _options(pairs: list[str] | None) -> dict:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"--option takes key=value, got {pair!r}")
+        k, v = pair.split("=", 1)
+        out[k] = _parse_value(v)
+    return out
+
+
+def _subset(text: str):
+    if text in ("all", "none", "0"):
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise ConfigError(f"--subset takes a number or 'all', got {text!r}") from None
+    if n < 1:
+        raise ConfigError(f"--subset must be >= 1, got {n}")
+    return n
+
+
+# ------------------------------------------------------------------ train
+
+
+def cmd_train(a) -> int:
+    from .train import RunConfig, load_yaml, train_run
+
+    cfg = RunConfig.from_dict(load_yaml(a.config)) if a.config else RunConfig()
+    if a.method:
+        cfg.method = a.method
+    if a.model:
+        cfg.model = a.model
+    if a.dataset:
+        cfg.data.dataset = a.dataset
+    if a.subset is not None:
+        cfg.data.subset = _subset(a.subset)
+    if a.seed is not None:
+        cfg.seed = a.seed
+    for name in ("epochs", "batch_size", "lr", "devices", "strategy", "precision", "num_nodes"):
+        v = getattr(a, name)
+        if v is not None:
+            setattr(cfg.train, name, v)
+    if a.device:
+        cfg.train.accelerator = "gpu" if a.device == "cuda" else a.device
+    cfg.train.progress = not a.quiet
+    cfg.method_options.update(_options(a.option))
+    model = train_run(cfg, a.out, resume=a.resume)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        print(f"trained {cfg.method} ({model.num_parameters():,} parameters) -> {a.out}")
+    return 0
+
+
+# ------------------------------------------------------------------ evaluate
+
+
+def cmd_evaluate(a) -> int:
+    from . import io
+    from .data import load_bundle
+    from .evaluate import EvalConfig, evaluate
+    from .methods import UQModel
+    from .train import RunConfig
+
+    run = Path(a.run_dir)
+    if not (run / "model.safetensors").is_file():
+        raise ConfigError(
+            f"{run} holds no trained model (model.safetensors); train one with "
+            f"`bnnkit train --out {run}` or finish it with --resume"
+        )
+    cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    model = UQModel.load(run / "model.safetensors")
+    bundle = load_bundle(
+        a.dataset or cfg.data.dataset, val_size=cfg.data.val_size, subset=cfg.data.subset
+    )
+    ecfg = EvalConfig(progress=not a.quiet, n_corrupt=a.n_corrupt, n_rotate=a.n_rotate)
+    if a.corruptions:
+        ecfg.corruptions = a.corruptions.split(",")
+    rows, _ = evaluate(model, bundle, ecfg)
+    io.atomic_write_text(run / "metrics.json", json.dumps(rows, indent=1))
+    keep = {"test", "corrupt:mean", "cost"} | {
+        s for s in (r["split"] for r in rows) if s.startswith("ood:")
+    }
+    for r in rows:
+        if r["split"] in keep:
+            print(f"{r['split']:<22} {r['metric']:<20} {r['value']:.4f}")
+    print(f"all {len(rows)} rows -> {run / 'metrics.json'}")
+    return 0
+
+
+# ------------------------------------------------------------------ bench
+
+
+def cmd_bench(a) -> int:
+    from .bench import BenchConfig, run_bench
+    from .train import load_yaml
+
+    base = {}
+    if a.config:
+        base = load_yaml(a.config)
+        valid = {f.name for f in fields(BenchConfig)}
+        unknown = set(base) - valid
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) {sorted(unknown)} in {a.config}; valid: "
+                + ", ".join(sorted(valid))
+            )
+    cfg = BenchConfig(**base)
+    if a.methods:
+        cfg.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    for name in ("model", "dataset", "epochs", "seeds", "device", "out", "lr", "batch_size"):
+        v = getattr(a, name)
+        if v is not None:
+            setattr(cfg, name, v)
+    if a.subset is not None:
+        cfg.subset = _subset(a.subset)
+    if a.quiet:
+        cfg.progress = False
+    run_bench(cfg)
+    return 0
+
+
+# ------------------------------------------------------------------ data
+
+
+def cmd_data(a) -> int:
+    from .data import DATASETS, fetch, get_spec, load_split, verify
+    from .errors import DataError
+
+    names = [a.download] if a.download else list(DATASETS)
+    if a.download:
+        got = fetch(a.download)
+        print(f"downloaded {len(got)} file(s) for {a.download}" if got else "already present")
+    for name in names:
+        spec = get_spec(name)
+        counts = []
+        ok = True
+        for split in spec.files:
+            try:
+                _, y = load_split(name, split)
+                counts.append(f"{split} {len(y):,}")
+            except DataError:
+                ok = False
+        state = ", ".join(counts) if ok else "MISSING"
+        print(f"{name:<14} {spec.input_shape}  {spec.num_classes} classes  {state}")
+        if not ok:
+            print(f"    to get it: {spec.hint}")
+        if a.verify or not ok:
+            for fname, where, status in verify(name):
+                print(f"    {fname:<36} {status:<12} {where}")
+    return 0
+
+
+def cmd_methods(a) -> int:
+    from .methods import METHODS
+
+    for m in METHODS.values():
+        opts = ", ".join(f"{k}={v}" for k, v in m.defaults.items()) or "-"
+        extra = f" (post hoc on {m.posthoc_of})" if m.posthoc_of else ""
+        print(f"{m.name:<20} {m.summary}{extra}\n{'':<20} options: {opts}")
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bnnkit", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one method into a run directory")
+    t.add_argument("--method")
+    t.add_argument("--model")
+    t.add_argument("--dataset")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--subset", help="train on N training examples ('all' for every one)")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--devices", type=int)
+    t.add_argument("--num-nodes", type=int)
+    t.add_argument("--strategy", help="Lightning strategy: auto, ddp, ...")
+    t.add_argument("--precision", help="e.g. 32-true, bf16-mixed, 16-mixed")
+    t.add_argument("--option", action="append", help="method option key=value (repeatable)")
+    t.add_argument("--config", help="YAML file with a RunConfig")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a trained run directory")
+    e.add_argument("run_dir")
+    e.add_argument("--dataset", help="evaluate on another data set of the same shape")
+    e.add_argument("--corruptions", help="comma-separated corruption names")
+    e.add_argument("--n-corrupt", type=int, default=2000)
+    e.add_argument("--n-rotate", type=int, default=2000)
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    b = sub.add_parser("bench", help="train and evaluate methods; print one table")
+    b.add_argument("--methods", help="comma-separated method names (see `bnnkit methods`)")
+    b.add_argument("--model")
+    b.add_argument("--dataset")
+    b.add_argument("--epochs", type=int)
+    b.add_argument("--seeds", type=int)
+    b.add_argument("--subset", help="training examples to use ('all' for every one)")
+    b.add_argument("--batch-size", type=int)
+    b.add_argument("--lr", type=float)
+    b.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--out")
+    b.add_argument("--config", help="YAML file with BenchConfig fields")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("data", help="list data sets, where they are, verify checksums")
+    d.add_argument("--verify", action="store_true", help="check sha256 of every file")
+    d.add_argument("--download", metavar="NAME", help="download a data set (needs internet)")
+    d.set_defaults(func=cmd_data)
+
+    m = sub.add_parser("methods", help="list the registered methods and their options")
+    m.set_defaults(func=cmd_methods)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BnnkitError as e:
+        print(f"bnnkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "bnnkit: interrupted; re-run the same command with --resume to continue",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["main", "build_parser", "asdict"]

@@ -1,0 +1,406 @@
+"""Where real data sets live, how to read them, and an opt-in checksummed download.
+
+Search order for every data set: ``$BNNKIT_DATA``, then ``~/.cache/bnnkit``, then the known
+system locations (Debian's ``/usr/share/datasets`` for Fashion-MNIST) and a ``shared/datasets``
+folder beside the project checkout. Nothing is ever downloaded unless asked for
+(``bnnkit data --download NAME`` or ``download=True``), and every download is verified
+against a sha256 before it is moved into place.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DataError, unknown_name
+
+_PROJECT_ROOT = Path(__file__).resolve().parents[3]
+
+
+def search_roots() -> list[Path]:
+    roots = []
+    env = os.environ.get("BNNKIT_DATA")
+    if env:
+        roots.append(Path(env).expanduser())
+    roots.append(Path.home() / ".cache" / "bnnkit")
+    roots.append(Path("/usr/share/datasets"))
+    roots.append(_PROJECT_ROOT.parent / "shared" / "datasets")
+    return roots
+
+
+def download_root() -> Path:
+    env = os.environ.get("BNNKIT_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "bnnkit"
+
+
+def sha256_file(path: Path, decompress: bool = False) -> str:
+    h = hashlib.sha256()
+    opener = gzip.open if decompress and str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest: Path, sha256: str, timeout: float = 60.0) -> Path:
+    """Fetch ``url`` to ``dest`` atomically; raise :class:`DataError` on a checksum mismatch."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            for chunk in iter(lambda: resp.read(1 << 20), b""):
+                h.update(chunk)
+                out.write(chunk)
+        if h.hexdigest() != sha256:
+            raise DataError(
+                f"checksum mismatch for {url}: expected sha256 {sha256}, got {h.hexdigest()}; "
+                "the file was not kept. Retry, or fetch it by hand and check it."
+            )
+        os.replace(tmp, dest)
+    except OSError as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"download of {url} failed: {e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+# ---------------------------------------------------------------- readers
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an idx file (optionally gzip-compressed): images (magic 2051) or labels (2049)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read idx file {path}: {e}; reinstall or re-download it") from e
+    if len(data) < 8:
+        raise DataError(f"{path} is too short to be an idx file")
+    magic = struct.unpack(">I", data[:4])[0]
+    if magic == 2051:
+        n, h, w = struct.unpack(">III", data[4:16])
+        arr = np.frombuffer(data, np.uint8, offset=16)
+        if arr.size != n * h * w:
+            raise DataError(f"{path} is truncated: header says {n}x{h}x{w}, found {arr.size} bytes")
+        return arr.reshape(n, h, w)
+    if magic == 2049:
+        n = struct.unpack(">I", data[4:8])[0]
+        arr = np.frombuffer(data, np.uint8, offset=8)
+        if arr.size != n:
+            raise DataError(f"{path} is truncated: header says {n} labels, found {arr.size}")
+        return arr
+    raise DataError(f"{path} is not an idx file (magic {magic}, expected 2049 or 2051)")
+
+
+def read_npz(path: Path, keys: list[str]) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            missing = [k for k in keys if k not in d.files]
+            if missing:
+                raise DataError(f"{path} lacks arrays {missing}; it has {d.files}")
+            return {k: d[k] for k in keys}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"cannot read {path}: {e}; the file may be truncated") from e
+
+
+# ---------------------------------------------------------------- data set specs
+
+
+@dataclass
+class FileSpec:
+    name: str  # path relative to a search root
+    sha256: tuple[str, ...] = ()  # accepted checksums (of the decompressed bytes for .gz idx)
+    url: str | None = None
+    url_sha256: str | None = None  # checksum of the downloaded file itself
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    files: dict[str, list[FileSpec]]  # split -> files
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hint: str
+    classes: list[str] = field(default_factory=list)
+
+
+_FM = "fashion-mnist/"
+_FM_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+_KERAS_MNIST = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
+_MNIST_FILE = FileSpec(
+    "mnist.npz",
+    (
+        "37ac4434c24aa2360e2a8ddfd357ba4cdcf48919961b2b780a6d3040894d1a02",
+        "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1",
+    ),
+    _KERAS_MNIST,
+    "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1",
+)
+
+
+def _fm(stem: str, sha: str) -> FileSpec:
+    return FileSpec(_FM + stem + ".gz", (sha,), _FM_URL + stem + ".gz", None)
+
+
+_CIFAR10_TRAIN_SHA = [
+    "1d8441cf3b199398aa5a4ad873981dd99ee7006267cf5c2c3b5f2c235de82670",
+    "de1c2af05ab1a1719cd2c050c1fce4e5a0189e3b559a12a55a3d796451a4bd6e",
+    "67c27ceffa7809ee3bd06abfe88604d37b3df34f6f8628c5293423b8ad7d52e7",
+    "fd9e12036be24c94f6edfb4e954b546fa153e538f12f3429ed7dfc523cc58d55",
+]
+_NPZ_HINT = "place the .npz files (x_*/y_* arrays, NHWC uint8) in $BNNKIT_DATA or ~/.cache/bnnkit"
+
+DATASETS: dict[str, DatasetSpec] = {
+    "fashion_mnist": DatasetSpec(
+        "fashion_mnist",
+        {
+            "train": [
+                _fm(
+                    "train-images-idx3-ubyte",
+                    "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+                ),
+                _fm(
+                    "train-labels-idx1-ubyte",
+                    "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+                ),
+            ],
+            "test": [
+                _fm(
+                    "t10k-images-idx3-ubyte",
+                    "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+                ),
+                _fm(
+                    "t10k-labels-idx1-ubyte",
+                    "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+                ),
+            ],
+        },
+        (1, 28, 28),
+        10,
+        (0.2860,),
+        (0.3530,),
+        "sudo apt-get install -y dataset-fashion-mnist   "
+        "(or: bnnkit data --download fashion_mnist, with internet)",
+        [
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ],  # fmt: skip
+    ),
+    "mnist": DatasetSpec(
+        "mnist",
+        {"train": [_MNIST_FILE], "test": [_MNIST_FILE]},
+        (1, 28, 28),
+        10,
+        (0.1307,),
+        (0.3081,),
+        "bnnkit data --download mnist   (or put mnist.npz in $BNNKIT_DATA)",
+        [str(i) for i in range(10)],
+    ),
+    "cifar10": DatasetSpec(
+        "cifar10",
+        {
+            "train": [
+                FileSpec(f"cifar10_train_{i}.npz", (s,)) for i, s in enumerate(_CIFAR10_TRAIN_SHA)
+            ],
+            "test": [
+                FileSpec(
+                    "cifar10_test.npz",
+                    ("84736cdd9e713ddd8fc4a2070e1c726747f370070cdadd5bf276d408e7b090e2",),
+                )
+            ],
+        },
+        (3, 32, 32),
+        10,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        _NPZ_HINT,
+        [
+            "airplane",
+            "automobile",
+            "bird",
+            "cat",
+            "deer",
+            "dog",
+            "frog",
+            "horse",
+            "ship",
+            "truck",
+        ],  # fmt: skip
+    ),
+    "cifar100": DatasetSpec(
+        "cifar100",
+        {
+            "test": [
+                FileSpec(
+                    "cifar100_test.npz",
+                    ("257c38b336aae4f686a4a63ee130cc438fcd64537cac09de48c335913f1c7bda",),
+                )
+            ]
+        },
+        (3, 32, 32),
+        100,
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
+        _NPZ_HINT,
+    ),
+    "svhn": DatasetSpec(
+        "svhn",
+        {"test": [FileSpec("svhn_test.npz")]},
+        (3, 32, 32),
+        10,
+        (0.4377, 0.4438, 0.4728),
+        (0.1980, 0.2010, 0.1970),
+        "convert SVHN's test_32x32.mat to svhn_test.npz (x_test NHWC uint8, y_test 0..9) "
+        "and put it in $BNNKIT_DATA",
+    ),
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise unknown_name("data set", name, DATASETS)
+    return DATASETS[name]
+
+
+def locate(spec: FileSpec) -> Path | None:
+    for root in search_roots():
+        p = root / spec.name
+        if p.is_file():
+            return p
+    return None
+
+
+def locate_split(name: str, split: str) -> list[Path]:
+    ds = get_spec(name)
+    if split not in ds.files:
+        raise DataError(f"data set {name!r} has no {split!r} split (it has: {', '.join(ds.files)})")
+    paths = []
+    for f in ds.files[split]:
+        p = locate(f)
+        if p is None:
+            where = ", ".join(str(r) for r in search_roots())
+            raise DataError(
+                f"data set {name!r} is missing: {f.name} not found in {where}.\n"
+                f"To get it: {ds.hint}"
+            )
+        paths.append(p)
+    return paths
+
+
+_CACHE: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def load_split(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(images uint8 [N, C, H, W], labels int64 [N])`` of a data set split."""
+    key = (name, split)
+    if key in _CACHE:
+        return _CACHE[key]
+    ds = get_spec(name)
+    paths = locate_split(name, split)
+    if name == "fashion_mnist":
+        x = read_idx(paths[0])[:, None]
+        y = read_idx(paths[1])
+    else:
+        xs, ys = [], []
+        for p in paths:
+            d = read_npz(p, [f"x_{split}", f"y_{split}"])
+            xs.append(d[f"x_{split}"])
+            ys.append(d[f"y_{split}"])
+        x, y = np.concatenate(xs), np.concatenate(ys)
+        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    if len(x) == 0:
+        raise DataError(f"data set {name!r} split {split!r} is empty")
+    if len(x) != len(y):
+        raise DataError(f"{name} {split}: {len(x)} images but {len(y)} labels")
+    if tuple(x.shape[1:]) != ds.input_shape:
+        raise DataError(f"{name} {split}: images {x.shape[1:]}, expected {ds.input_shape}")
+    xt = torch.from_numpy(np.array(x, copy=True))
+    yt = torch.from_numpy(y.astype(np.int64))
+    if yt.min() < 0 or yt.max() >= ds.num_classes:
+        raise DataError(f"{name} {split}: labels outside [0, {ds.num_classes - 1}]")
+    _CACHE[key] = (xt, yt)
+    return xt, yt
+
+
+def verify(name: str) -> list[tuple[str, str, str]]:
+    """Check every file of a data set: rows of (file, location or '-', status)."""
+    ds = get_spec(name)
+    rows, seen = [], set()
+    for files in ds.files.values():
+        for f in files:
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            p = locate(f)
+            if p is None:
+                rows.append((f.name, "-", "missing"))
+                continue
+            if not f.sha256:
+                rows.append((f.name, str(p), "present (no known checksum)"))
+                continue
+            digest = sha256_file(p, decompress=f.name.endswith(".gz"))
+            rows.append((f.name, str(p), "ok" if digest in f.sha256 else f"MISMATCH {digest}"))
+    return rows
+
+
+def fetch(name: str) -> list[Path]:
+    """Download a data set's files that are missing (needs internet; verified by sha256)."""
+    ds = get_spec(name)
+    got = []
+    for files in ds.files.values():
+        for f in files:
+            if locate(f) is not None:
+                continue
+            if f.url is None:
+                raise DataError(f"{name!r} has no download source; {ds.hint}")
+            dest = download_root() / f.name
+            if f.url_sha256 is not None:
+                download(f.url, dest, f.url_sha256)
+            else:
+                # idx .gz files: the gzip wrapper varies between mirrors, so the check is on
+                # the decompressed bytes, done after the (atomic) download
+                tmp = dest.with_suffix(".unverified")
+                _download_unchecked(f.url, tmp)
+                digest = sha256_file(tmp, decompress=True)
+                if digest not in f.sha256:
+                    tmp.unlink()
+                    raise DataError(f"checksum mismatch for {f.url} (decompressed): {digest}")
+                os.replace(tmp, dest)
+            got.append(dest)
+    return got
+
+
+def _download_unchecked(url: str, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, open(dest, "wb") as out:
+            for chunk in iter(lambda: resp.read(1 << 20), b""):
+                out.write(chunk)
+    except OSError as e:
+        raise DataError(f"download of {url} failed: {e}") from e

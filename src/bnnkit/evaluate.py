@@ -1,0 +1,192 @@
+"""Evaluate any Predictive-producing model: in-distribution, OOD, corruptions, rotation, cost.
+
+Returns result rows ``{"split", "metric", "value"}`` plus the arrays figures need. Splits:
+
+- ``test``: accuracy, nll, brier, ece
+- ``ood:<set>``: auroc/aupr/fpr95 for each uncertainty score (``auroc_entropy`` ...)
+- ``corrupt:<type>:<severity>``: accuracy, nll, ece; ``corrupt:mean`` averages them
+- ``rotate:<angle>``: accuracy, nll, ece on the test set rotated by that angle
+- ``cost``: parameters, latency_ms (median per batch), throughput (images/s), peak_mem_mb
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from tqdm.auto import tqdm
+
+from . import metrics
+from .data import CORRUPTIONS, DataBundle, corrupt, rotate_by
+from .errors import ConfigError
+from .methods import UQModel
+from .predictive import Predictive
+
+
+@dataclass
+class EvalConfig:
+    corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    n_corrupt: int = 2000  # test images used for every corruption / severity
+    angles: list[int] = field(default_factory=lambda: list(range(0, 181, 15)))
+    n_rotate: int = 2000
+    latency_batch: int = 128
+    latency_repeats: int = 20
+    batch_size: int = 1024  # rows per forward pass (inputs x members x samples)
+    seed: int = 0
+    progress: bool = True
+
+
+def classification_rows(pred: Predictive, labels: torch.Tensor, split: str, full: bool = True):
+    rows = [
+        (split, "accuracy", metrics.accuracy(pred, labels)),
+        (split, "nll", metrics.nll(pred, labels)),
+        (split, "ece", metrics.ece(pred, labels)),
+    ]
+    if full:
+        rows.append((split, "brier", metrics.brier(pred, labels)))
+    return rows
+
+
+class _PeakMemory(TorchDispatchMode):
+    """Peak bytes of live tensor storage created during a region (any device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key in self._seen or st.nbytes() == 0:
+            return
+        self._seen.add(key)
+        self.live += st.nbytes()
+        self.peak = max(self.peak, self.live)
+        nbytes = st.nbytes()
+
+        def release(key=key, nbytes=nbytes):
+            self._seen.discard(key)
+            self.live -= nbytes
+
+        weakref.finalize(t, release)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor):
+                self._track(o)
+        return out
+
+
+@torch.no_grad()
+def measure_cost(model: UQModel, x: torch.Tensor, repeats: int = 20) -> dict[str, float]:
+    """Median latency of ``predict``'s forward on one batch (after warm-up), memory, params."""
+    model.eval()
+    device = next(model.parameters()).device
+    xb = x.to(device)
+    S = model.eval_samples
+    for _ in range(3):
+        model.net(xb, S)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.net(xb, S)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        model.net(xb, S)
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with _PeakMemory() as pm:
+            model.net(xb, S)
+        peak = pm.peak
+    med = statistics.median(times)
+    return {
+        "parameters": float(model.num_parameters()),
+        "latency_ms": med * 1000,
+        "throughput": len(x) / med,
+        "peak_mem_mb": peak / 2**20,
+    }
+
+
+def evaluate(model: UQModel, bundle: DataBundle, cfg: EvalConfig | None = None):
+    """Run every evaluation; return ``(rows, artefacts)``.
+
+    ``artefacts`` holds test mean probabilities/labels and OOD scores for figures.
+    """
+    cfg = cfg or EvalConfig()
+    unknown = [c for c in cfg.corruptions if c not in CORRUPTIONS]
+    if unknown:
+        raise ConfigError(f"unknown corruption(s) {unknown}; valid: {', '.join(CORRUPTIONS)}")
+    if model.spec.num_classes != bundle.num_classes:
+        raise ConfigError(
+            f"model predicts {model.spec.num_classes} classes but {bundle.name} has "
+            f"{bundle.num_classes}; evaluate on the data set the model was trained for"
+        )
+    rows: list[tuple[str, str, float]] = []
+    bs = cfg.batch_size
+    xt, yt = bundle.test.float(), bundle.test.y
+    steps = 1 + len(bundle.ood) + len(cfg.corruptions) * len(cfg.severities) + len(cfg.angles)
+    bar = tqdm(total=steps, desc=f"evaluate {model.method}", disable=not cfg.progress, leave=False)
+
+    pred = model.predict(xt, bs)
+    rows += classification_rows(pred, yt, "test")
+    art = {"test_probs": pred.mean(), "test_labels": yt}
+    scores_in = {name: fn(pred) for name, fn in metrics.SCORES.items()}
+    for name, s in scores_in.items():
+        art[f"score_in:{name}"] = s
+    bar.update()
+
+    for ood_name, split in bundle.ood.items():
+        pred_out = model.predict(split.float(), bs)
+        for sname, fn in metrics.SCORES.items():
+            s_out = fn(pred_out)
+            art[f"score_out:{ood_name}:{sname}"] = s_out
+            s_in = scores_in[sname]
+            rows += [
+                (f"ood:{ood_name}", f"auroc_{sname}", metrics.auroc(s_in, s_out)),
+                (f"ood:{ood_name}", f"aupr_{sname}", metrics.aupr(s_in, s_out)),
+                (f"ood:{ood_name}", f"fpr95_{sname}", metrics.fpr_at_95_tpr(s_in, s_out)),
+            ]
+        bar.update()
+
+    sub = bundle.test.head(cfg.n_corrupt)
+    xs, ys = sub.float(), sub.y
+    per_metric: dict[str, list[float]] = {"accuracy": [], "nll": [], "ece": []}
+    for cname in cfg.corruptions:
+        for sev in cfg.severities:
+            xc = corrupt(xs, cname, sev, seed=cfg.seed)
+            for split, metric, value in classification_rows(
+                model.predict(xc, bs), ys, f"corrupt:{cname}:{sev}", full=False
+            ):
+                rows.append((split, metric, value))
+                per_metric[metric].append(value)
+            bar.update()
+    if cfg.corruptions:
+        for metric, values in per_metric.items():
+            rows.append(("corrupt:mean", metric, sum(values) / len(values)))
+
+    sub = bundle.test.head(cfg.n_rotate)
+    xs, ys = sub.float(), sub.y
+    for angle in cfg.angles:
+        rows += classification_rows(
+            model.predict(rotate_by(xs, float(angle)), bs), ys, f"rotate:{angle}", full=False
+        )
+        bar.update()
+    bar.close()
+
+    cost = measure_cost(model, xt[: cfg.latency_batch], cfg.latency_repeats)
+    rows += [("cost", k, v) for k, v in cost.items()]
+    return [{"split": s, "metric": m, "value": float(v)} for s, m, v in rows], art

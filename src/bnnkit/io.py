@@ -1,0 +1,163 @@
+"""Checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+A nested structure (dicts, lists, tuples, numbers, strings, None, tensors) is split into a
+flat ``{key: tensor}`` table and a JSON skeleton that refers to the tensors by key. Both go
+into one ``.safetensors`` file (the JSON as its metadata). Loading never unpickles: the
+decoder only rebuilds those types, so a foreign or hostile file cannot run code.
+Writes are atomic: a temporary file in the same folder, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import CheckpointError
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+FORMAT = "bnnkit-checkpoint"
+VERSION = 1
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str):
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        return {"__float__": repr(obj)}
+    if isinstance(obj, (list, tuple)):
+        items = [_encode(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and "__tensor__" not in obj:
+            return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        return {
+            "__dict__": [
+                [_encode(k, tensors, path), _encode(v, tensors, f"{path}.{k}")]
+                for k, v in obj.items()
+            ]
+        }
+    if isinstance(obj, torch.dtype):
+        return {"__dtype__": str(obj).removeprefix("torch.")}
+    if isinstance(obj, Path):
+        return str(obj)
+    raise CheckpointError(
+        f"cannot store {type(obj).__name__} at {path or 'top level'} in a checkpoint: only "
+        "tensors, numbers, strings, None, lists, tuples and dicts are allowed (no pickle)"
+    )
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if "__float__" in obj:
+            return float(obj["__float__"])
+        if "__dtype__" in obj:
+            dt = getattr(torch, obj["__dtype__"], None)
+            if not isinstance(dt, torch.dtype):
+                raise CheckpointError(f"unknown dtype {obj['__dtype__']!r} in checkpoint")
+            return dt
+        if "__dict__" in obj:
+            out = {}
+            for k, v in obj["__dict__"]:
+                k = _decode(k, tensors)
+                out[k] = _decode(v, tensors)
+            return out
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then move the result over ``path`` in one step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def save(obj: Any, path: str | os.PathLike, kind: str = "generic") -> None:
+    """Save a nested structure of tensors and plain values to one safetensors file."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _encode(obj, tensors, "")
+    meta = {"format": FORMAT, "version": str(VERSION), "kind": kind, "tree": json.dumps(skeleton)}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load(path: str | os.PathLike, kind: str | None = None, map_location="cpu") -> Any:
+    """Load what :func:`save` wrote; raise :class:`CheckpointError` on anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise CheckpointError(
+                    f"{path} is not a bnnkit checkpoint (no '{FORMAT}' header); bnnkit only "
+                    "loads files it wrote, and never unpickles (e.g. torch.save files)"
+                )
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except SafetensorError as e:
+        raise CheckpointError(
+            f"{path} is truncated or not a safetensors file ({e}); "
+            "restore it from a backup or re-run the job that wrote it"
+        ) from e
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    if kind is not None and meta.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} checkpoint, expected {kind!r}")
+    try:
+        tree = json.loads(meta["tree"])
+        obj = _decode(tree, tensors)
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} has a damaged header: {e}") from e
+    if map_location not in (None, "cpu"):
+        obj = _to(obj, map_location)
+    return obj
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to(v, device) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to(v, device) for v in obj)
+    return obj

@@ -1,0 +1,308 @@
+"""`UQModel`, the runtime object of every method, and the method registry.
+
+A method is a recipe: which layers become which kind (a placement plan through
+:func:`bnnkit.bayesify`), how many members or samples, and, for post-hoc methods, how to fit
+on validation data after training. Every method produces a :class:`UQModel` whose
+``predict(x)`` returns a :class:`~bnnkit.Predictive`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import io
+from ..convert import bayesify
+from ..errors import CheckpointError, ConfigError, unknown_name
+from ..models import Stacked, build_model, check_images
+from ..nn import count_parameters, kl_divergence
+from ..predictive import Predictive
+
+
+@dataclass
+class ModelSpec:
+    """What is needed to rebuild a network: architecture and data geometry."""
+
+    arch: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    arch_options: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> nn.Module:
+        return build_model(
+            self.arch,
+            self.input_shape,
+            self.num_classes,
+            mean=self.mean,
+            std=self.std,
+            **self.arch_options,
+        )
+
+
+class UQModel(nn.Module):
+    """A network returning logits ``[S, B, C]`` plus what prediction needs.
+
+    ``forward(x, samples)`` is the training-time call (one stochastic pass per member);
+    ``predict(x)`` runs in eval mode with ``eval_samples`` passes per member, applies the
+    (post-hoc) temperature and returns a Predictive.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        method: str,
+        options: dict[str, Any],
+        spec: ModelSpec,
+        eval_samples: int = 1,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.method = method
+        self.options = dict(options)
+        self.spec = spec
+        self.eval_samples = eval_samples
+        self.register_buffer("temperature", torch.ones(()))
+
+    @property
+    def members(self) -> int:
+        return getattr(self.net, "members", 1)
+
+    def forward(self, x: torch.Tensor, samples: int = 1) -> torch.Tensor:
+        return self.net(x, samples)
+
+    def kl(self) -> torch.Tensor:
+        return kl_divergence(self.net)
+
+    def num_parameters(self) -> int:
+        return count_parameters(self.net)
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor, batch_size: int = 1024, samples: int | None = None):
+        """Eval-mode logits ``[S, B, C]`` (temperature not applied).
+
+        ``batch_size`` counts rows of the folded batch (inputs x members x samples), so
+        memory stays bounded whatever the number of samples.
+        """
+        check_images(x, self.spec.input_shape)
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        S = self.eval_samples if samples is None else samples
+        step = max(1, batch_size // (S * self.members))
+        try:
+            outs = [
+                self.net(x[i : i + step].to(device), S).float().cpu()
+                for i in range(0, len(x), step)
+            ]
+        finally:
+            self.train(was_training)
+        return torch.cat(outs, dim=1)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 1024) -> Predictive:
+        """Per-member probabilities for float images ``x [B, C, H, W]`` in [0, 1]."""
+        logits = self.logits(x, batch_size)
+        out = Predictive.from_logits(logits, self.temperature.cpu())
+        if not torch.isfinite(out.probs).all():
+            raise ConfigError(
+                "the model produced NaN/inf probabilities; training diverged (try a lower "
+                "learning rate) or the checkpoint is damaged"
+            )
+        return out
+
+    # ---------------------------------------------------------------- persistence
+    def describe(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "options": self.options,
+            "spec": {
+                "arch": self.spec.arch,
+                "input_shape": list(self.spec.input_shape),
+                "num_classes": self.spec.num_classes,
+                "mean": list(self.spec.mean),
+                "std": list(self.spec.std),
+                "arch_options": self.spec.arch_options,
+            },
+            "eval_samples": self.eval_samples,
+        }
+
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Weights (safetensors) plus the recipe to rebuild them (JSON inside the file)."""
+        io.save(
+            {"describe": self.describe(), "extra": extra or {}, "state_dict": self.state_dict()},
+            path,
+            kind="uqmodel",
+        )
+
+    @staticmethod
+    def load(path: str | Path, map_location="cpu") -> UQModel:
+        blob = io.load(path, kind="uqmodel")
+        d = blob["describe"]
+        s = d["spec"]
+        spec = ModelSpec(
+            s["arch"],
+            tuple(s["input_shape"]),
+            s["num_classes"],
+            tuple(s["mean"]),
+            tuple(s["std"]),
+            s.get("arch_options", {}),
+        )
+        model = build_method(d["method"], spec, d["options"])
+        try:
+            model.load_state_dict(blob["state_dict"])
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"{path} does not match the {d['method']} / {s['arch']} model it describes: "
+                f"{str(e).splitlines()[0]}"
+            ) from e
+        return model.to(map_location)
+
+
+# -------------------------------------------------------------------- registry
+
+
+@dataclass
+class Method:
+    name: str
+    build: Callable[[ModelSpec, dict[str, Any]], UQModel]
+    defaults: dict[str, Any]
+    summary: str
+    #: post-hoc methods start from a trained model of this method and fit on validation data
+    posthoc_of: str | None = None
+    fit: Callable[..., None] | None = None
+    #: training-loss options the routine reads (kl_weight, ...)
+    train_options: tuple[str, ...] = ()
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise unknown_name("method", name, METHODS)
+    return METHODS[name]
+
+
+def method_options(name: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    m = get_method(name)
+    opts = dict(m.defaults)
+    for k, v in (options or {}).items():
+        if k not in m.defaults:
+            raise ConfigError(
+                f"method {name!r} has no option {k!r}; its options are: "
+                + (", ".join(sorted(m.defaults)) or "(none)")
+            )
+        opts[k] = v
+    return opts
+
+
+def build_method(name: str, spec: ModelSpec, options: dict[str, Any] | None = None) -> UQModel:
+    m = get_method(name)
+    if m.posthoc_of is not None:
+        base = get_method(m.posthoc_of)
+        opts = method_options(name, options)
+        model = base.build(spec, method_options(base.name, {}))
+        model.method, model.options = name, opts
+        return model
+    opts = method_options(name, options)
+    return m.build(spec, opts)
+
+
+# -------------------------------------------------------------------- the baselines
+
+
+def _linear_names(net: nn.Module) -> list[str]:
+    return [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _build_deterministic(spec, opts):
+    return UQModel(bayesify(spec.build(), {"*": "deterministic"}), "deterministic", opts, spec)
+
+
+def _build_mc_dropout(spec, opts):
+    base = spec.build()
+    plan = {name: "mc_dropout" for name in _linear_names(base)}
+    net = bayesify(base, plan, options={"mc_dropout": {"p": opts["p"]}})
+    return UQModel(net, "mc_dropout", opts, spec, eval_samples=opts["samples"])
+
+
+def _build_deep_ensemble(spec, opts):
+    if opts["members"] < 2:
+        raise ConfigError(f"deep_ensemble needs members >= 2, got {opts['members']}")
+    nets = [bayesify(spec.build(), {"*": "deterministic"}) for _ in range(opts["members"])]
+    return UQModel(Stacked(nets), "deep_ensemble", opts, spec)
+
+
+def _build_batch_ensemble(spec, opts):
+    net = bayesify(
+        spec.build(),
+        {"*": "batch_ensemble"},
+        members=opts["members"],
+        ensemble_batchnorm=opts["ensemble_batchnorm"],
+        options={"batch_ensemble": {"factor_init": opts["factor_init"]}},
+    )
+    return UQModel(net, "batch_ensemble", opts, spec)
+
+
+def _build_mfvi(spec, opts):
+    net = bayesify(
+        spec.build(),
+        {"*": "variational"},
+        options={
+            "variational": {"prior_sigma": opts["prior_sigma"], "init_sigma": opts["init_sigma"]}
+        },
+    )
+    return UQModel(net, "mfvi", opts, spec, eval_samples=opts["samples"])
+
+
+register(Method("deterministic", _build_deterministic, {}, "one network, softmax outputs"))
+register(
+    Method(
+        "mc_dropout",
+        _build_mc_dropout,
+        {"p": 0.25, "samples": 16},
+        "dropout before every Linear layer, kept on at test time (Gal & Ghahramani, 2016)",
+    )
+)
+register(
+    Method(
+        "deep_ensemble",
+        _build_deep_ensemble,
+        {"members": 4},
+        "independently initialised networks trained jointly (Lakshminarayanan et al., 2017)",
+    )
+)
+register(
+    Method(
+        "batch_ensemble",
+        _build_batch_ensemble,
+        {"members": 4, "factor_init": "normal", "ensemble_batchnorm": False},
+        "rank-1 per-member factors on shared weights, folded batch (Wen et al., 2020)",
+    )
+)
+register(
+    Method(
+        "mfvi",
+        _build_mfvi,
+        {"prior_sigma": 1.0, "init_sigma": 1e-3, "samples": 16, "kl_weight": 1.0},
+        "mean-field Gaussian VI, local reparameterisation (Blundell et al., 2015)",
+        train_options=("kl_weight",),
+    )
+)
+
+
+def model_info(model: UQModel) -> str:
+    return json.dumps(model.describe(), sort_keys=True)

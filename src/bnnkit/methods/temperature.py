@@ -1,0 +1,52 @@
+"""Temperature scaling (Guo et al., 2017): one scalar T fitted on validation NLL."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from .base import Method, UQModel, register
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
+    """The T > 0 minimising ``NLL(softmax(logits / T), labels)``; logits ``[B, C]``.
+
+    Optimised over ``log T`` with L-BFGS in float64 (a 1-D convex problem in 1/T).
+    """
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise InputError(
+            f"temperature scaling needs logits [B, C] and labels [B], got "
+            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    z = logits.detach().double()
+    y = labels.long()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp())
+
+
+def _fit(model: UQModel, x_val: torch.Tensor, y_val: torch.Tensor, batch_size: int = 1000):
+    logits = model.logits(x_val, batch_size)
+    # a single deterministic network: S = 1; for ensembles the mean logit is tempered
+    model.temperature.fill_(fit_temperature(logits.mean(0), y_val))
+
+
+register(
+    Method(
+        "temperature_scaling",
+        build=None,  # type: ignore[arg-type]  (post-hoc: built from `posthoc_of`)
+        defaults={},
+        summary="deterministic network with a softmax temperature fitted on validation NLL",
+        posthoc_of="deterministic",
+        fit=_fit,
+    )
+)

@@ -1,0 +1,20 @@
+"""Layers only, plain PyTorch: ensembles, variational layers, MC dropout."""
+
+from .dropout import MCDropout, MCDropoutConv2d, MCDropoutLinear
+from .ensemble import BatchEnsembleConv2d, BatchEnsembleLinear, EnsembleBatchNorm2d
+from .utils import count_parameters, kl_divergence
+from .variational import VariationalConv2d, VariationalLinear, gaussian_kl
+
+__all__ = [
+    "BatchEnsembleLinear",
+    "BatchEnsembleConv2d",
+    "EnsembleBatchNorm2d",
+    "VariationalLinear",
+    "VariationalConv2d",
+    "gaussian_kl",
+    "MCDropout",
+    "MCDropoutLinear",
+    "MCDropoutConv2d",
+    "kl_divergence",
+    "count_parameters",
+]

@@ -1,0 +1,228 @@
+"""BatchEnsemble layers (Wen et al., 2020) on a member-major folded batch.
+
+Ensemble folding convention (used by every ensemble layer in bnnkit):
+the model repeats its input once at its entry to ``[M*n, ...]``, member-major, i.e. rows
+``m*n : (m+1)*n`` belong to member ``m``. Each layer views its input as ``[M, n, ...]`` and
+applies member ``m``'s parameters to chunk ``m``. No per-member tensor of the batch's size is
+ever built by indexing or ``repeat_interleave``: the member factors broadcast over the chunk,
+which keeps the extra work purely elementwise.
+
+Member ``m``'s effective weight is ``W * (s_m r_m^T)``; computing ``((x * r_m) W^T) * s_m`` is
+the same thing without forming M weight matrices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError
+
+
+def _split(x: torch.Tensor, members: int) -> int:
+    n = x.shape[0]
+    if n % members:
+        raise InputError(
+            f"an ensemble layer with {members} members needs a batch that is a multiple of "
+            f"{members} (member-major folded input), got batch {n}; wrap the model with "
+            "bnnkit.models.Folded or repeat the input M times"
+        )
+    return n // members
+
+
+def init_factors(t: torch.Tensor, init: str) -> None:
+    """Initialise rank-1 factors: 'ones', 'normal' (mean 1, sd 0.5) or 'random_sign' (+-1)."""
+    with torch.no_grad():
+        if init == "ones":
+            t.fill_(1.0)
+        elif init == "normal":
+            t.normal_(1.0, 0.5)
+        elif init == "random_sign":
+            t.bernoulli_(0.5).mul_(2).sub_(1)
+        else:
+            raise InputError(f"unknown factor init {init!r}; use 'ones', 'normal' or 'random_sign'")
+
+
+class BatchEnsembleLinear(nn.Module):
+    """``y_m = ((x * r_m) W^T) * s_m + b_m`` for member ``m`` of ``members``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        members: int,
+        bias: bool = True,
+        factor_init: str = "normal",
+    ) -> None:
+        super().__init__()
+        if members < 1:
+            raise InputError(f"members must be >= 1, got {members}")
+        self.in_features, self.out_features, self.members = in_features, out_features, members
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.r = nn.Parameter(torch.empty(members, in_features))
+        self.s = nn.Parameter(torch.empty(members, out_features))
+        self.bias = nn.Parameter(torch.empty(members, out_features)) if bias else None
+        self.factor_init = factor_init
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        init_factors(self.r, self.factor_init)
+        init_factors(self.s, self.factor_init)
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_dense(cls, layer: nn.Linear, members: int, factor_init: str = "normal"):
+        new = cls(
+            layer.in_features, layer.out_features, members, layer.bias is not None, factor_init
+        )
+        with torch.no_grad():
+            new.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias.expand(members, -1))
+        return new.to(layer.weight.device, layer.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        M = self.members
+        _split(x, M)
+        xm = x.reshape(M, -1, self.in_features) * self.r.unsqueeze(1)
+        y = F.linear(xm, self.weight)
+        if self.bias is not None:
+            y = torch.addcmul(self.bias.unsqueeze(1), y, self.s.unsqueeze(1))
+        else:
+            y = y * self.s.unsqueeze(1)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, members={self.members}"
+
+
+class BatchEnsembleConv2d(nn.Module):
+    """Conv2d with per-member input/output channel factors ``r_m``, ``s_m`` and bias ``b_m``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        members: int,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        factor_init: str = "normal",
+    ) -> None:
+        super().__init__()
+        if members < 1:
+            raise InputError(f"members must be >= 1, got {members}")
+        # the shared convolution holds W; its own bias is off (biases are per member)
+        self.conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=False,
+            padding_mode=padding_mode,
+        )
+        self.in_channels, self.out_channels, self.members = in_channels, out_channels, members
+        self.r = nn.Parameter(torch.empty(members, in_channels))
+        self.s = nn.Parameter(torch.empty(members, out_channels))
+        self.bias = nn.Parameter(torch.empty(members, out_channels)) if bias else None
+        self.factor_init = factor_init
+        self.reset_parameters()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.conv.weight
+
+    def reset_parameters(self) -> None:
+        self.conv.reset_parameters()
+        init_factors(self.r, self.factor_init)
+        init_factors(self.s, self.factor_init)
+        if self.bias is not None:
+            fan_in = self.conv.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_dense(cls, layer: nn.Conv2d, members: int, factor_init: str = "normal"):
+        if isinstance(layer.padding, str) and layer.padding not in ("valid", "same"):
+            raise InputError(f"unsupported padding {layer.padding!r}")
+        new = cls(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            members,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            bias=layer.bias is not None,
+            padding_mode=layer.padding_mode,
+            factor_init=factor_init,
+        )
+        with torch.no_grad():
+            new.conv.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias.expand(members, -1))
+        return new.to(layer.weight.device, layer.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        M = self.members
+        n = _split(x, M)
+        C = x.shape[1]
+        xm = x.reshape(M, n, C, *x.shape[2:]) * self.r.view(M, 1, C, 1, 1)
+        y = self.conv(xm.reshape(x.shape))
+        y = y.reshape(M, n, *y.shape[1:])
+        if self.bias is not None:
+            y = torch.addcmul(self.bias.view(M, 1, -1, 1, 1), y, self.s.view(M, 1, -1, 1, 1))
+        else:
+            y = y * self.s.view(M, 1, -1, 1, 1)
+        return y.reshape(M * n, *y.shape[2:])
+
+    def extra_repr(self) -> str:
+        return f"members={self.members}"
+
+
+class EnsembleBatchNorm2d(nn.Module):
+    """One BatchNorm2d per member on a member-major folded batch (statistics per member)."""
+
+    def __init__(self, num_features: int, members: int, eps: float = 1e-5, momentum=0.1):
+        super().__init__()
+        self.members, self.num_features = members, num_features
+        # a BatchNorm over M*C channels: member m's channels are m*C:(m+1)*C
+        self.bn = nn.BatchNorm2d(num_features * members, eps=eps, momentum=momentum)
+
+    @classmethod
+    def from_dense(cls, layer: nn.BatchNorm2d, members: int):
+        new = cls(layer.num_features, members, layer.eps, layer.momentum)
+        with torch.no_grad():
+            if layer.affine:
+                new.bn.weight.copy_(layer.weight.repeat(members))
+                new.bn.bias.copy_(layer.bias.repeat(members))
+            if layer.running_mean is not None:
+                new.bn.running_mean.copy_(layer.running_mean.repeat(members))
+                new.bn.running_var.copy_(layer.running_var.repeat(members))
+        return new.to(layer.weight.device if layer.affine else "cpu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        M = self.members
+        n = _split(x, M)
+        C, H, W = x.shape[1:]
+        # [M, n, C, H, W] -> [n, M*C, H, W]: one batch_norm call for all members
+        z = x.reshape(M, n, C, H, W).transpose(0, 1).reshape(n, M * C, H, W)
+        z = self.bn(z)
+        return z.reshape(n, M, C, H, W).transpose(0, 1).reshape(M * n, C, H, W)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, members={self.members}"

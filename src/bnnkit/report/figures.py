@@ -1,0 +1,115 @@
+"""Matplotlib figures of a bench: reliability, OOD histograms, corruption and rotation curves."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from ..metrics import reliability  # noqa: E402
+
+
+def _grid(n: int):
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat)
+
+
+def reliability_diagrams(arts: dict[str, dict], path: Path, n_bins: int = 15) -> Path:
+    fig, axes = _grid(len(arts))
+    for ax, (method, art) in zip(axes, arts.items()):
+        conf, acc, count = reliability(art["test_probs"], art["test_labels"], n_bins)
+        centers = (torch.arange(n_bins) + 0.5) / n_bins
+        mask = count > 0
+        ax.bar(
+            centers[mask], acc[mask], width=1 / n_bins, edgecolor="k", alpha=0.7, label="accuracy"
+        )
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ax.plot(conf[mask], acc[mask], "r.", ms=4, label="(conf, acc)")
+        ax.set_title(method, fontsize=9)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    fig.suptitle("Reliability diagrams (test set)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def ood_histograms(arts: dict[str, dict], path: Path, score: str = "entropy") -> Path:
+    fig, axes = _grid(len(arts))
+    for ax, (method, art) in zip(axes, arts.items()):
+        s_in = art[f"score_in:{score}"]
+        ax.hist(s_in.numpy(), bins=40, alpha=0.6, density=True, label="in-dist (test)")
+        for key, s_out in art.items():
+            if key.startswith("score_out:") and key.endswith(":" + score):
+                ax.hist(
+                    s_out.numpy(),
+                    bins=40,
+                    alpha=0.6,
+                    density=True,
+                    label="OOD " + key.split(":")[1],
+                )
+        ax.set_title(method, fontsize=9)
+        ax.set_xlabel(f"{score} score")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"OOD detection: {score} of the predictive")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _curves(rows, prefix):
+    """method -> metric -> level -> list of values (over seeds and, for corruptions, types)."""
+    out = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in rows:
+        split = r["split"]
+        if not split.startswith(prefix) or split == "corrupt:mean":
+            continue
+        level = int(split.rsplit(":", 1)[1])
+        out[r["method"]][r["metric"]][level].append(r["value"])
+    return out
+
+
+def _plot_curves(rows, prefix, path, xlabel, title, methods):
+    curves = _curves(rows, prefix)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, metric in zip(axes, ["accuracy", "nll", "ece"]):
+        for m in methods:
+            if m not in curves:
+                continue
+            levels = sorted(curves[m][metric])
+            ys = [sum(curves[m][metric][lv]) / len(curves[m][metric][lv]) for lv in levels]
+            ax.plot(levels, ys, marker="o", ms=3, label=m)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def corruption_curves(rows, path: Path, methods: list[str]) -> Path:
+    return _plot_curves(
+        rows, "corrupt:", path, "severity", "Mean over corruption types vs severity", methods
+    )
+
+
+def rotation_curves(rows, path: Path, methods: list[str]) -> Path:
+    return _plot_curves(
+        rows, "rotate:", path, "rotation angle (degrees)", "Test set rotated by an angle", methods
+    )

@@ -1,0 +1,78 @@
+"""The comparison table: one line per method, mean +- std over seeds."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+
+#: (header, split, metric, format, lower-is-better)
+COLUMNS = [
+    ("Acc %", "test", "accuracy", "{:.2f}", False, 100.0),
+    ("NLL", "test", "nll", "{:.3f}", True, 1.0),
+    ("Brier", "test", "brier", "{:.4f}", True, 1.0),
+    ("ECE %", "test", "ece", "{:.2f}", True, 100.0),
+    ("AUROC %", "ood:*", "auroc_entropy", "{:.2f}", False, 100.0),
+    ("AUPR %", "ood:*", "aupr_entropy", "{:.2f}", False, 100.0),
+    ("FPR95 %", "ood:*", "fpr95_entropy", "{:.2f}", True, 100.0),
+    ("cAcc %", "corrupt:mean", "accuracy", "{:.2f}", False, 100.0),
+    ("cNLL", "corrupt:mean", "nll", "{:.3f}", True, 1.0),
+    ("ms/batch", "cost", "latency_ms", "{:.2f}", True, 1.0),
+    ("Params", "cost", "parameters", "{:,.0f}", True, 1.0),
+]
+
+
+def _value(rows_by_key, method, seed, split, metric):
+    if split == "ood:*":
+        vals = [
+            v
+            for (m, s, sp, me), v in rows_by_key.items()
+            if m == method and s == seed and sp.startswith("ood:") and me == metric
+        ]
+        return sum(vals) / len(vals) if vals else None
+    return rows_by_key.get((method, seed, split, metric))
+
+
+def summary(rows: list[dict], methods: list[str] | None = None):
+    """Return (headers, lines) with 'mean +- std' strings; methods keep the given order."""
+    by_key = {(r["method"], r["seed"], r["split"], r["metric"]): r["value"] for r in rows}
+    seeds = defaultdict(set)
+    for r in rows:
+        seeds[r["method"]].add(r["seed"])
+    order = methods or sorted(seeds)
+    headers = ["Method"] + [c[0] for c in COLUMNS]
+    lines = []
+    for m in order:
+        if m not in seeds:
+            continue
+        line = [m]
+        for _h, split, metric, fmt, _lower, scale in COLUMNS:
+            vals = [_value(by_key, m, s, split, metric) for s in sorted(seeds[m])]
+            vals = [v * scale for v in vals if v is not None]
+            if not vals:
+                line.append("-")
+            elif len(vals) == 1 or metric == "parameters":
+                line.append(fmt.format(vals[0]))
+            else:
+                line.append(
+                    f"{fmt.format(statistics.mean(vals))} ± {fmt.format(statistics.stdev(vals))}"
+                )
+        lines.append(line)
+    return headers, lines
+
+
+def markdown(headers, lines) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def plain(headers, lines) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *lines)]
+    out = []
+    for row in [headers, *lines]:
+        cells = [
+            str(c).ljust(w) if i == 0 else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths))
+        ]
+        out.append("  ".join(cells))
+    return "\n".join(out)

@@ -1,0 +1,181 @@
+"""Train one method on one data set into a run directory.
+
+Run directory::
+
+    config.json              the full RunConfig
+    checkpoints/last.safetensors   Lightning state after the last finished epoch (resume)
+    logs/metrics.csv         per-epoch training and validation metrics
+    model.safetensors        final weights + the recipe to rebuild them (no pickle)
+    meta.json                written last: marks the run complete (times, sizes)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from .. import io
+from ..data import DataBundle, load_bundle
+from ..errors import ConfigError
+from ..methods import ModelSpec, UQModel, build_method, get_method
+from ..models import MODELS
+from .checkpoint import SafeCheckpointIO
+from .config import RunConfig
+from .lit import LitUQ
+
+for _name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*LeafSpec.*")
+
+
+def check_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".bnnkit-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"output directory {path} is not writable ({e.strerror}); choose another with --out"
+        ) from e
+
+
+def model_spec(cfg: RunConfig, bundle: DataBundle) -> ModelSpec:
+    if cfg.model not in MODELS:
+        from ..errors import unknown_name
+
+        raise unknown_name("model", cfg.model, MODELS)
+    return ModelSpec(
+        cfg.model,
+        bundle.input_shape,
+        bundle.num_classes,
+        bundle.mean,
+        bundle.std,
+        dict(cfg.model_options),
+    )
+
+
+def is_complete(run_dir: Path) -> bool:
+    return (run_dir / "meta.json").is_file() and (run_dir / "model.safetensors").is_file()
+
+
+def _loaders(cfg: RunConfig, bundle: DataBundle):
+    t = cfg.train
+    train = TensorDataset(bundle.train.x, bundle.train.y)
+    val = TensorDataset(bundle.val.x, bundle.val.y)
+    return (
+        DataLoader(
+            train, batch_size=t.batch_size, shuffle=True, drop_last=len(train) > t.batch_size
+        ),
+        DataLoader(val, batch_size=1000),
+    )
+
+
+def train_run(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    bundle: DataBundle | None = None,
+    base_model: UQModel | None = None,
+) -> UQModel:
+    """Train (or resume, or fit post hoc) ``cfg.method``; return the trained :class:`UQModel`.
+
+    ``base_model``: for post-hoc methods, an already trained model of ``posthoc_of`` to start
+    from (the bench trains the deterministic network once and reuses it).
+    """
+    run_dir = Path(run_dir)
+    method = get_method(cfg.method)
+    check_writable(run_dir)
+    if is_complete(run_dir):
+        if not resume:
+            raise ConfigError(
+                f"{run_dir} already holds a finished run; use --resume to reuse it or "
+                "choose another output directory"
+            )
+        return UQModel.load(run_dir / "model.safetensors")
+    if cfg.train.epochs < 1:
+        raise ConfigError(f"epochs must be >= 1, got {cfg.train.epochs}")
+    if bundle is None:
+        d = cfg.data
+        bundle = load_bundle(
+            d.dataset, val_size=d.val_size, subset=d.subset, split_seed=d.split_seed
+        )
+    if len(bundle.train) == 0:
+        raise ConfigError("the training set is empty; check --subset and the data set")
+    config_path = run_dir / "config.json"
+    io.atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    spec = model_spec(cfg, bundle)
+    model = build_method(cfg.method, spec, cfg.method_options)
+    t0 = time.time()
+    trained_epochs = 0
+    is_zero = True
+    if method.posthoc_of is not None and base_model is not None:
+        model.load_state_dict(base_model.state_dict())
+    else:
+        is_zero, trained_epochs = _fit(cfg, run_dir, model, bundle, resume)
+    train_seconds = time.time() - t0
+    if method.fit is not None:
+        method.fit(model, bundle.val.float(), bundle.val.y)
+    if is_zero:
+        model.save(run_dir / "model.safetensors", extra={"config": cfg.to_dict()})
+        meta = {
+            "method": cfg.method,
+            "parameters": model.num_parameters(),
+            "train_seconds": round(train_seconds, 2),
+            "epochs": trained_epochs,
+            "n_train": len(bundle.train),
+            "temperature": float(model.temperature),
+            "torch": torch.__version__,
+        }
+        io.atomic_write_text(run_dir / "meta.json", json.dumps(meta, indent=2))
+    return model
+
+
+def _fit(cfg: RunConfig, run_dir: Path, model: UQModel, bundle: DataBundle, resume: bool):
+    t = cfg.train
+    augment = t.augment
+    if augment is None:
+        augment = bundle.input_shape[0] == 3
+    lit = LitUQ(model, t, n_train=len(bundle.train), augment=augment)
+    ckpt_dir = run_dir / "checkpoints"
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="last", save_top_k=0, save_last=True, every_n_epochs=1
+    )
+    checkpoint.FILE_EXTENSION = ".safetensors"
+    checkpoint.CHECKPOINT_NAME_LAST = "last"
+    trainer = L.Trainer(
+        max_epochs=t.epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        precision=t.precision,
+        callbacks=[checkpoint],
+        logger=CSVLogger(str(run_dir), name="logs", version=""),
+        plugins=[SafeCheckpointIO()],
+        enable_progress_bar=t.progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=False,
+    )
+    last = ckpt_dir / "last.safetensors"
+    ckpt_path = str(last) if resume and last.is_file() else None
+    train_loader, val_loader = _loaders(cfg, bundle)
+    os.environ.setdefault("PL_DISABLE_FORK", "1")
+    trainer.fit(lit, train_loader, val_loader, ckpt_path=ckpt_path)
+    model.cpu()
+    return trainer.is_global_zero, trainer.current_epoch
