@@ -4,7 +4,7 @@ Run directory::
 
     config.json              the full RunConfig
     checkpoints/last.safetensors   Lightning state after the last finished epoch (resume)
-    logs/metrics.csv         per-epoch training and validation metrics
+    logs/version_N/metrics.csv   per-epoch metrics (a resumed run adds a version)
     model.safetensors        final weights + the recipe to rebuild them (no pickle)
     meta.json                written last: marks the run complete (times, sizes)
 """
@@ -89,11 +89,13 @@ def train_run(
     resume: bool = False,
     bundle: DataBundle | None = None,
     base_model: UQModel | None = None,
+    callbacks: list | None = None,
 ) -> UQModel:
     """Train (or resume, or fit post hoc) ``cfg.method``; return the trained :class:`UQModel`.
 
     ``base_model``: for post-hoc methods, an already trained model of ``posthoc_of`` to start
     from (the bench trains the deterministic network once and reuses it).
+    ``callbacks``: extra Lightning callbacks (early stopping, custom logging, ...).
     """
     run_dir = Path(run_dir)
     method = get_method(cfg.method)
@@ -126,7 +128,7 @@ def train_run(
     if method.posthoc_of is not None and base_model is not None:
         model.load_state_dict(base_model.state_dict())
     else:
-        is_zero, trained_epochs = _fit(cfg, run_dir, model, bundle, resume)
+        is_zero, trained_epochs = _fit(cfg, run_dir, model, bundle, resume, callbacks or [])
     train_seconds = time.time() - t0
     if method.fit is not None:
         method.fit(model, bundle.val.float(), bundle.val.y)
@@ -145,18 +147,23 @@ def train_run(
     return model
 
 
-def _fit(cfg: RunConfig, run_dir: Path, model: UQModel, bundle: DataBundle, resume: bool):
+def _fit(cfg: RunConfig, run_dir: Path, model: UQModel, bundle: DataBundle, resume, callbacks):
     t = cfg.train
     augment = t.augment
     if augment is None:
         augment = bundle.input_shape[0] == 3
     lit = LitUQ(model, t, n_train=len(bundle.train), augment=augment)
     ckpt_dir = run_dir / "checkpoints"
+    # one file, overwritten (atomically) after every epoch: the state to resume from
     checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="last", save_top_k=0, save_last=True, every_n_epochs=1
+        dirpath=ckpt_dir,
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        every_n_epochs=1,
+        enable_version_counter=False,
     )
     checkpoint.FILE_EXTENSION = ".safetensors"
-    checkpoint.CHECKPOINT_NAME_LAST = "last"
     trainer = L.Trainer(
         max_epochs=t.epochs,
         accelerator=t.accelerator,
@@ -164,11 +171,12 @@ def _fit(cfg: RunConfig, run_dir: Path, model: UQModel, bundle: DataBundle, resu
         strategy=t.strategy,
         num_nodes=t.num_nodes,
         precision=t.precision,
-        callbacks=[checkpoint],
-        logger=CSVLogger(str(run_dir), name="logs", version=""),
+        callbacks=[checkpoint, *callbacks],
+        logger=CSVLogger(str(run_dir), name="logs"),  # logs/version_N: resumes append
         plugins=[SafeCheckpointIO()],
         enable_progress_bar=t.progress,
         enable_model_summary=False,
+        log_every_n_steps=max(1, min(50, len(bundle.train) // t.batch_size)),
         num_sanity_val_steps=0,
         deterministic=False,
     )

@@ -1,0 +1,176 @@
+import gzip
+import http.server
+import struct
+import threading
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+from bnnkit import ConfigError, DataError, InputError
+from bnnkit.data import (
+    CORRUPTIONS,
+    corrupt,
+    download,
+    load_bundle,
+    rotate_by,
+    train_val_indices,
+)
+from bnnkit.data import sources
+from bnnkit.data.corruptions import _dct_matrix, jpeg_quantize
+
+
+def write_idx_images(path, arr, compress=True):
+    data = struct.pack(">IIII", 2051, *arr.shape) + arr.astype(np.uint8).tobytes()
+    (gzip.open if compress else open)(path, "wb").write(data)
+
+
+def write_idx_labels(path, arr, compress=True):
+    data = struct.pack(">II", 2049, len(arr)) + arr.astype(np.uint8).tobytes()
+    (gzip.open if compress else open)(path, "wb").write(data)
+
+
+@pytest.fixture
+def tiny_root(tmp_path, monkeypatch):
+    """A $BNNKIT_DATA with small Fashion-MNIST and MNIST look-alikes (random pixels)."""
+    rng = np.random.default_rng(0)
+    fm = tmp_path / "fashion-mnist"
+    fm.mkdir()
+    for split, n in (("train", 300), ("t10k", 100)):
+        write_idx_images(fm / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx_labels(fm / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    np.savez(
+        tmp_path / "mnist.npz",
+        x_train=rng.integers(0, 256, (50, 28, 28), dtype=np.uint8),
+        y_train=np.arange(50, dtype=np.uint8) % 10,
+        x_test=rng.integers(0, 256, (40, 28, 28), dtype=np.uint8),
+        y_test=np.arange(40, dtype=np.uint8) % 10,
+    )
+    monkeypatch.setenv("BNNKIT_DATA", str(tmp_path))
+    monkeypatch.setattr(sources, "_CACHE", {})
+    return tmp_path
+
+
+def test_bnnkit_data_is_searched_first(tiny_root):
+    b = load_bundle("fashion_mnist", val_size=50)
+    assert (len(b.train), len(b.val), len(b.test)) == (250, 50, 100)
+    assert b.train.x.dtype == torch.uint8 and b.train.x.shape[1:] == (1, 28, 28)
+    assert len(b.ood["mnist"]) == 40
+    assert b.input_shape == (1, 28, 28) and b.num_classes == 10
+
+
+def test_subset_and_split_are_deterministic_and_disjoint():
+    tr, va = train_val_indices(1000, 100, seed=3)
+    tr2, va2 = train_val_indices(1000, 100, seed=3)
+    assert torch.equal(tr, tr2) and torch.equal(va, va2)
+    assert len(set(tr.tolist()) & set(va.tolist())) == 0
+    assert len(tr) + len(va) == 1000
+    with pytest.raises(ConfigError, match="val_size"):
+        train_val_indices(10, 10, 0)
+
+
+def test_subset_keeps_validation_fixed(tiny_root):
+    a = load_bundle("fashion_mnist", val_size=50, subset=20)
+    b = load_bundle("fashion_mnist", val_size=50)
+    assert len(a.train) == 20
+    assert torch.equal(a.val.x, b.val.x)
+
+
+def test_missing_dataset_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "search_roots", lambda: [tmp_path])
+    monkeypatch.setattr(sources, "_CACHE", {})
+    with pytest.raises(DataError, match="apt-get install -y dataset-fashion-mnist"):
+        load_bundle("fashion_mnist")
+    with pytest.raises(ConfigError, match="unknown data set 'imagenet'.*cifar10"):
+        load_bundle("imagenet")
+
+
+def test_truncated_and_foreign_idx_files(tmp_path):
+    p = tmp_path / "x.idx"
+    p.write_bytes(struct.pack(">IIII", 2051, 10, 28, 28) + b"\0" * 100)
+    with pytest.raises(DataError, match="truncated"):
+        sources.read_idx(p)
+    p.write_bytes(b"\x00\x00\x08\x99" + b"\0" * 20)
+    with pytest.raises(DataError, match="not an idx file"):
+        sources.read_idx(p)
+    q = tmp_path / "y.npz"
+    np.savez(q, a=np.zeros(3))
+    with pytest.raises(DataError, match="lacks arrays"):
+        sources.read_npz(q, ["x_test"])
+    q.write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(DataError, match="cannot read"):
+        sources.read_npz(q, ["x_test"])
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "blob.bin").write_bytes(b"bnnkit test payload" * 100)
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_download_verifies_sha256(http_server, tmp_path):
+    import hashlib
+
+    good = hashlib.sha256(b"bnnkit test payload" * 100).hexdigest()
+    dest = tmp_path / "out" / "blob.bin"
+    download(f"{http_server}/blob.bin", dest, good)
+    assert dest.read_bytes() == b"bnnkit test payload" * 100
+    bad_dest = tmp_path / "out" / "bad.bin"
+    with pytest.raises(DataError, match="checksum mismatch"):
+        download(f"{http_server}/blob.bin", bad_dest, "0" * 64)
+    assert not bad_dest.exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["blob.bin"]  # no partial files
+    with pytest.raises(DataError, match="failed"):
+        download(f"{http_server}/missing.bin", tmp_path / "m.bin", good)
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_corruptions_are_deterministic_bounded_and_grow_with_severity(name):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 32, 32, generator=g)
+    a = corrupt(x, name, 3, seed=5)
+    b = corrupt(x, name, 3, seed=5)
+    assert torch.equal(a, b)
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    d1 = (corrupt(x, name, 1, seed=5) - x).abs().mean()
+    d5 = (corrupt(x, name, 5, seed=5) - x).abs().mean()
+    assert d5 > d1 > 0
+    grey = corrupt(torch.rand(4, 1, 28, 28), name, 2)
+    assert grey.shape == (4, 1, 28, 28)
+
+
+def test_corruption_errors():
+    x = torch.rand(2, 1, 8, 8)
+    with pytest.raises(ConfigError, match="unknown corruption 'fog'"):
+        corrupt(x, "fog", 1)
+    with pytest.raises(InputError, match="severity"):
+        corrupt(x, "contrast", 6)
+
+
+def test_rotation_by_angle():
+    x = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(rotate_by(x, 0.0), x, atol=1e-5, rtol=0)
+    r90 = rotate_by(x, 90.0)
+    candidates = [torch.rot90(x, k, dims=(2, 3)) for k in (1, -1)]
+    assert min((r90 - c).abs().max().item() for c in candidates) < 1e-4
+    back = rotate_by(rotate_by(x, 90.0), -90.0)
+    torch.testing.assert_close(back, x, atol=1e-4, rtol=0)
+
+
+def test_jpeg_dct_is_orthonormal_and_high_quality_is_near_identity():
+    D = _dct_matrix()
+    torch.testing.assert_close(D @ D.T, torch.eye(8), atol=1e-6, rtol=0)
+    x = torch.rand(2, 3, 32, 32)
+    smooth = torch.nn.functional.avg_pool2d(x, 3, 1, 1)
+    err100 = (jpeg_quantize(smooth, 100) - smooth).abs().mean()
+    err40 = (jpeg_quantize(smooth, 40) - smooth).abs().mean()
+    assert err100 < 0.01 < err40 or err100 < err40

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from bnnkit import ConfigError, InputError, Predictive
+from bnnkit.methods import METHODS, ModelSpec, build_method, fit_temperature
+
+SPEC = ModelSpec("lenet5", (1, 28, 28), 10, (0.5,), (0.5,))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_predicts_a_predictive(name):
+    model = build_method(name, SPEC)
+    pred = model.predict(torch.rand(6, 1, 28, 28))
+    assert isinstance(pred, Predictive)
+    S = model.members * model.eval_samples
+    assert pred.probs.shape == (S, 6, 10)
+    torch.testing.assert_close(pred.probs.sum(-1), torch.ones(S, 6))
+
+
+def test_chunked_prediction_equals_one_pass():
+    model = build_method("deep_ensemble", SPEC, {"members": 3})
+    x = torch.rand(50, 1, 28, 28)
+    torch.testing.assert_close(model.predict(x, batch_size=7).probs, model.predict(x).probs)
+
+
+def test_deep_ensemble_members_are_distinct():
+    model = build_method("deep_ensemble", SPEC, {"members": 3})
+    p = model.predict(torch.rand(4, 1, 28, 28)).probs
+    assert not torch.allclose(p[0], p[1]) and not torch.allclose(p[1], p[2])
+
+
+def test_registry_errors():
+    with pytest.raises(ConfigError, match="unknown method 'swag'.*deep_ensemble"):
+        build_method("swag", SPEC)
+    with pytest.raises(ConfigError, match="no option 'members'.*p, samples"):
+        build_method("mc_dropout", SPEC, {"members": 3})
+
+
+@pytest.mark.parametrize(
+    "x,match",
+    [
+        (torch.full((2, 1, 28, 28), float("nan")), "NaN"),
+        (torch.rand(2, 3, 28, 28), "1 channel"),
+        (torch.rand(1, 28, 28), "single image"),
+        (torch.rand(2, 1, 32, 32), "shape"),
+        (torch.zeros(2, 1, 28, 28, dtype=torch.uint8), "float"),
+        (torch.rand(0, 1, 28, 28), "empty"),
+    ],
+)
+def test_bad_inputs(x, match):
+    model = build_method("deterministic", SPEC)
+    with pytest.raises(InputError, match=match):
+        model.predict(x)
+
+
+def test_temperature_recovers_known_temperature():
+    g = torch.Generator().manual_seed(0)
+    logits = 4 * torch.randn(20000, 5, generator=g)
+    true_t = 2.5
+    labels = torch.multinomial(torch.softmax(logits / true_t, -1), 1, generator=g).squeeze(1)
+    assert fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.05)
+
+
+def test_temperature_scaling_reduces_validation_nll_of_overconfident_model():
+    from bnnkit.metrics import nll
+
+    g = torch.Generator().manual_seed(1)
+    logits = 6 * torch.randn(5000, 4, generator=g)
+    labels = torch.multinomial(torch.softmax(logits / 3, -1), 1, generator=g).squeeze(1)
+    t = fit_temperature(logits, labels)
+    before = nll(torch.softmax(logits, -1), labels)
+    after = nll(torch.softmax(logits / t, -1), labels)
+    assert after < before

@@ -1,0 +1,116 @@
+"""Training end to end on real Fashion-MNIST (tiny subsets), resume, and 2-process DDP."""
+
+import json
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+from bnnkit import CheckpointError, ConfigError, io
+from bnnkit.data import load_bundle
+from bnnkit.methods import UQModel
+from bnnkit.train import DataConfig, RunConfig, TrainConfig, train_run
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_bundle("fashion_mnist", val_size=500, subset=600, test_size=500)
+
+
+def cfg(method="deterministic", epochs=1, **opts):
+    return RunConfig(
+        method=method,
+        method_options=opts,
+        data=DataConfig(subset=600, val_size=500),
+        train=TrainConfig(epochs=epochs, batch_size=64, lr=3e-3, progress=False),
+    )
+
+
+def test_training_learns_and_writes_a_run_directory(bundle, tmp_path):
+    model = train_run(cfg(epochs=2), tmp_path / "run", bundle=bundle)
+    run = tmp_path / "run"
+    assert {"config.json", "meta.json", "model.safetensors", "checkpoints", "logs"} <= {
+        p.name for p in run.iterdir()
+    }
+    assert json.loads((run / "config.json").read_text())["method"] == "deterministic"
+    acc = (model.predict(bundle.test.float()).prediction() == bundle.test.y).float().mean()
+    assert acc > 0.5  # 10 classes: chance is 0.1
+    again = UQModel.load(run / "model.safetensors")
+    x = bundle.test.float()[:20]
+    torch.testing.assert_close(again.predict(x).probs, model.predict(x).probs)
+    with pytest.raises(ConfigError, match="already holds a finished run"):
+        train_run(cfg(), run, bundle=bundle)
+
+
+class _Crash(L.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_continues_after_the_last_finished_epoch(bundle, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_run(cfg(epochs=3), run, bundle=bundle, callbacks=[_Crash()])
+    ckpt = io.load(run / "checkpoints" / "last.safetensors", kind="lightning")
+    assert ckpt["epoch"] == 0 and ckpt["global_step"] > 0
+    steps_per_epoch = ckpt["global_step"]
+    assert not (run / "meta.json").exists()
+
+    seen = []
+
+    class _Record(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append(trainer.current_epoch)
+
+    train_run(cfg(epochs=3), run, bundle=bundle, resume=True, callbacks=[_Record()])
+    assert seen == [1, 2]  # epoch 0 was not trained again
+    final = io.load(run / "checkpoints" / "last.safetensors", kind="lightning")
+    assert final["global_step"] == 3 * steps_per_epoch
+    assert json.loads((run / "meta.json").read_text())["epochs"] == 3
+    # the interrupted attempt's log is kept beside the resumed one
+    assert sorted(p.name for p in (run / "logs").iterdir()) == ["version_0", "version_1"]
+
+
+def test_variational_training_uses_kl(bundle, tmp_path):
+    model = train_run(cfg("mfvi", samples=4, kl_weight=1.0), tmp_path / "vi", bundle=bundle)
+    assert model.kl().item() > 0
+    log = (tmp_path / "vi" / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "train_kl" in log
+
+
+def test_temperature_scaling_fits_on_validation(bundle, tmp_path):
+    model = train_run(cfg("temperature_scaling"), tmp_path / "ts", bundle=bundle)
+    t = float(model.temperature)
+    assert t > 0 and t != 1.0
+    assert json.loads((tmp_path / "ts" / "meta.json").read_text())["temperature"] == t
+
+
+def test_corrupt_checkpoint_gives_clear_error(bundle, tmp_path):
+    run = tmp_path / "run"
+    train_run(cfg(), run, bundle=bundle)
+    data = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(data[:100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        UQModel.load(run / "model.safetensors")
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [
+        sys.executable, "-m", "bnnkit.cli", "train", "--method", "deterministic",
+        "--subset", "256", "--epochs", "1", "--batch-size", "32", "--device", "cpu",
+        "--devices", "2", "--strategy", "ddp", "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "model.safetensors").is_file()
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["epochs"] == 1
+    # two ranks: each saw half of the 256 examples (4 steps of 32 per rank)
+    ckpt = io.load(out / "checkpoints" / "last.safetensors", kind="lightning")
+    assert ckpt["global_step"] == 4
