@@ -49,7 +49,10 @@ def test_deterministic_plan_computes_the_same_function():
 def test_unit_factor_batch_ensemble_equals_original_per_member():
     model = small_resnet().eval()
     net = bayesify(
-        model, {"*": "batch_ensemble"}, members=3, options={"batch_ensemble": {"factor_init": "ones"}}
+        model,
+        {"*": "batch_ensemble"},
+        members=3,
+        options={"batch_ensemble": {"factor_init": "ones"}},
     ).eval()
     x = torch.rand(2, 3, 16, 16)
     out = net(x)

@@ -15,9 +15,9 @@ from bnnkit.data import (
     download,
     load_bundle,
     rotate_by,
+    sources,
     train_val_indices,
 )
-from bnnkit.data import sources
 from bnnkit.data.corruptions import _dct_matrix, jpeg_quantize
 
 

@@ -54,9 +54,7 @@ def test_ood_metrics_match_sklearn():
     scores = np.concatenate([s_in.numpy(), s_out.numpy()])
     target = np.concatenate([np.zeros(400), np.ones(300)])
     assert M.auroc(s_in, s_out) == pytest.approx(roc_auc_score(target, scores), abs=1e-6)
-    assert M.aupr(s_in, s_out) == pytest.approx(
-        average_precision_score(target, scores), abs=1e-6
-    )
+    assert M.aupr(s_in, s_out) == pytest.approx(average_precision_score(target, scores), abs=1e-6)
     fpr, tpr, _ = roc_curve(target, scores, drop_intermediate=False)
     expected = fpr[np.argmax(tpr >= 0.95)]
     assert M.fpr_at_95_tpr(s_in, s_out) == pytest.approx(expected, abs=1e-6)

@@ -1,0 +1,117 @@
+"""The command line: error messages (no tracebacks), data listing, bench end to end."""
+
+import sqlite3
+
+import pytest
+
+from bnnkit.bench import BenchConfig, run_bench
+from bnnkit.cli import main
+from bnnkit.data import load_bundle
+from bnnkit.errors import ConfigError
+from bnnkit.evaluate import EvalConfig, evaluate
+from bnnkit.methods import ModelSpec, build_method
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_unknown_method_is_a_clear_error(capsys, tmp_path):
+    code, _, err = run_cli(
+        capsys, "bench", "--methods", "deterministic,swag", "--out", str(tmp_path)
+    )
+    assert code == 2
+    assert "unknown method 'swag'" in err and "deep_ensemble" in err
+    assert "Traceback" not in err
+
+
+def test_unknown_model_and_dataset(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--model", "vgg", "--out", str(tmp_path / "r"))
+    assert code == 2 and "unknown model 'vgg'" in err
+    code, _, err = run_cli(capsys, "train", "--dataset", "imagenet", "--out", str(tmp_path / "s"))
+    assert code == 2 and "unknown data set 'imagenet'" in err
+
+
+def test_unwritable_output_directory(capsys, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a directory")
+    code, _, err = run_cli(capsys, "train", "--out", str(blocker / "run"))
+    assert code == 2 and "not writable" in err and "--out" in err
+
+
+def test_evaluate_needs_a_trained_run(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "evaluate", str(tmp_path))
+    assert code == 2 and "holds no trained model" in err
+
+
+def test_bad_subset_and_option(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "bench", "--subset", "lots", "--out", str(tmp_path))
+    assert code == 2 and "--subset takes a number" in err
+    code, _, err = run_cli(capsys, "train", "--option", "p", "--out", str(tmp_path / "x"))
+    assert code == 2 and "key=value" in err
+
+
+def test_bench_config_file_unknown_key(capsys, tmp_path):
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text("methods: [deterministic]\nepochz: 3\n")
+    code, _, err = run_cli(capsys, "bench", "--config", str(cfg), "--out", str(tmp_path / "o"))
+    assert code == 2 and "epochz" in err
+
+
+def test_data_lists_sets(capsys):
+    code, out, _ = run_cli(capsys, "data")
+    assert code == 0
+    assert "fashion_mnist" in out and "train 60,000" in out and "test 10,000" in out
+
+
+def test_methods_lists_registry(capsys):
+    code, out, _ = run_cli(capsys, "methods")
+    assert code == 0 and "temperature_scaling" in out and "post hoc on deterministic" in out
+
+
+def test_num_classes_mismatch():
+    bundle = load_bundle("fashion_mnist", val_size=100, subset=100, test_size=100)
+    model = build_method("deterministic", ModelSpec("lenet5", (1, 28, 28), 5))
+    with pytest.raises(ConfigError, match="predicts 5 classes"):
+        evaluate(model, bundle, EvalConfig(corruptions=[], angles=[], progress=False))
+
+
+def test_bench_end_to_end_and_resume(tmp_path, capsys):
+    cfg = BenchConfig(
+        methods=["temperature_scaling", "deep_ensemble"],
+        method_options={"deep_ensemble": {"members": 2}},
+        epochs=1,
+        seeds=2,
+        subset=300,
+        val_size=300,
+        out=str(tmp_path / "bench"),
+        corruptions=["gaussian_noise", "rotate"],
+        n_corrupt=100,
+        n_rotate=100,
+        angles=[0, 90, 180],
+        progress=False,
+    )
+    table = run_bench(cfg, log=lambda *_: None)
+    assert "temperature_scaling" in table and "deep_ensemble" in table
+    out = tmp_path / "bench"
+    for name in ["results.md", "results.csv", "results.sqlite", "bench_config.json"]:
+        assert (out / name).is_file()
+    for fig in ["reliability.png", "ood_hist.png", "corruption.png", "rotation.png"]:
+        assert (out / "figures" / fig).stat().st_size > 1000
+    db = sqlite3.connect(out / "results.sqlite")
+    (n,) = db.execute(
+        "SELECT COUNT(*) FROM results WHERE method='deep_ensemble' AND split='test'"
+    ).fetchone()
+    assert n == 2 * 4  # two seeds x (accuracy, nll, ece, brier)
+    (seeds,) = db.execute("SELECT COUNT(DISTINCT seed) FROM runs").fetchone()
+    assert seeds == 2
+    # deterministic was trained once per seed as the base of temperature scaling, not reported
+    assert (out / "runs" / "deterministic-seed0" / "model.safetensors").is_file()
+    assert "deterministic " not in table
+    assert "±" in table
+    # re-running reuses every finished run: nothing is retrained
+    stamp = (out / "runs" / "deep_ensemble-seed1" / "model.safetensors").stat().st_mtime_ns
+    run_bench(cfg, log=lambda *_: None)
+    assert (out / "runs" / "deep_ensemble-seed1" / "model.safetensors").stat().st_mtime_ns == stamp
