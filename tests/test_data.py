@@ -174,3 +174,21 @@ def test_jpeg_dct_is_orthonormal_and_high_quality_is_near_identity():
     err100 = (jpeg_quantize(smooth, 100) - smooth).abs().mean()
     err40 = (jpeg_quantize(smooth, 40) - smooth).abs().mean()
     assert err100 < 0.01 < err40 or err100 < err40
+
+
+def test_empty_dataset_is_an_error(tmp_path, monkeypatch):
+    fm = tmp_path / "fashion-mnist"
+    fm.mkdir()
+    for split in ("train", "t10k"):
+        write_idx_images(fm / f"{split}-images-idx3-ubyte.gz", np.zeros((0, 28, 28)))
+        write_idx_labels(fm / f"{split}-labels-idx1-ubyte.gz", np.zeros(0))
+    monkeypatch.setenv("BNNKIT_DATA", str(tmp_path))
+    monkeypatch.setattr(sources, "_CACHE", {})
+    with pytest.raises(DataError, match="is empty"):
+        sources.load_split("fashion_mnist", "train")
+
+
+def test_verify_reports_checksums(tiny_root):
+    rows = dict((name, status) for name, _, status in sources.verify("fashion_mnist"))
+    # the fixture's random pixels are not the real data set: a mismatch, reported, not hidden
+    assert all(s.startswith("MISMATCH") for s in rows.values()) and len(rows) == 4

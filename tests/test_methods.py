@@ -71,3 +71,14 @@ def test_temperature_scaling_reduces_validation_nll_of_overconfident_model():
     before = nll(torch.softmax(logits, -1), labels)
     after = nll(torch.softmax(logits / t, -1), labels)
     assert after < before
+
+
+def test_cost_measurement_is_plausible():
+    from bnnkit.evaluate import measure_cost
+
+    model = build_method("deterministic", SPEC)
+    cost = measure_cost(model, torch.rand(128, 1, 28, 28), repeats=3)
+    assert cost["parameters"] == sum(p.numel() for p in model.parameters())
+    conv1_out_mb = 128 * 6 * 28 * 28 * 4 / 2**20  # one activation that must be live
+    assert cost["peak_mem_mb"] >= conv1_out_mb
+    assert cost["latency_ms"] > 0 and cost["throughput"] > 0

@@ -36,7 +36,7 @@ class EvalConfig:
     n_rotate: int = 2000
     latency_batch: int = 128
     latency_repeats: int = 20
-    batch_size: int = 1024  # rows per forward pass (inputs x members x samples)
+    batch_size: int = 256  # rows per forward pass (inputs x members x samples)
     seed: int = 0
     progress: bool = True
 

@@ -297,7 +297,7 @@ register(
     Method(
         "mfvi",
         _build_mfvi,
-        {"prior_sigma": 1.0, "init_sigma": 1e-3, "samples": 16, "kl_weight": 1.0},
+        {"prior_sigma": 1.0, "init_sigma": 0.01, "samples": 16, "kl_weight": 1.0},
         "mean-field Gaussian VI, local reparameterisation (Blundell et al., 2015)",
         train_options=("kl_weight",),
     )
