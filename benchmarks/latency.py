@@ -34,7 +34,7 @@ def main() -> None:
     x = torch.rand(a.batch, *ds.input_shape, device=a.device)
     times = {m: [] for m in models}
     with torch.no_grad():
-        for m, model in models.items():
+        for model in models.values():
             for _ in range(3):
                 model.net(x, model.eval_samples)
         for _ in range(a.repeats):

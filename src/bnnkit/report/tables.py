@@ -12,6 +12,7 @@ COLUMNS = [
     ("Brier", "test", "brier", "{:.4f}", True, 1.0),
     ("ECE %", "test", "ece", "{:.2f}", True, 100.0),
     ("AUROC %", "ood:*", "auroc_entropy", "{:.2f}", False, 100.0),
+    ("AUROC-MI %", "ood:*", "auroc_mutual_info", "{:.2f}", False, 100.0),
     ("AUPR %", "ood:*", "aupr_entropy", "{:.2f}", False, 100.0),
     ("FPR95 %", "ood:*", "fpr95_entropy", "{:.2f}", True, 100.0),
     ("cAcc %", "corrupt:mean", "accuracy", "{:.2f}", False, 100.0),
