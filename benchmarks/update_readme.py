@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(bench_dir: str) -> None:
     bench = Path(bench_dir)
     cfg = json.loads((bench / "bench_config.json").read_text())
-    results = (bench / "results.md").read_text().split("\n", 2)[2].strip()
+    head, results = (bench / "results.md").read_text().split("\n", 2)[1:]
+    made = re.search(r"made (\d{4}-\d{2}-\d{2})", results)
+    results = results.strip()
     fig_out = ROOT / "docs" / "figures"
     fig_out.mkdir(parents=True, exist_ok=True)
     figs = []
@@ -34,7 +36,8 @@ def main(bench_dir: str) -> None:
         f"`make bench` (= `bnnkit bench`): {cfg['dataset']}, {cfg['model']}, methods "
         f"{', '.join(cfg['methods'])}; {cfg['epochs']} epochs on {cfg['subset'] or 'all'} "
         f"training images, {cfg['seeds']} seeds, corruptions {', '.join(cfg['corruptions'])} "
-        f"on {cfg['n_corrupt']} test images. Regenerate this section with "
+        f"on {cfg['n_corrupt']} test images; made {made.group(1) if made else '?'}. "
+        "Regenerate this section with "
         f"`python benchmarks/update_readme.py {bench_dir}`.\n\n"
         + results
         + "\n\n"

@@ -42,7 +42,10 @@ def test_training_learns_and_writes_a_run_directory(bundle, tmp_path):
     x = bundle.test.float()[:20]
     torch.testing.assert_close(again.predict(x).probs, model.predict(x).probs)
     with pytest.raises(ConfigError, match="already holds a finished run"):
-        train_run(cfg(), run, bundle=bundle)
+        train_run(cfg(epochs=2), run, bundle=bundle)
+    # resuming with another config would silently mix results: refused
+    with pytest.raises(ConfigError, match=r"different config \(train.epochs: 2 -> 5\)"):
+        train_run(cfg(epochs=5), run, bundle=bundle, resume=True)
 
 
 class _Crash(L.Callback):

@@ -162,6 +162,7 @@ def run_bench(cfg: BenchConfig, log=print) -> str:
             rows, art = evaluate(model, bundle, eval_cfg)
             model.cpu()
             io.save(art, pred_path, kind="predictions")
+            io.atomic_write_text(run_dir / "metrics.json", json.dumps(rows, indent=1))
             store.add_run(
                 method, cfg.dataset, cfg.model, seed, run_dir, json.dumps(rc.to_dict()), rows
             )
@@ -205,9 +206,9 @@ def run_bench(cfg: BenchConfig, log=print) -> str:
 COLUMN_NOTE = (
     "Columns: test accuracy, NLL, Brier, ECE (15 bins); OOD AUROC / AUPR / FPR@95%TPR with "
     "the predictive entropy as score (OOD = positive); AUROC-MI: AUROC with the mutual "
-    "information (epistemic part; 50% for a single deterministic network); cAcc / cNLL: mean over the corruption "
-    "types and severities 1-5; ms/batch: median forward time of one batch of 128 with all "
-    "members and samples; Params: parameter count. mean ± std over seeds."
+    "information (epistemic part; 50% for a single deterministic network); cAcc / cNLL: "
+    "mean over the corruption types and severities 1-5; ms/batch: median forward time of "
+    "one batch of 128 with all members and samples; Params: parameter count. mean ± std over seeds."
 )
 
 __all__ = ["BenchConfig", "run_bench", "DEFAULT_METHODS", "METHODS"]

@@ -144,7 +144,7 @@ def cmd_bench(a) -> int:
 
 
 def cmd_data(a) -> int:
-    from .data import DATASETS, fetch, get_spec, load_split, verify
+    from .data import DATASETS, fetch, get_spec, load_split, locate_split, verify
     from .errors import DataError
 
     names = [a.download] if a.download else list(DATASETS)
@@ -153,16 +153,19 @@ def cmd_data(a) -> int:
         print(f"downloaded {len(got)} file(s) for {a.download}" if got else "already present")
     for name in names:
         spec = get_spec(name)
-        counts = []
+        counts, where = [], set()
         ok = True
         for split in spec.files:
             try:
+                where.update(str(p.parent) for p in locate_split(name, split))
                 _, y = load_split(name, split)
                 counts.append(f"{split} {len(y):,}")
             except DataError:
                 ok = False
         state = ", ".join(counts) if ok else "MISSING"
         print(f"{name:<14} {spec.input_shape}  {spec.num_classes} classes  {state}")
+        if ok:
+            print(f"    found in {', '.join(sorted(where))}")
         if not ok:
             print(f"    to get it: {spec.hint}")
         if a.verify or not ok:

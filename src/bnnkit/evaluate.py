@@ -85,61 +85,84 @@ class _PeakMemory(TorchDispatchMode):
         return out
 
 
+def _forward_fn(model, xb: torch.Tensor):
+    """The timed call: a UQModel's raw folded forward, else any ``predict(x)``."""
+    if isinstance(model, UQModel):
+        S = model.eval_samples
+        return lambda: model.net(xb, S)
+    return lambda: model.predict(xb)
+
+
 @torch.no_grad()
-def measure_cost(model: UQModel, x: torch.Tensor, repeats: int = 20) -> dict[str, float]:
-    """Median latency of ``predict``'s forward on one batch (after warm-up), memory, params."""
-    model.eval()
-    device = next(model.parameters()).device
+def measure_cost(model, x: torch.Tensor, repeats: int = 20) -> dict[str, float]:
+    """Median latency of one batch's prediction (after warm-up), peak memory, parameters.
+
+    ``model``: a :class:`UQModel` (its folded forward with all members and samples is timed)
+    or any module with ``predict(x)``.
+    """
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    params = list(model.parameters()) if hasattr(model, "parameters") else []
+    device = params[0].device if params else torch.device("cpu")
     xb = x.to(device)
-    S = model.eval_samples
+    fwd = _forward_fn(model, xb)
     for _ in range(3):
-        model.net(xb, S)
+        fwd()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model.net(xb, S)
+        fwd()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        model.net(xb, S)
+        fwd()
         peak = torch.cuda.max_memory_allocated() - base
     else:
         with _PeakMemory() as pm:
-            model.net(xb, S)
+            fwd()
         peak = pm.peak
     med = statistics.median(times)
     return {
-        "parameters": float(model.num_parameters()),
+        "parameters": float(sum(p.numel() for p in params)),
         "latency_ms": med * 1000,
         "throughput": len(x) / med,
         "peak_mem_mb": peak / 2**20,
     }
 
 
-def evaluate(model: UQModel, bundle: DataBundle, cfg: EvalConfig | None = None):
+def evaluate(model, bundle: DataBundle, cfg: EvalConfig | None = None):
     """Run every evaluation; return ``(rows, artefacts)``.
 
-    ``artefacts`` holds test mean probabilities/labels and OOD scores for figures.
+    ``model`` is anything with ``predict(x, batch_size) -> Predictive`` (every bnnkit method's
+    :class:`UQModel`, or your own wrapper). ``artefacts`` holds test mean probabilities,
+    labels and OOD scores for figures.
     """
     cfg = cfg or EvalConfig()
     unknown = [c for c in cfg.corruptions if c not in CORRUPTIONS]
     if unknown:
         raise ConfigError(f"unknown corruption(s) {unknown}; valid: {', '.join(CORRUPTIONS)}")
-    if model.spec.num_classes != bundle.num_classes:
+    spec = getattr(model, "spec", None)
+    n_classes = getattr(spec, "num_classes", None) or getattr(model, "num_classes", None)
+    if n_classes is not None and n_classes != bundle.num_classes:
         raise ConfigError(
-            f"model predicts {model.spec.num_classes} classes but {bundle.name} has "
+            f"model predicts {n_classes} classes but {bundle.name} has "
             f"{bundle.num_classes}; evaluate on the data set the model was trained for"
         )
     rows: list[tuple[str, str, float]] = []
     bs = cfg.batch_size
     xt, yt = bundle.test.float(), bundle.test.y
     steps = 1 + len(bundle.ood) + len(cfg.corruptions) * len(cfg.severities) + len(cfg.angles)
-    bar = tqdm(total=steps, desc=f"evaluate {model.method}", disable=not cfg.progress, leave=False)
+    bar = tqdm(
+        total=steps,
+        desc=f"evaluate {getattr(model, 'method', type(model).__name__)}",
+        disable=not cfg.progress,
+        leave=False,
+    )
 
     pred = model.predict(xt, bs)
     rows += classification_rows(pred, yt, "test")

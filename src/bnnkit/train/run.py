@@ -70,6 +70,39 @@ def is_complete(run_dir: Path) -> bool:
     return (run_dir / "meta.json").is_file() and (run_dir / "model.safetensors").is_file()
 
 
+_IGNORED = {("train", "progress"), ("train", "devices"), ("train", "accelerator")}
+
+
+def _config_diff(old: dict, new: dict, prefix=()) -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        path = (*prefix, key)
+        if path in _IGNORED:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key not in ("method_options",):
+            diffs += _config_diff(a, b, path)
+        elif a != b:
+            diffs.append(f"{'.'.join(path)}: {a!r} -> {b!r}")
+    return diffs
+
+
+def _check_same_config(path: Path, cfg: RunConfig) -> None:
+    """A run directory belongs to one config: reusing it with another would mix results."""
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is unreadable ({e}); remove the run directory") from e
+    diffs = _config_diff(old, cfg.to_dict())
+    if diffs:
+        raise ConfigError(
+            f"{path.parent} was made with a different config ({'; '.join(diffs)}); "
+            "use another output directory, or delete this one to start over"
+        )
+
+
 def _loaders(cfg: RunConfig, bundle: DataBundle):
     t = cfg.train
     train = TensorDataset(bundle.train.x, bundle.train.y)
@@ -100,6 +133,7 @@ def train_run(
     run_dir = Path(run_dir)
     method = get_method(cfg.method)
     check_writable(run_dir)
+    _check_same_config(run_dir / "config.json", cfg)
     if is_complete(run_dir):
         if not resume:
             raise ConfigError(
