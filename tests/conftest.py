@@ -11,3 +11,26 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def ood_root(tmp_path_factory, monkeypatch):
+    """$BNNKIT_DATA holding only a small synthetic mnist.npz, so that the OOD partner of
+    Fashion-MNIST is present whatever the machine has (Fashion-MNIST itself is still found in
+    the standard locations)."""
+    import numpy as np
+
+    from bnnkit.data import sources
+
+    root = tmp_path_factory.mktemp("ood_data")
+    rng = np.random.default_rng(0)
+    np.savez(
+        root / "mnist.npz",
+        x_train=rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
+        y_train=np.arange(20, dtype=np.uint8) % 10,
+        x_test=rng.integers(0, 256, (200, 28, 28), dtype=np.uint8),
+        y_test=np.arange(200, dtype=np.uint8) % 10,
+    )
+    monkeypatch.setenv("BNNKIT_DATA", str(root))
+    monkeypatch.setattr(sources, "_CACHE", {})
+    return root

@@ -78,7 +78,7 @@ def test_num_classes_mismatch():
         evaluate(model, bundle, EvalConfig(corruptions=[], angles=[], progress=False))
 
 
-def test_bench_end_to_end_and_resume(tmp_path, capsys):
+def test_bench_end_to_end_and_resume(tmp_path, ood_root):
     cfg = BenchConfig(
         methods=["temperature_scaling", "deep_ensemble"],
         method_options={"deep_ensemble": {"members": 2}},

@@ -52,6 +52,7 @@ class BenchConfig:
     seeds: int = 2
     subset: int | None = 20000
     val_size: int = 5000
+    test_size: int | None = None  # first N test (and OOD) images; None: all
     batch_size: int = 128
     lr: float = 1e-3
     device: str = "auto"
@@ -110,7 +111,9 @@ def run_bench(cfg: BenchConfig, log=print) -> str:
     check_writable(out)
     device = _torch_device(cfg.device)
     io.atomic_write_text(out / "bench_config.json", json.dumps(asdict(cfg), indent=2))
-    bundle = load_bundle(cfg.dataset, val_size=cfg.val_size, subset=cfg.subset)
+    bundle = load_bundle(
+        cfg.dataset, val_size=cfg.val_size, subset=cfg.subset, test_size=cfg.test_size
+    )
     for name, why in bundle.missing_ood.items():
         log(f"note: OOD set {name} skipped: {why}")
     eval_cfg = EvalConfig(

@@ -134,6 +134,8 @@ def cmd_bench(a) -> int:
             setattr(cfg, name, v)
     if a.subset is not None:
         cfg.subset = _subset(a.subset)
+    if a.test_subset is not None:
+        cfg.test_size = _subset(a.test_subset)
     if a.quiet:
         cfg.progress = False
     run_bench(cfg)
@@ -228,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--epochs", type=int)
     b.add_argument("--seeds", type=int)
     b.add_argument("--subset", help="training examples to use ('all' for every one)")
+    b.add_argument("--test-subset", help="test and OOD images to use ('all' for every one)")
     b.add_argument("--batch-size", type=int)
     b.add_argument("--lr", type=float)
     b.add_argument("--device", choices=["auto", "cpu", "cuda"])
