@@ -211,7 +211,9 @@ COLUMN_NOTE = (
     "the predictive entropy as score (OOD = positive); AUROC-MI: AUROC with the mutual "
     "information (epistemic part; 50% for a single deterministic network); cAcc / cNLL: "
     "mean over the corruption types and severities 1-5; ms/batch: median forward time of "
-    "one batch of 128 with all members and samples; Params: parameter count. mean ± std over seeds."
+    "one batch of 128 with all members and samples; Mem MB: peak tensor memory of that "
+    "forward pass (CUDA: allocator peak; CPU: live tensors created by torch ops); Params: "
+    "parameter count. mean ± std over seeds."
 )
 
 __all__ = ["BenchConfig", "run_bench", "DEFAULT_METHODS", "METHODS"]

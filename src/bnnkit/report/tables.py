@@ -18,6 +18,7 @@ COLUMNS = [
     ("cAcc %", "corrupt:mean", "accuracy", "{:.2f}", False, 100.0),
     ("cNLL", "corrupt:mean", "nll", "{:.3f}", True, 1.0),
     ("ms/batch", "cost", "latency_ms", "{:.2f}", True, 1.0),
+    ("Mem MB", "cost", "peak_mem_mb", "{:.1f}", True, 1.0),
     ("Params", "cost", "parameters", "{:,.0f}", True, 1.0),
 ]
 
@@ -51,7 +52,7 @@ def summary(rows: list[dict], methods: list[str] | None = None):
             vals = [v * scale for v in vals if v is not None]
             if not vals:
                 line.append("-")
-            elif len(vals) == 1 or metric == "parameters":
+            elif len(vals) == 1 or metric in ("parameters", "peak_mem_mb"):
                 line.append(fmt.format(vals[0]))
             else:
                 line.append(
