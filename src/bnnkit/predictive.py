@@ -81,12 +81,9 @@ class Predictive:
         """Predicted class ``[B]``."""
         return self.mean().argmax(-1)
 
-    def cat(self, other: Predictive) -> Predictive:
-        """Concatenate along the batch dimension."""
-        return Predictive(torch.cat([self.probs, other.probs], dim=1))
-
     @staticmethod
     def concat(parts: list[Predictive]) -> Predictive:
+        """Concatenate Predictives along the batch dimension."""
         return Predictive(torch.cat([p.probs for p in parts], dim=1))
 
     def to(self, device) -> Predictive:

@@ -8,7 +8,6 @@ on validation data after training. Every method produces a :class:`UQModel` whos
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,7 +301,3 @@ register(
         train_options=("kl_weight",),
     )
 )
-
-
-def model_info(model: UQModel) -> str:
-    return json.dumps(model.describe(), sort_keys=True)

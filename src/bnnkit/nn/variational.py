@@ -40,12 +40,10 @@ class _Variational(nn.Module):
             total = total + gaussian_kl(self.bias_mu, self.sigma(self.bias_rho), self.prior_sigma)
         return total
 
-    def _params(self, sample: bool):
-        w_var = self.sigma(self.weight_rho) ** 2 if sample else None
-        b_var = None
-        if self.bias_mu is not None and sample:
-            b_var = self.sigma(self.bias_rho) ** 2
-        return w_var, b_var
+    def _variances(self):
+        """Posterior variances of the weights and (if any) biases."""
+        b_var = None if self.bias_mu is None else self.sigma(self.bias_rho) ** 2
+        return self.sigma(self.weight_rho) ** 2, b_var
 
 
 class VariationalLinear(_Variational):
@@ -88,7 +86,7 @@ class VariationalLinear(_Variational):
         mean = F.linear(x, self.weight_mu, self.bias_mu)
         if not self.sample:
             return mean
-        w_var, b_var = self._params(True)
+        w_var, b_var = self._variances()
         var = F.linear(x * x, w_var, b_var)
         return mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
 
@@ -155,7 +153,7 @@ class VariationalConv2d(_Variational):
         mean = self._conv(x, self.weight_mu, self.bias_mu)
         if not self.sample:
             return mean
-        w_var, b_var = self._params(True)
+        w_var, b_var = self._variances()
         var = self._conv(x * x, w_var, b_var)
         return mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
 

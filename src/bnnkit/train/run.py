@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .. import io
 from ..data import DataBundle, load_bundle
-from ..errors import ConfigError
+from ..errors import ConfigError, unknown_name
 from ..methods import ModelSpec, UQModel, build_method, get_method
 from ..models import MODELS
 from .checkpoint import SafeCheckpointIO
@@ -53,8 +53,6 @@ def check_writable(path: Path) -> None:
 
 def model_spec(cfg: RunConfig, bundle: DataBundle) -> ModelSpec:
     if cfg.model not in MODELS:
-        from ..errors import unknown_name
-
         raise unknown_name("model", cfg.model, MODELS)
     return ModelSpec(
         cfg.model,
