@@ -64,6 +64,10 @@ def test_data_lists_sets(capsys):
     code, out, _ = run_cli(capsys, "data")
     assert code == 0
     assert "fashion_mnist" in out and "train 60,000" in out and "test 10,000" in out
+    # the Debian files' decompressed contents match the recorded sha256 values
+    assert "t10k-images-idx3-ubyte.gz" in out
+    fm_lines = [line for line in out.splitlines() if "fashion-mnist/" in line and "ubyte" in line]
+    assert len(fm_lines) == 4 and all(" ok " in line for line in fm_lines)
 
 
 def test_methods_lists_registry(capsys):

@@ -146,7 +146,8 @@ def cmd_bench(a) -> int:
 
 
 def cmd_data(a) -> int:
-    from .data import DATASETS, fetch, get_spec, load_split, locate_split, verify
+    from .data import DATASETS, fetch, get_spec, locate_split, verify
+    from .data.sources import count
     from .errors import DataError
 
     names = [a.download] if a.download else list(DATASETS)
@@ -160,8 +161,7 @@ def cmd_data(a) -> int:
         for split in spec.files:
             try:
                 where.update(str(p.parent) for p in locate_split(name, split))
-                _, y = load_split(name, split)
-                counts.append(f"{split} {len(y):,}")
+                counts.append(f"{split} {count(name, split):,}")
             except DataError:
                 ok = False
         state = ", ".join(counts) if ok else "MISSING"
@@ -170,7 +170,7 @@ def cmd_data(a) -> int:
             print(f"    found in {', '.join(sorted(where))}")
         if not ok:
             print(f"    to get it: {spec.hint}")
-        if a.verify or not ok:
+        if not a.no_verify or not ok:
             for fname, where, status in verify(name):
                 print(f"    {fname:<36} {status:<12} {where}")
     return 0
@@ -239,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
 
-    d = sub.add_parser("data", help="list data sets, where they are, verify checksums")
-    d.add_argument("--verify", action="store_true", help="check sha256 of every file")
+    d = sub.add_parser("data", help="list data sets, where they are, counts, sha256 checks")
+    d.add_argument("--no-verify", action="store_true", help="skip the sha256 check of files")
     d.add_argument("--download", metavar="NAME", help="download a data set (needs internet)")
     d.set_defaults(func=cmd_data)
 

@@ -348,6 +348,14 @@ def load_split(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return xt, yt
 
 
+def count(name: str, split: str) -> int:
+    """Number of examples in a split, read from the labels alone (no image decoding)."""
+    paths = locate_split(name, split)
+    if name == "fashion_mnist":
+        return len(read_idx(paths[1]))
+    return sum(len(read_npz(p, [f"y_{split}"])[f"y_{split}"]) for p in paths)
+
+
 def verify(name: str) -> list[tuple[str, str, str]]:
     """Check every file of a data set: rows of (file, location or '-', status)."""
     ds = get_spec(name)
