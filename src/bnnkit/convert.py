@@ -25,6 +25,8 @@ from .nn import (
     EnsembleBatchNorm2d,
     MCDropoutConv2d,
     MCDropoutLinear,
+    Rank1Conv2d,
+    Rank1Linear,
     VariationalConv2d,
     VariationalLinear,
 )
@@ -47,6 +49,11 @@ def _batch_ensemble(layer, members, factor_init: str = "normal", **_):
     return cls.from_dense(layer, members, factor_init=factor_init)
 
 
+def _rank1(layer, members, **options):
+    cls = Rank1Linear if isinstance(layer, nn.Linear) else Rank1Conv2d
+    return cls.from_dense(layer, members, **options)
+
+
 def _variational(layer, members, prior_sigma: float = 1.0, init_sigma: float = 1e-3, **_):
     cls = VariationalLinear if isinstance(layer, nn.Linear) else VariationalConv2d
     return cls.from_dense(layer, prior_sigma=prior_sigma, init_sigma=init_sigma)
@@ -57,8 +64,9 @@ KINDS: dict[str, Callable] = {
     "mc_dropout": _mc_dropout,
     "batch_ensemble": _batch_ensemble,
     "variational": _variational,
+    "rank1": _rank1,
 }
-ENSEMBLE_KINDS = {"batch_ensemble"}
+ENSEMBLE_KINDS = {"batch_ensemble", "rank1"}
 
 
 def register_kind(name: str, factory: Callable, ensemble: bool = False) -> None:

@@ -256,6 +256,21 @@ def _build_batch_ensemble(spec, opts):
     return UQModel(net, "batch_ensemble", opts, spec)
 
 
+def _build_rank1(spec, opts):
+    layer_opts = {
+        k: opts[k]
+        for k in ("posterior", "prior", "prior_scale", "init", "init_scale", "kl_samples")
+    }
+    net = bayesify(
+        spec.build(),
+        {"*": "rank1"},
+        members=opts["members"],
+        ensemble_batchnorm=opts["ensemble_batchnorm"],
+        options={"rank1": layer_opts},
+    )
+    return UQModel(net, "rank1", opts, spec, eval_samples=opts["samples"])
+
+
 def _build_mfvi(spec, opts):
     net = bayesify(
         spec.build(),
@@ -290,6 +305,27 @@ register(
         _build_batch_ensemble,
         {"members": 4, "factor_init": "normal", "ensemble_batchnorm": False},
         "rank-1 per-member factors on shared weights, folded batch (Wen et al., 2020)",
+    )
+)
+register(
+    Method(
+        "rank1",
+        _build_rank1,
+        {
+            "members": 4,
+            "samples": 4,
+            "posterior": "gaussian",
+            "prior": "gaussian",
+            "prior_scale": 1.0,
+            "init": "random_sign",
+            "init_scale": 0.01,
+            "kl_samples": 1,
+            "kl_weight": 1.0,
+            "ensemble_batchnorm": False,
+        },
+        "rank-1 BNN: shared weights, Gaussian/Cauchy mixture posterior over rank-1 factors "
+        "(Dusenberry et al., 2020)",
+        train_options=("kl_weight",),
     )
 )
 register(

@@ -2,6 +2,7 @@
 
 from .dropout import MCDropout, MCDropoutConv2d, MCDropoutLinear
 from .ensemble import BatchEnsembleConv2d, BatchEnsembleLinear, EnsembleBatchNorm2d
+from .rank1 import Rank1Conv2d, Rank1Linear
 from .utils import count_parameters, kl_divergence
 from .variational import VariationalConv2d, VariationalLinear, gaussian_kl
 
@@ -9,6 +10,8 @@ __all__ = [
     "BatchEnsembleLinear",
     "BatchEnsembleConv2d",
     "EnsembleBatchNorm2d",
+    "Rank1Linear",
+    "Rank1Conv2d",
     "VariationalLinear",
     "VariationalConv2d",
     "gaussian_kl",

@@ -1,0 +1,228 @@
+"""Rank-1 Bayesian layers (Dusenberry et al., ICML 2020).
+
+Each member ``m`` of the ensemble uses the weight ``W * (s_m r_m^T)`` with a shared ``W``
+(a point estimate) and rank-1 factors ``r_m`` (input side) and ``s_m`` (output side) that carry
+a variational posterior. The posterior over factors is a mixture with one component per member:
+``q(r) = (1/M) sum_m q_m(r)``, each ``q_m`` a fully factorised Gaussian or Cauchy with its own
+location and scale. The prior is centred at 1 (Gaussian or Cauchy, scale ``prior_scale``).
+
+Sampling: every row of the (member-major, folded) batch draws its own factors from its member's
+component ("per-example sampling"), so a training batch gives M*B independent samples and
+``samples=K`` at prediction gives K samples per member in one pass.
+
+KL: ``kl()`` returns ``(1/M) sum_m KL(q_m || p)`` summed over the layer's factors: an upper bound
+on ``KL(q || p)`` of the mixture (convexity of the KL in its first argument), matching the loss's
+average of the NLL over members. Closed form for Gaussian q and p; for Cauchy an unbiased
+Monte Carlo estimate ``log q(z) - log p(z)``, ``z ~ q_m`` (``kl_samples`` draws per factor).
+With a zero posterior scale a rank-1 layer is exactly a BatchEnsemble layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError
+from .ensemble import _split, init_factors
+
+FAMILIES = ("gaussian", "cauchy")
+
+
+def _check_family(name: str, what: str) -> str:
+    if name not in FAMILIES:
+        raise InputError(f"unknown {what} family {name!r}; use one of {', '.join(FAMILIES)}")
+    return name
+
+
+class _Rank1Factors(nn.Module):
+    """Per-member locations and scales of one factor vector, with sampling and KL."""
+
+    def __init__(
+        self,
+        members: int,
+        dim: int,
+        posterior: str,
+        prior: str,
+        prior_scale: float,
+        init: str,
+        init_scale: float,
+        kl_samples: int,
+    ) -> None:
+        super().__init__()
+        self.members, self.dim = members, dim
+        self.posterior = _check_family(posterior, "posterior")
+        self.prior = _check_family(prior, "prior")
+        if prior_scale <= 0 or init_scale < 0:
+            raise InputError("prior_scale must be > 0 and init_scale >= 0")
+        self.prior_scale = prior_scale
+        self.kl_samples = kl_samples
+        self.loc = nn.Parameter(torch.empty(members, dim))
+        init_factors(self.loc, init)
+        rho = math.log(math.expm1(init_scale)) if init_scale > 0 else -30.0
+        self.rho = nn.Parameter(torch.full((members, dim), rho))
+
+    def scale(self) -> torch.Tensor:
+        return F.softplus(self.rho)
+
+    def sample(self, n: int, sample: bool) -> torch.Tensor:
+        """Factors for a folded batch of ``M*n`` rows, shape ``[M, n, dim]``."""
+        loc = self.loc.unsqueeze(1)
+        if not sample:
+            return loc.expand(self.members, n, self.dim)
+        shape = (self.members, n, self.dim)
+        if self.posterior == "gaussian":
+            eps = torch.randn(shape, device=loc.device, dtype=loc.dtype)
+        else:
+            u = torch.rand(shape, device=loc.device, dtype=loc.dtype)
+            eps = torch.tan(math.pi * (u - 0.5))
+        return loc + self.scale().unsqueeze(1) * eps
+
+    def kl(self) -> torch.Tensor:
+        scale = self.scale()
+        if self.posterior == "gaussian" and self.prior == "gaussian":
+            ratio = (scale / self.prior_scale) ** 2
+            per = 0.5 * (ratio + ((self.loc - 1.0) / self.prior_scale) ** 2 - 1 - torch.log(ratio))
+            return per.sum() / self.members
+        q = _dist(self.posterior, self.loc, scale)
+        p = _dist(self.prior, torch.ones_like(self.loc), torch.full_like(scale, self.prior_scale))
+        z = q.rsample((self.kl_samples,))
+        return (q.log_prob(z) - p.log_prob(z)).mean(0).sum() / self.members
+
+
+def _dist(family: str, loc: torch.Tensor, scale: torch.Tensor):
+    if family == "gaussian":
+        return torch.distributions.Normal(loc, scale)
+    return torch.distributions.Cauchy(loc, scale)
+
+
+class _Rank1Base(nn.Module):
+    def _make_factors(self, in_dim, out_dim, members, kw) -> None:
+        if members < 1:
+            raise InputError(f"members must be >= 1, got {members}")
+        self.members = members
+        self.r = _Rank1Factors(members, in_dim, **kw)
+        self.s = _Rank1Factors(members, out_dim, **kw)
+        self.sample = True  # False: use the posterior locations (a BatchEnsemble layer)
+
+    def kl(self) -> torch.Tensor:
+        return self.r.kl() + self.s.kl()
+
+
+_DEFAULTS = dict(
+    posterior="gaussian",
+    prior="gaussian",
+    prior_scale=1.0,
+    init="random_sign",
+    init_scale=0.01,
+    kl_samples=1,
+)
+
+
+class Rank1Linear(_Rank1Base):
+    """``y = ((x * r) W^T) * s + b_m`` with ``r, s`` sampled per row from member m's posterior."""
+
+    def __init__(self, in_features: int, out_features: int, members: int, bias=True, **kw):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.bias = nn.Parameter(torch.empty(members, out_features)) if bias else None
+        if bias:
+            bound = 1 / math.sqrt(in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        self._make_factors(in_features, out_features, members, {**_DEFAULTS, **kw})
+
+    @classmethod
+    def from_dense(cls, layer: nn.Linear, members: int, **kw):
+        new = cls(layer.in_features, layer.out_features, members, layer.bias is not None, **kw)
+        with torch.no_grad():
+            new.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias.expand(members, -1))
+        return new.to(layer.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        M = self.members
+        xm = x.reshape(M, -1, self.in_features)
+        n = xm.shape[1]
+        _split(x, M)
+        y = F.linear(xm * self.r.sample(n, self.sample), self.weight)
+        y = y * self.s.sample(n, self.sample)
+        if self.bias is not None:
+            y = y + self.bias.unsqueeze(1)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_features}, {self.out_features}, members={self.members}, "
+            f"posterior={self.r.posterior}, prior={self.r.prior}({self.r.prior_scale})"
+        )
+
+
+class Rank1Conv2d(_Rank1Base):
+    """Conv2d with per-row sampled input/output channel factors and per-member biases."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        members: int,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        **kw,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False
+        )
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.bias = nn.Parameter(torch.empty(members, out_channels)) if bias else None
+        if bias:
+            bound = 1 / math.sqrt(self.conv.weight[0].numel())
+            nn.init.uniform_(self.bias, -bound, bound)
+        self._make_factors(in_channels, out_channels, members, {**_DEFAULTS, **kw})
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.conv.weight
+
+    @classmethod
+    def from_dense(cls, layer: nn.Conv2d, members: int, **kw):
+        new = cls(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            members,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+            layer.bias is not None,
+            **kw,
+        )
+        with torch.no_grad():
+            new.conv.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias.expand(members, -1))
+        return new.to(layer.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        M = self.members
+        n = _split(x, M)
+        r = self.r.sample(n, self.sample)[..., None, None]  # [M, n, C, 1, 1]
+        xm = x.reshape(M, n, *x.shape[1:]) * r
+        y = self.conv(xm.reshape(x.shape))
+        y = y.reshape(M, n, *y.shape[1:]) * self.s.sample(n, self.sample)[..., None, None]
+        if self.bias is not None:
+            y = y + self.bias.view(M, 1, -1, 1, 1)
+        return y.reshape(M * n, *y.shape[2:])
+
+    def extra_repr(self) -> str:
+        return f"members={self.members}, posterior={self.r.posterior}, prior={self.r.prior}"
