@@ -23,6 +23,8 @@ from .nn import (
     BatchEnsembleConv2d,
     BatchEnsembleLinear,
     EnsembleBatchNorm2d,
+    LPBNNConv2d,
+    LPBNNLinear,
     MCDropoutConv2d,
     MCDropoutLinear,
     Rank1Conv2d,
@@ -54,6 +56,11 @@ def _rank1(layer, members, **options):
     return cls.from_dense(layer, members, **options)
 
 
+def _lpbnn(layer, members, **options):
+    cls = LPBNNLinear if isinstance(layer, nn.Linear) else LPBNNConv2d
+    return cls.from_dense(layer, members, **options)
+
+
 def _variational(layer, members, prior_sigma: float = 1.0, init_sigma: float = 1e-3, **_):
     cls = VariationalLinear if isinstance(layer, nn.Linear) else VariationalConv2d
     return cls.from_dense(layer, prior_sigma=prior_sigma, init_sigma=init_sigma)
@@ -65,8 +72,9 @@ KINDS: dict[str, Callable] = {
     "batch_ensemble": _batch_ensemble,
     "variational": _variational,
     "rank1": _rank1,
+    "lpbnn": _lpbnn,
 }
-ENSEMBLE_KINDS = {"batch_ensemble", "rank1"}
+ENSEMBLE_KINDS = {"batch_ensemble", "rank1", "lpbnn"}
 
 
 def register_kind(name: str, factory: Callable, ensemble: bool = False) -> None:

@@ -20,7 +20,7 @@ from .. import io
 from ..convert import bayesify
 from ..errors import CheckpointError, ConfigError, unknown_name
 from ..models import Stacked, build_model, check_images
-from ..nn import count_parameters, kl_divergence
+from ..nn import aux_loss, count_parameters, kl_divergence
 from ..predictive import Predictive
 
 
@@ -79,6 +79,10 @@ class UQModel(nn.Module):
 
     def kl(self) -> torch.Tensor:
         return kl_divergence(self.net)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Extra training losses of the layers (LP-BNN's VAE terms); 0 for most methods."""
+        return aux_loss(self.net)
 
     def num_parameters(self) -> int:
         return count_parameters(self.net)
@@ -271,6 +275,18 @@ def _build_rank1(spec, opts):
     return UQModel(net, "rank1", opts, spec, eval_samples=opts["samples"])
 
 
+def _build_lpbnn(spec, opts):
+    layer_opts = {k: opts[k] for k in ("latent", "factor_init", "vae_weight")}
+    net = bayesify(
+        spec.build(),
+        {"*": "lpbnn"},
+        members=opts["members"],
+        ensemble_batchnorm=opts["ensemble_batchnorm"],
+        options={"lpbnn": layer_opts},
+    )
+    return UQModel(net, "lpbnn", opts, spec, eval_samples=opts["samples"])
+
+
 def _build_mfvi(spec, opts):
     net = bayesify(
         spec.build(),
@@ -326,6 +342,22 @@ register(
         "rank-1 BNN: shared weights, Gaussian/Cauchy mixture posterior over rank-1 factors "
         "(Dusenberry et al., 2020)",
         train_options=("kl_weight",),
+    )
+)
+register(
+    Method(
+        "lpbnn",
+        _build_lpbnn,
+        {
+            "members": 4,
+            "samples": 4,
+            "latent": 32,
+            "factor_init": "normal",
+            "vae_weight": 1.0,
+            "ensemble_batchnorm": False,
+        },
+        "LP-BNN: BatchEnsemble whose rank-1 factors are sampled from a per-layer VAE "
+        "(Franchi et al., 2020)",
     )
 )
 register(

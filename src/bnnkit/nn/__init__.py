@@ -2,8 +2,9 @@
 
 from .dropout import MCDropout, MCDropoutConv2d, MCDropoutLinear
 from .ensemble import BatchEnsembleConv2d, BatchEnsembleLinear, EnsembleBatchNorm2d
+from .lpbnn import FactorVAE, LPBNNConv2d, LPBNNLinear
 from .rank1 import Rank1Conv2d, Rank1Linear
-from .utils import count_parameters, kl_divergence
+from .utils import aux_loss, count_parameters, kl_divergence
 from .variational import VariationalConv2d, VariationalLinear, gaussian_kl
 
 __all__ = [
@@ -12,6 +13,10 @@ __all__ = [
     "EnsembleBatchNorm2d",
     "Rank1Linear",
     "Rank1Conv2d",
+    "LPBNNLinear",
+    "LPBNNConv2d",
+    "FactorVAE",
+    "aux_loss",
     "VariationalLinear",
     "VariationalConv2d",
     "gaussian_kl",

@@ -28,5 +28,14 @@ def kl_divergence(model: nn.Module) -> torch.Tensor:
     return torch.stack([t.reshape(()) for t in terms]).sum()
 
 
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of ``aux_loss()`` (extra training losses such as LP-BNN's VAE terms) over layers."""
+    terms = [m.aux_loss() for m in model.modules() if m is not model and hasattr(m, "aux_loss")]
+    if not terms:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else "cpu")
+    return torch.stack([t.reshape(()) for t in terms]).sum()
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -1,8 +1,9 @@
 """The one Lightning routine that trains every method.
 
-Loss per batch: ``mean over S*B of CE(logits, y) + w_t * KL / N`` where the network returns
+Loss per batch: ``mean over S*B of CE(logits, y) + w_t * KL / N + aux`` where the network returns
 ``S`` stochastic passes or ensemble members per example (every member sees every example),
-``N`` is the number of training examples and ``w_t = kl_weight * min(1, (epoch+1) / anneal)``.
+``N`` is the number of training examples, ``w_t = kl_weight * min(1, (epoch+1) / anneal)`` and
+``aux`` collects layer-specific training losses (LP-BNN's weighted VAE negative ELBO).
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ class LitUQ(L.LightningModule):
         S = logits.shape[0]
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.repeat(S))
         kl = self.model.kl()
-        loss = nll + self.current_kl_weight() * kl / self.n_train
+        aux = self.model.aux_loss()
+        loss = nll + self.current_kl_weight() * kl / self.n_train + aux
         self.log("train_nll", nll, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
+        if aux.requires_grad:
+            self.log("train_aux", aux, on_step=False, on_epoch=True, sync_dist=True)
         if kl.requires_grad:
             self.log("train_kl", kl / self.n_train, on_step=False, on_epoch=True, sync_dist=True)
         return loss
