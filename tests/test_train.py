@@ -117,3 +117,42 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     # two ranks: each saw half of the 256 examples (4 steps of 32 per rank)
     ckpt = io.load(out / "checkpoints" / "last.safetensors", kind="lightning")
     assert ckpt["global_step"] == 4
+
+
+def test_weight_decay_only_on_shared_weights():
+    from bnnkit.methods import ModelSpec, build_method
+    from bnnkit.train.lit import LitUQ
+
+    model = build_method("rank1", ModelSpec("lenet5", (1, 28, 28), 10))
+    lit = LitUQ(model, TrainConfig(weight_decay=1e-4), n_train=100, augment=False)
+    groups = lit.configure_optimizers()["optimizer"].param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 1e-4 and groups[1]["weight_decay"] == 0.0
+    assert "net.body.conv1.conv.weight" in decayed and "net.body.fc1.weight" in decayed
+    assert not any(n.endswith(("loc", "rho", "bias")) for n in decayed)
+
+
+def test_split_protocol_gives_each_member_a_chunk(bundle, tmp_path):
+    c = cfg("batch_ensemble", members=4)
+    c.train.ensemble_protocol = "split"
+    seen = []
+
+    class _Rows(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                handle = pl_module.model.net.body.conv1.register_forward_hook(
+                    lambda m, i, o: seen.append(i[0].shape[0])
+                )
+                pl_module._hook = handle
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 0:
+                pl_module._hook.remove()
+
+    train_run(c, tmp_path / "split", bundle=bundle, callbacks=[_Rows()])
+    assert seen[0] == 64  # the batch of 64 is divided among 4 members, not repeated to 256
+    bad = cfg()
+    bad.train.ensemble_protocol = "scatter"
+    with pytest.raises(ConfigError, match="ensemble_protocol"):
+        train_run(bad, tmp_path / "bad", bundle=bundle)

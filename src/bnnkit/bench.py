@@ -55,6 +55,9 @@ class BenchConfig:
     test_size: int | None = None  # first N test (and OOD) images; None: all
     batch_size: int = 128
     lr: float = 1e-3
+    weight_decay: float = 0.0
+    kl_anneal_epochs: int = 0
+    ensemble_protocol: str = "repeat"
     device: str = "auto"
     out: str = "runs/bench"
     #: per-method option overrides; entries for methods not in ``methods`` are ignored
@@ -142,6 +145,9 @@ def run_bench(cfg: BenchConfig, log=print) -> str:
                     epochs=cfg.epochs,
                     batch_size=cfg.batch_size,
                     lr=cfg.lr,
+                    weight_decay=cfg.weight_decay,
+                    kl_anneal_epochs=cfg.kl_anneal_epochs,
+                    ensemble_protocol=cfg.ensemble_protocol,
                     accelerator=_accelerator(cfg.device),
                     progress=cfg.progress,
                 ),

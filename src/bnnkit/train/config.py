@@ -27,6 +27,9 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     kl_anneal_epochs: int = 0  # linear warm-up of the KL weight over this many epochs
+    #: folded ensembles: "repeat" (every member sees every example, the rank-1 protocol) or
+    #: "split" (the batch is divided among members, the original BatchEnsemble protocol)
+    ensemble_protocol: str = "repeat"
     augment: bool | None = None  # None: crop+flip for 32x32 colour images only
     accelerator: str = "auto"
     devices: int | str = 1

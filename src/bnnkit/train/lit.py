@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..data.transforms import random_crop_flip
 from ..methods import UQModel
+from ..models import Folded
 from .config import TrainConfig
 
 
@@ -40,9 +41,16 @@ class LitUQ(L.LightningModule):
         x = self._inputs(x)
         if self.augment:
             x = random_crop_flip(x)
-        logits = self.model(x, 1)  # [S, B, C]
-        S = logits.shape[0]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.repeat(S))
+        if self.cfg.ensemble_protocol == "split" and isinstance(self.model.net, Folded):
+            # BatchEnsemble's original protocol: member m sees only chunk m of the batch
+            M = self.model.net.members
+            n = (len(y) // M) * M
+            logits = self.model.net.body(x[:n])  # [n, C], member-major chunks
+            nll = F.cross_entropy(logits.float(), y[:n])
+        else:
+            logits = self.model(x, 1)  # [S, B, C]: every member sees every example
+            S = logits.shape[0]
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.repeat(S))
         kl = self.model.kl()
         aux = self.model.aux_loss()
         loss = nll + self.current_kl_weight() * kl / self.n_train + aux
@@ -63,8 +71,14 @@ class LitUQ(L.LightningModule):
         self.log("val_acc", acc, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
-        opt = torch.optim.Adam(
-            self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
-        )
+        # weight decay on shared weights only: rank-1 factors, posterior scales, biases and
+        # ensemble factors are left alone (their prior, if any, is in the KL)
+        decay, rest = [], []
+        for name, p in self.model.named_parameters():
+            (decay if name.rsplit(".", 1)[-1] == "weight" else rest).append(p)
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}]
+        if rest:
+            groups.append({"params": rest, "weight_decay": 0.0})
+        opt = torch.optim.Adam(groups, lr=self.cfg.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.cfg.epochs))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

@@ -139,6 +139,10 @@ def train_run(
                 "choose another output directory"
             )
         return UQModel.load(run_dir / "model.safetensors")
+    if cfg.train.ensemble_protocol not in ("repeat", "split"):
+        raise ConfigError(
+            f"ensemble_protocol must be 'repeat' or 'split', got {cfg.train.ensemble_protocol!r}"
+        )
     if cfg.train.epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {cfg.train.epochs}")
     if bundle is None:
