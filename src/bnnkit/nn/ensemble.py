@@ -13,6 +13,7 @@ the same thing without forming M weight matrices.
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -46,41 +47,51 @@ def init_factors(t: torch.Tensor, init: str) -> None:
             raise InputError(f"unknown factor init {init!r}; use 'ones', 'normal' or 'random_sign'")
 
 
-class BatchEnsembleLinear(nn.Module):
-    """``y_m = ((x * r_m) W^T) * s_m + b_m`` for member ``m`` of ``members``."""
+class _Rank1Structure(nn.Module):
+    """A layer with shared weight ``W`` and per-member rank-1 factors on a folded batch.
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        members: int,
-        bias: bool = True,
-        factor_init: str = "normal",
-    ) -> None:
-        super().__init__()
+    Member ``m`` computes ``((x * r) W^T) * s + b_m``. Subclasses say where the factors come
+    from through :meth:`factors`: learnt vectors (BatchEnsemble), samples from a posterior
+    (rank-1 BNN) or decodings of a latent sample (LP-BNN). Factors of shape ``[M, 1, d]``
+    broadcast over a member's rows; ``[M, n, d]`` gives every row its own draw.
+    """
+
+    members: int
+
+    @abc.abstractmethod
+    def factors(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input and output factors ``([M, 1 or n, in], [M, 1 or n, out])`` for ``n`` rows."""
+
+    def _init_bias(self, out_dim: int, members: int, bias: bool, fan_in: int) -> None:
         if members < 1:
             raise InputError(f"members must be >= 1, got {members}")
-        self.in_features, self.out_features, self.members = in_features, out_features, members
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.r = nn.Parameter(torch.empty(members, in_features))
-        self.s = nn.Parameter(torch.empty(members, out_features))
-        self.bias = nn.Parameter(torch.empty(members, out_features)) if bias else None
-        self.factor_init = factor_init
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        init_factors(self.r, self.factor_init)
-        init_factors(self.s, self.factor_init)
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features)
+        self.members = members
+        self.bias = nn.Parameter(torch.empty(members, out_dim)) if bias else None
+        if bias:
+            bound = 1 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
 
+    def _scale_out(self, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return y * s
+        bias = self.bias.view(*self.bias.shape[:1], 1, *self.bias.shape[1:], *([1] * (s.dim() - 3)))
+        return torch.addcmul(bias, y, s)
+
+
+class Rank1StructureLinear(_Rank1Structure):
+    """Linear member of the family: ``in_features -> out_features``."""
+
+    def __init__(self, in_features: int, out_features: int, members: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self._init_bias(out_features, members, bias, in_features)
+
     @classmethod
-    def from_dense(cls, layer: nn.Linear, members: int, factor_init: str = "normal"):
-        new = cls(
-            layer.in_features, layer.out_features, members, layer.bias is not None, factor_init
-        )
+    def from_dense(cls, layer: nn.Linear, members: int, **kw):
+        """Copy a trained ``nn.Linear`` into every member (its bias into every ``b_m``)."""
+        new = cls(layer.in_features, layer.out_features, members, layer.bias is not None, **kw)
         with torch.no_grad():
             new.weight.copy_(layer.weight)
             if layer.bias is not None:
@@ -90,20 +101,17 @@ class BatchEnsembleLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         M = self.members
         _split(x, M)
-        xm = x.reshape(M, -1, self.in_features) * self.r.unsqueeze(1)
-        y = F.linear(xm, self.weight)
-        if self.bias is not None:
-            y = torch.addcmul(self.bias.unsqueeze(1), y, self.s.unsqueeze(1))
-        else:
-            y = y * self.s.unsqueeze(1)
+        xm = x.reshape(M, -1, self.in_features)
+        r, s = self.factors(xm.shape[1])
+        y = self._scale_out(F.linear(xm * r, self.weight), s)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, members={self.members}"
 
 
-class BatchEnsembleConv2d(nn.Module):
-    """Conv2d with per-member input/output channel factors ``r_m``, ``s_m`` and bias ``b_m``."""
+class Rank1StructureConv2d(_Rank1Structure):
+    """Conv2d member of the family: factors scale input and output channels."""
 
     def __init__(
         self,
@@ -117,11 +125,8 @@ class BatchEnsembleConv2d(nn.Module):
         groups: int = 1,
         bias: bool = True,
         padding_mode: str = "zeros",
-        factor_init: str = "normal",
     ) -> None:
         super().__init__()
-        if members < 1:
-            raise InputError(f"members must be >= 1, got {members}")
         # the shared convolution holds W; its own bias is off (biases are per member)
         self.conv = nn.Conv2d(
             in_channels,
@@ -134,30 +139,16 @@ class BatchEnsembleConv2d(nn.Module):
             bias=False,
             padding_mode=padding_mode,
         )
-        self.in_channels, self.out_channels, self.members = in_channels, out_channels, members
-        self.r = nn.Parameter(torch.empty(members, in_channels))
-        self.s = nn.Parameter(torch.empty(members, out_channels))
-        self.bias = nn.Parameter(torch.empty(members, out_channels)) if bias else None
-        self.factor_init = factor_init
-        self.reset_parameters()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self._init_bias(out_channels, members, bias, self.conv.weight[0].numel())
 
     @property
     def weight(self) -> torch.Tensor:
         return self.conv.weight
 
-    def reset_parameters(self) -> None:
-        self.conv.reset_parameters()
-        init_factors(self.r, self.factor_init)
-        init_factors(self.s, self.factor_init)
-        if self.bias is not None:
-            fan_in = self.conv.weight[0].numel()
-            bound = 1 / math.sqrt(fan_in)
-            nn.init.uniform_(self.bias, -bound, bound)
-
     @classmethod
-    def from_dense(cls, layer: nn.Conv2d, members: int, factor_init: str = "normal"):
-        if isinstance(layer.padding, str) and layer.padding not in ("valid", "same"):
-            raise InputError(f"unsupported padding {layer.padding!r}")
+    def from_dense(cls, layer: nn.Conv2d, members: int, **kw):
+        """Copy a trained ``nn.Conv2d`` into every member (its bias into every ``b_m``)."""
         new = cls(
             layer.in_channels,
             layer.out_channels,
@@ -169,7 +160,7 @@ class BatchEnsembleConv2d(nn.Module):
             groups=layer.groups,
             bias=layer.bias is not None,
             padding_mode=layer.padding_mode,
-            factor_init=factor_init,
+            **kw,
         )
         with torch.no_grad():
             new.conv.weight.copy_(layer.weight)
@@ -180,18 +171,52 @@ class BatchEnsembleConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         M = self.members
         n = _split(x, M)
-        C = x.shape[1]
-        xm = x.reshape(M, n, C, *x.shape[2:]) * self.r.view(M, 1, C, 1, 1)
+        r, s = self.factors(n)
+        xm = x.reshape(M, n, *x.shape[1:]) * r[..., None, None]
         y = self.conv(xm.reshape(x.shape))
-        y = y.reshape(M, n, *y.shape[1:])
-        if self.bias is not None:
-            y = torch.addcmul(self.bias.view(M, 1, -1, 1, 1), y, self.s.view(M, 1, -1, 1, 1))
-        else:
-            y = y * self.s.view(M, 1, -1, 1, 1)
+        y = self._scale_out(y.reshape(M, n, *y.shape[1:]), s[..., None, None])
         return y.reshape(M * n, *y.shape[2:])
 
     def extra_repr(self) -> str:
-        return f"members={self.members}"
+        return f"{self.in_channels}, {self.out_channels}, members={self.members}"
+
+
+class _LearntFactors:
+    """BatchEnsemble's factors: one learnt vector pair per member."""
+
+    def _make_factors(self, in_dim: int, out_dim: int, factor_init: str) -> None:
+        self.factor_init = factor_init
+        self.r = nn.Parameter(torch.empty(self.members, in_dim))
+        self.s = nn.Parameter(torch.empty(self.members, out_dim))
+        init_factors(self.r, factor_init)
+        init_factors(self.s, factor_init)
+
+    def factors(self, n: int):
+        return self.r.unsqueeze(1), self.s.unsqueeze(1)
+
+
+class BatchEnsembleLinear(_LearntFactors, Rank1StructureLinear):
+    """``y_m = ((x * r_m) W^T) * s_m + b_m`` for member ``m`` of ``members``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        members: int,
+        bias: bool = True,
+        factor_init: str = "normal",
+    ) -> None:
+        super().__init__(in_features, out_features, members, bias)
+        self._make_factors(in_features, out_features, factor_init)
+
+
+class BatchEnsembleConv2d(_LearntFactors, Rank1StructureConv2d):
+    """Conv2d with per-member input/output channel factors ``r_m``, ``s_m`` and bias ``b_m``."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, members, *args, factor_init="normal",
+                 **kw) -> None:  # fmt: skip
+        super().__init__(in_channels, out_channels, kernel_size, members, *args, **kw)
+        self._make_factors(in_channels, out_channels, factor_init)
 
 
 class EnsembleBatchNorm2d(nn.Module):

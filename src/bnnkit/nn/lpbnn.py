@@ -16,14 +16,12 @@ sample from. ``aux_loss`` refers to the most recent training forward pass.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from .ensemble import _split, init_factors
+from .ensemble import Rank1StructureConv2d, Rank1StructureLinear, init_factors
 
 
 class FactorVAE(nn.Module):
@@ -62,15 +60,14 @@ class FactorVAE(nn.Module):
         return recon + kl
 
 
-class _LPBNNBase(nn.Module):
-    def _setup(self, in_dim: int, out_dim: int, members: int, latent, factor_init, vae_weight):
-        if members < 1:
-            raise InputError(f"members must be >= 1, got {members}")
+class _DecodedFactors:
+    """LP-BNN factors: ``r`` decoded from a per-row latent sample, ``s`` learnt per member."""
+
+    def _make_factors(self, in_dim: int, out_dim: int, latent, factor_init, vae_weight) -> None:
         if latent < 1:
             raise InputError(f"latent size must be >= 1, got {latent}")
-        self.members = members
-        self.r = nn.Parameter(torch.empty(members, in_dim))
-        self.s = nn.Parameter(torch.empty(members, out_dim))
+        self.r = nn.Parameter(torch.empty(self.members, in_dim))
+        self.s = nn.Parameter(torch.empty(self.members, out_dim))
         init_factors(self.r, factor_init)
         init_factors(self.s, factor_init)
         self.vae = FactorVAE(in_dim, latent)
@@ -78,11 +75,11 @@ class _LPBNNBase(nn.Module):
         self.sample = True
         self._aux: torch.Tensor | None = None
 
-    def _factors(self, n: int) -> torch.Tensor:
+    def factors(self, n: int):
         decoded, recon, kl = self.vae(self.r, n, self.sample)
         if self.training:
             self._aux = self.vae_weight * (recon + kl)
-        return decoded
+        return decoded, self.s.unsqueeze(1)
 
     def aux_loss(self) -> torch.Tensor:
         """``vae_weight`` x negative ELBO of the latest training forward pass (0 before any)."""
@@ -91,7 +88,7 @@ class _LPBNNBase(nn.Module):
         return self._aux
 
 
-class LPBNNLinear(_LPBNNBase):
+class LPBNNLinear(_DecodedFactors, Rank1StructureLinear):
     def __init__(
         self,
         in_features: int,
@@ -102,99 +99,21 @@ class LPBNNLinear(_LPBNNBase):
         factor_init: str = "normal",
         vae_weight: float = 1.0,
     ) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        self.bias = nn.Parameter(torch.empty(members, out_features)) if bias else None
-        if bias:
-            bound = 1 / math.sqrt(in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
-        self._setup(in_features, out_features, members, latent, factor_init, vae_weight)
-
-    @classmethod
-    def from_dense(cls, layer: nn.Linear, members: int, **kw):
-        new = cls(layer.in_features, layer.out_features, members, layer.bias is not None, **kw)
-        with torch.no_grad():
-            new.weight.copy_(layer.weight)
-            if layer.bias is not None:
-                new.bias.copy_(layer.bias.expand(members, -1))
-        return new.to(layer.weight.device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        M = self.members
-        _split(x, M)
-        xm = x.reshape(M, -1, self.in_features)
-        y = F.linear(xm * self._factors(xm.shape[1]), self.weight) * self.s.unsqueeze(1)
-        if self.bias is not None:
-            y = y + self.bias.unsqueeze(1)
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, members={self.members}"
+        super().__init__(in_features, out_features, members, bias)
+        self._make_factors(in_features, out_features, latent, factor_init, vae_weight)
 
 
-class LPBNNConv2d(_LPBNNBase):
+class LPBNNConv2d(_DecodedFactors, Rank1StructureConv2d):
     def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        members: int,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = True,
-        latent: int = 32,
-        factor_init: str = "normal",
-        vae_weight: float = 1.0,
-    ) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False
-        )
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.bias = nn.Parameter(torch.empty(members, out_channels)) if bias else None
-        if bias:
-            bound = 1 / math.sqrt(self.conv.weight[0].numel())
-            nn.init.uniform_(self.bias, -bound, bound)
-        self._setup(in_channels, out_channels, members, latent, factor_init, vae_weight)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.conv.weight
-
-    @classmethod
-    def from_dense(cls, layer: nn.Conv2d, members: int, **kw):
-        new = cls(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            members,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.groups,
-            layer.bias is not None,
-            **kw,
-        )
-        with torch.no_grad():
-            new.conv.weight.copy_(layer.weight)
-            if layer.bias is not None:
-                new.bias.copy_(layer.bias.expand(members, -1))
-        return new.to(layer.weight.device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        M = self.members
-        n = _split(x, M)
-        r = self._factors(n)[..., None, None]
-        xm = x.reshape(M, n, *x.shape[1:]) * r
-        y = self.conv(xm.reshape(x.shape))
-        y = y.reshape(M, n, *y.shape[1:]) * self.s.view(M, 1, -1, 1, 1)
-        if self.bias is not None:
-            y = y + self.bias.view(M, 1, -1, 1, 1)
-        return y.reshape(M * n, *y.shape[2:])
+        self, in_channels, out_channels, kernel_size, members, stride=1, padding=0, dilation=1,
+        groups=1, bias=True, padding_mode="zeros", latent=32, factor_init="normal",
+        vae_weight=1.0,
+    ) -> None:  # fmt: skip
+        super().__init__(
+            in_channels, out_channels, kernel_size, members, stride, padding, dilation, groups,
+            bias, padding_mode,
+        )  # fmt: skip
+        self._make_factors(in_channels, out_channels, latent, factor_init, vae_weight)
 
     def extra_repr(self) -> str:
         return f"members={self.members}, latent={self.vae.mean.out_features}"

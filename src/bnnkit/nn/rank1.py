@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from .ensemble import _split, init_factors
+from .ensemble import Rank1StructureConv2d, Rank1StructureLinear, init_factors
 
 FAMILIES = ("gaussian", "cauchy")
 
@@ -98,19 +98,6 @@ def _dist(family: str, loc: torch.Tensor, scale: torch.Tensor):
     return torch.distributions.Cauchy(loc, scale)
 
 
-class _Rank1Base(nn.Module):
-    def _make_factors(self, in_dim, out_dim, members, kw) -> None:
-        if members < 1:
-            raise InputError(f"members must be >= 1, got {members}")
-        self.members = members
-        self.r = _Rank1Factors(members, in_dim, **kw)
-        self.s = _Rank1Factors(members, out_dim, **kw)
-        self.sample = True  # False: use the posterior locations (a BatchEnsemble layer)
-
-    def kl(self) -> torch.Tensor:
-        return self.r.kl() + self.s.kl()
-
-
 _DEFAULTS = dict(
     posterior="gaussian",
     prior="gaussian",
@@ -121,108 +108,44 @@ _DEFAULTS = dict(
 )
 
 
-class Rank1Linear(_Rank1Base):
+class _SampledFactors:
+    """Rank-1 BNN factors: each row draws ``r, s`` from its member's posterior component."""
+
+    def _make_factors(self, in_dim: int, out_dim: int, options: dict) -> None:
+        unknown = set(options) - set(_DEFAULTS)
+        if unknown:
+            raise InputError(
+                f"unknown rank-1 option(s) {sorted(unknown)}; valid: {sorted(_DEFAULTS)}"
+            )
+        kw = {**_DEFAULTS, **options}
+        self.r = _Rank1Factors(self.members, in_dim, **kw)
+        self.s = _Rank1Factors(self.members, out_dim, **kw)
+        self.sample = True  # False: use the posterior locations (a BatchEnsemble layer)
+
+    def factors(self, n: int):
+        return self.r.sample(n, self.sample), self.s.sample(n, self.sample)
+
+    def kl(self) -> torch.Tensor:
+        return self.r.kl() + self.s.kl()
+
+
+class Rank1Linear(_SampledFactors, Rank1StructureLinear):
     """``y = ((x * r) W^T) * s + b_m`` with ``r, s`` sampled per row from member m's posterior."""
 
     def __init__(self, in_features: int, out_features: int, members: int, bias=True, **kw):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        self.bias = nn.Parameter(torch.empty(members, out_features)) if bias else None
-        if bias:
-            bound = 1 / math.sqrt(in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
-        self._make_factors(in_features, out_features, members, {**_DEFAULTS, **kw})
-
-    @classmethod
-    def from_dense(cls, layer: nn.Linear, members: int, **kw):
-        new = cls(layer.in_features, layer.out_features, members, layer.bias is not None, **kw)
-        with torch.no_grad():
-            new.weight.copy_(layer.weight)
-            if layer.bias is not None:
-                new.bias.copy_(layer.bias.expand(members, -1))
-        return new.to(layer.weight.device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        M = self.members
-        xm = x.reshape(M, -1, self.in_features)
-        n = xm.shape[1]
-        _split(x, M)
-        y = F.linear(xm * self.r.sample(n, self.sample), self.weight)
-        y = y * self.s.sample(n, self.sample)
-        if self.bias is not None:
-            y = y + self.bias.unsqueeze(1)
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_features}, {self.out_features}, members={self.members}, "
-            f"posterior={self.r.posterior}, prior={self.r.prior}({self.r.prior_scale})"
-        )
+        super().__init__(in_features, out_features, members, bias)
+        self._make_factors(in_features, out_features, kw)
 
 
-class Rank1Conv2d(_Rank1Base):
+class Rank1Conv2d(_SampledFactors, Rank1StructureConv2d):
     """Conv2d with per-row sampled input/output channel factors and per-member biases."""
 
     def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        members: int,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = True,
-        **kw,
-    ) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False
-        )
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.bias = nn.Parameter(torch.empty(members, out_channels)) if bias else None
-        if bias:
-            bound = 1 / math.sqrt(self.conv.weight[0].numel())
-            nn.init.uniform_(self.bias, -bound, bound)
-        self._make_factors(in_channels, out_channels, members, {**_DEFAULTS, **kw})
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.conv.weight
-
-    @classmethod
-    def from_dense(cls, layer: nn.Conv2d, members: int, **kw):
-        new = cls(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            members,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.groups,
-            layer.bias is not None,
-            **kw,
-        )
-        with torch.no_grad():
-            new.conv.weight.copy_(layer.weight)
-            if layer.bias is not None:
-                new.bias.copy_(layer.bias.expand(members, -1))
-        return new.to(layer.weight.device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        M = self.members
-        n = _split(x, M)
-        r = self.r.sample(n, self.sample)[..., None, None]  # [M, n, C, 1, 1]
-        xm = x.reshape(M, n, *x.shape[1:]) * r
-        y = self.conv(xm.reshape(x.shape))
-        y = y.reshape(M, n, *y.shape[1:]) * self.s.sample(n, self.sample)[..., None, None]
-        if self.bias is not None:
-            y = y + self.bias.view(M, 1, -1, 1, 1)
-        return y.reshape(M * n, *y.shape[2:])
-
-    def extra_repr(self) -> str:
-        return f"members={self.members}, posterior={self.r.posterior}, prior={self.r.prior}"
+        self, in_channels, out_channels, kernel_size, members, stride=1, padding=0, dilation=1,
+        groups=1, bias=True, padding_mode="zeros", **kw,
+    ) -> None:  # fmt: skip
+        super().__init__(
+            in_channels, out_channels, kernel_size, members, stride, padding, dilation, groups,
+            bias, padding_mode,
+        )  # fmt: skip
+        self._make_factors(in_channels, out_channels, kw)
