@@ -119,3 +119,11 @@ def test_bench_end_to_end_and_resume(tmp_path, ood_root):
     stamp = (out / "runs" / "deep_ensemble-seed1" / "model.safetensors").stat().st_mtime_ns
     run_bench(cfg, log=lambda *_: None)
     assert (out / "runs" / "deep_ensemble-seed1" / "model.safetensors").stat().st_mtime_ns == stamp
+    # other settings in the same directory would mix results: refused, with the difference named
+    cfg.epochs = 2
+    with pytest.raises(ConfigError, match="epochs: 1 -> 2"):
+        run_bench(cfg, log=lambda *_: None)
+    cfg.epochs = 1
+    cfg.method_options = {"deep_ensemble": {"members": 3}}
+    with pytest.raises(ConfigError, match="different config"):
+        run_bench(cfg, log=lambda *_: None)

@@ -24,6 +24,7 @@ from .methods import METHODS, UQModel, get_method, method_options
 from .report import ResultStore, markdown, plain, summary
 from .report import figures as figs
 from .train import DataConfig, RunConfig, TrainConfig, check_writable, train_run
+from .train.run import check_same_config
 
 DEFAULT_METHODS = [
     "deterministic",
@@ -108,11 +109,34 @@ def _order(methods: list[str]) -> list[str]:
     return sorted(needed, key=lambda m: get_method(m).posthoc_of is not None)
 
 
+#: fields that may change between runs into the same output directory: adding methods or
+#: seeds reuses the finished runs; anything else would mix results of different set-ups
+_REUSABLE = {"methods", "seeds", "device", "out", "progress", "method_options"}
+
+
+def _check_reusable(path: Path, cfg: BenchConfig) -> None:
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    new = asdict(cfg)
+    diffs = [
+        f"{k}: {old.get(k)!r} -> {v!r}"
+        for k, v in new.items()
+        if k not in _REUSABLE and k in old and old[k] != v
+    ]
+    if diffs:
+        raise ConfigError(
+            f"{path.parent} holds a bench made with other settings ({'; '.join(diffs)}); "
+            "use another --out, or delete it to start over"
+        )
+
+
 def run_bench(cfg: BenchConfig, log=print) -> str:
     cfg.validate()
     out = Path(cfg.out)
     check_writable(out)
     device = _torch_device(cfg.device)
+    _check_reusable(out / "bench_config.json", cfg)
     io.atomic_write_text(out / "bench_config.json", json.dumps(asdict(cfg), indent=2))
     bundle = load_bundle(
         cfg.dataset, val_size=cfg.val_size, subset=cfg.subset, test_size=cfg.test_size
@@ -155,6 +179,7 @@ def run_bench(cfg: BenchConfig, log=print) -> str:
             pred_path = run_dir / "predictions.safetensors"
             done = store.has(method, cfg.dataset, cfg.model, seed) and pred_path.is_file()
             if done and method in cfg.methods:
+                check_same_config(run_dir / "config.json", rc)
                 if seed == 0:
                     arts[method] = io.load(pred_path, kind="predictions")
                 continue

@@ -85,7 +85,7 @@ def _config_diff(old: dict, new: dict, prefix=()) -> list[str]:
     return diffs
 
 
-def _check_same_config(path: Path, cfg: RunConfig) -> None:
+def check_same_config(path: Path, cfg: RunConfig) -> None:
     """A run directory belongs to one config: reusing it with another would mix results."""
     if not path.is_file():
         return
@@ -131,7 +131,7 @@ def train_run(
     run_dir = Path(run_dir)
     method = get_method(cfg.method)
     check_writable(run_dir)
-    _check_same_config(run_dir / "config.json", cfg)
+    check_same_config(run_dir / "config.json", cfg)
     if is_complete(run_dir):
         if not resume:
             raise ConfigError(
