@@ -90,7 +90,9 @@ def check_same_config(path: Path, cfg: RunConfig) -> None:
     if not path.is_file():
         return
     try:
-        old = json.loads(path.read_text())
+        # parsed through the dataclass, so that keys added since the run was made take their
+        # defaults instead of reading as differences
+        old = RunConfig.from_dict(json.loads(path.read_text())).to_dict()
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path} is unreadable ({e}); remove the run directory") from e
     diffs = _config_diff(old, cfg.to_dict())
