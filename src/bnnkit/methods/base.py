@@ -333,7 +333,7 @@ register(
             "posterior": "gaussian",
             "prior": "gaussian",
             "prior_scale": 1.0,
-            "init": "random_sign",
+            "init": "normal",
             "init_scale": 0.01,
             "kl_samples": 1,
             "kl_weight": 1.0,
@@ -353,7 +353,7 @@ register(
             "samples": 4,
             "latent": 32,
             "factor_init": "normal",
-            "vae_weight": 1.0,
+            "vae_weight": 0.1,
             "ensemble_batchnorm": False,
         },
         "LP-BNN: BatchEnsemble whose rank-1 factors are sampled from a per-layer VAE "
