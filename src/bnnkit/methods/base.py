@@ -249,42 +249,27 @@ def _build_deep_ensemble(spec, opts):
     return UQModel(Stacked(nets), "deep_ensemble", opts, spec)
 
 
-def _build_batch_ensemble(spec, opts):
-    net = bayesify(
-        spec.build(),
-        {"*": "batch_ensemble"},
-        members=opts["members"],
-        ensemble_batchnorm=opts["ensemble_batchnorm"],
-        options={"batch_ensemble": {"factor_init": opts["factor_init"]}},
-    )
-    return UQModel(net, "batch_ensemble", opts, spec)
+def _rank1_family(kind: str, layer_keys: tuple[str, ...]):
+    """Builder for a method that converts every layer to one kind of the rank-1 family."""
+
+    def build(spec, opts):
+        net = bayesify(
+            spec.build(),
+            {"*": kind},
+            members=opts["members"],
+            ensemble_batchnorm=opts["ensemble_batchnorm"],
+            options={kind: {k: opts[k] for k in layer_keys}},
+        )
+        return UQModel(net, kind, opts, spec, eval_samples=opts.get("samples", 1))
+
+    return build
 
 
-def _build_rank1(spec, opts):
-    layer_opts = {
-        k: opts[k]
-        for k in ("posterior", "prior", "prior_scale", "init", "init_scale", "kl_samples")
-    }
-    net = bayesify(
-        spec.build(),
-        {"*": "rank1"},
-        members=opts["members"],
-        ensemble_batchnorm=opts["ensemble_batchnorm"],
-        options={"rank1": layer_opts},
-    )
-    return UQModel(net, "rank1", opts, spec, eval_samples=opts["samples"])
-
-
-def _build_lpbnn(spec, opts):
-    layer_opts = {k: opts[k] for k in ("latent", "factor_init", "vae_weight")}
-    net = bayesify(
-        spec.build(),
-        {"*": "lpbnn"},
-        members=opts["members"],
-        ensemble_batchnorm=opts["ensemble_batchnorm"],
-        options={"lpbnn": layer_opts},
-    )
-    return UQModel(net, "lpbnn", opts, spec, eval_samples=opts["samples"])
+_build_batch_ensemble = _rank1_family("batch_ensemble", ("factor_init",))
+_build_rank1 = _rank1_family(
+    "rank1", ("posterior", "prior", "prior_scale", "init", "init_scale", "kl_samples")
+)
+_build_lpbnn = _rank1_family("lpbnn", ("latent", "factor_init", "vae_weight"))
 
 
 def _build_mfvi(spec, opts):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from .ensemble import Rank1StructureConv2d, Rank1StructureLinear, init_factors
+from .ensemble import Rank1StructureConv2d, Rank1StructureLinear, _LearntFactors
 
 
 class FactorVAE(nn.Module):
@@ -60,16 +60,14 @@ class FactorVAE(nn.Module):
         return recon + kl
 
 
-class _DecodedFactors:
-    """LP-BNN factors: ``r`` decoded from a per-row latent sample, ``s`` learnt per member."""
+class _DecodedFactors(_LearntFactors):
+    """LP-BNN factors: ``r`` decoded from a per-row latent sample of the VAE that encodes the
+    learnt embedding ``r_m``; ``s`` learnt per member as in BatchEnsemble."""
 
     def _make_factors(self, in_dim: int, out_dim: int, latent, factor_init, vae_weight) -> None:
         if latent < 1:
             raise InputError(f"latent size must be >= 1, got {latent}")
-        self.r = nn.Parameter(torch.empty(self.members, in_dim))
-        self.s = nn.Parameter(torch.empty(self.members, out_dim))
-        init_factors(self.r, factor_init)
-        init_factors(self.s, factor_init)
+        super()._make_factors(in_dim, out_dim, factor_init)
         self.vae = FactorVAE(in_dim, latent)
         self.vae_weight = vae_weight
         self.sample = True
