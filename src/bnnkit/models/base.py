@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..nn.ensemble import EnsembleModule, _split, member_pass
 
 
 class Normalize(nn.Module):
@@ -62,29 +63,116 @@ def fold(x: torch.Tensor, repeats: int) -> torch.Tensor:
     return x.unsqueeze(0).expand(repeats, *x.shape).reshape(repeats * x.shape[0], *x.shape[1:])
 
 
+SCHEDULES = ("auto", "fold", "members")
+
+
 class Folded(nn.Module):
     """Wraps a network whose ensemble layers expect a member-major folded batch.
 
-    ``forward(x, samples=K)`` repeats ``x`` to ``[M*K*B, ...]`` once, runs the body in one pass
-    and returns logits ``[M*K, B, C]``: member ``m``'s K samples are rows ``m*K : (m+1)*K``.
-    For a network without ensemble layers (``members=1``) ``samples`` gives K stochastic passes
-    (MC dropout masks, variational weights) folded into one batch.
+    ``forward(x, samples=K)`` returns logits ``[M*K, B, C]``: member ``m``'s K samples are rows
+    ``m*K : (m+1)*K``. For a network without ensemble layers (``members=1``) ``samples`` gives K
+    stochastic passes (MC dropout masks, variational weights) folded into one batch.
+
+    ``schedule`` says how the members are computed; both give the same function:
+
+    * ``"fold"``: the input is repeated to ``[M*K*B, ...]`` and the body runs once; the
+      factors scale activations. One large kernel per layer: best on a GPU.
+    * ``"members"``: the body runs once per member on ``[K*B, ...]`` rows with its ensemble
+      layers in member mode (per-member factors fold into the weights). Costs what a loop over
+      M separate networks costs, and keeps one member's activations in cache: best on a CPU.
+    * ``"auto"`` (default): ``"members"`` on CPU, ``"fold"`` elsewhere, with two exceptions
+      on CPU that use ``"fold"``: a body with shared (not per-member) BatchNorm in training
+      mode, because batch statistics over all members' rows differ from statistics over one
+      member's rows; and training with factors sampled per row (rank-1, LP-BNN) or with large
+      layers (more than 65,536 weights), where the member loop measured slower (BENCHMARKS.md).
     """
 
-    def __init__(self, body: nn.Module, members: int = 1) -> None:
+    def __init__(self, body: nn.Module, members: int = 1, schedule: str = "auto") -> None:
         super().__init__()
         if members < 1:
             raise InputError(f"members must be >= 1, got {members}")
         self.body = body
         self.members = members
+        self.schedule = schedule
         self.input_shape = getattr(body, "input_shape", None)
         self.num_classes = getattr(body, "num_classes", None)
+
+    @property
+    def schedule(self) -> str:
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, value: str) -> None:
+        if value not in SCHEDULES:
+            raise InputError(f"unknown schedule {value!r}; use one of {', '.join(SCHEDULES)}")
+        self._schedule = value
+
+    def _by_member(self, x: torch.Tensor) -> bool:
+        if self.members == 1 or self._schedule == "fold":
+            return False
+        if self._schedule == "members":
+            return True
+        if x.device.type != "cpu":
+            return False
+        if self.training and _shared_batchnorm(self.body):
+            return False
+        if torch.is_grad_enabled() and not _member_training_pays(self.body):
+            return False
+        return True
 
     def forward(self, x: torch.Tensor, samples: int = 1) -> torch.Tensor:
         B = x.shape[0]
         R = self.members * samples
-        out = self.body(fold(x, R))
+        if self._by_member(x):
+            xk = fold(x, samples)
+            outs = []
+            with member_pass(self.body) as select:
+                for m in range(self.members):
+                    select(m)
+                    outs.append(self.body(xk))
+            out = torch.cat(outs)
+        else:
+            out = self.body(fold(x, R))
         return out.reshape(R, B, *out.shape[1:])
+
+    def forward_folded(self, xf: torch.Tensor) -> torch.Tensor:
+        """Run the body on an already folded batch ``[M*n, ...]`` (member m owns rows
+        ``m*n:(m+1)*n``), e.g. BatchEnsemble's original protocol of one batch split among the
+        members. Returns ``[M*n, C]``."""
+        if not self._by_member(xf):
+            return self.body(xf)
+        n = _split(xf, self.members)
+        outs = []
+        with member_pass(self.body) as select:
+            for m in range(self.members):
+                select(m)
+                outs.append(self.body(xf[m * n : (m + 1) * n]))
+        return torch.cat(outs)
+
+
+def _member_training_pays(body: nn.Module) -> bool:
+    """Whether training member by member is the faster schedule on CPU (BENCHMARKS.md):
+    every factor is per member (per-row factors still scale activations, and measured slower
+    looped) and every weight is small (the backward through M effective weights costs
+    O(M x weight size), which for ResNet-size layers outweighs the activation work it saves)."""
+    for m in body.modules():
+        if isinstance(m, EnsembleModule) and hasattr(m, "factors"):
+            if not m._fixed_factors() or m.weight.numel() > m._KEEP_NUMEL:
+                return False
+    return True
+
+
+def _shared_batchnorm(body: nn.Module) -> bool:
+    """Whether ``body`` has a BatchNorm outside the per-member ensemble layers."""
+
+    def walk(mod: nn.Module) -> bool:
+        if isinstance(mod, EnsembleModule):
+            return False
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            return True
+        return any(walk(c) for c in mod.children())
+
+    return walk(body)
 
 
 class Stacked(nn.Module):

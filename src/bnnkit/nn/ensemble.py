@@ -9,11 +9,22 @@ which keeps the extra work purely elementwise.
 
 Member ``m``'s effective weight is ``W * (s_m r_m^T)``; computing ``((x * r_m) W^T) * s_m`` is
 the same thing without forming M weight matrices.
+
+Two execution schedules give the same function (see :class:`bnnkit.models.Folded`):
+
+* ``fold``: one pass over the folded batch; the factors scale activations (one large kernel per
+  layer plus elementwise work; what a GPU wants).
+* ``members``: the network runs once per member on that member's rows, each ensemble layer in
+  *member mode* (:func:`member_mode`). A layer whose factors are per member (not per row) then
+  folds them into an effective weight ``W * (s_m r_m^T)`` of the weight's size, so there is no
+  elementwise work on activations and no input gradient for a first layer: the cost of a loop
+  over M separate networks, with its cache locality (what a CPU wants).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 
 import torch
@@ -47,20 +58,143 @@ def init_factors(t: torch.Tensor, init: str) -> None:
             raise InputError(f"unknown factor init {init!r}; use 'ones', 'normal' or 'random_sign'")
 
 
-class _Rank1Structure(nn.Module):
+class EnsembleModule(nn.Module):
+    """A layer that holds M members' parameters and reads a member-major folded batch.
+
+    ``_member`` is ``None`` (the input holds all members' rows) or a member index set by
+    :func:`member_mode` / :func:`member_pass` (the input holds that member's rows only).
+    ``_pass`` identifies the current member-by-member forward pass (see :func:`member_pass`).
+    """
+
+    members: int
+    _member: int | None = None
+    _pass: object | None = None
+
+    def _end_pass(self) -> None:
+        """Drop state kept for the pass that just ended."""
+
+
+def _ensemble_layers(model: nn.Module) -> list[EnsembleModule]:
+    return [m for m in model.modules() if isinstance(m, EnsembleModule)]
+
+
+@contextlib.contextmanager
+def member_pass(model: nn.Module):
+    """One forward pass of ``model`` computed member by member.
+
+    Yields ``select(m)``: after ``select(m)`` every ensemble layer acts as member ``m`` alone
+    (its input holds member ``m``'s rows only). Within the pass a layer may reuse work shared
+    by its members (all members' effective weights, built once); it is dropped at the end.
+    """
+    layers = _ensemble_layers(model)
+    token = object()
+
+    def select(member: int) -> None:
+        for layer in layers:
+            if not 0 <= member < layer.members:
+                raise InputError(f"member {member} out of range for a layer of {layer.members}")
+            layer._member = member
+
+    for layer in layers:
+        layer._pass = token
+    try:
+        yield select
+    finally:
+        for layer in layers:
+            layer._member = None
+            layer._pass = None
+            layer._end_pass()
+
+
+@contextlib.contextmanager
+def member_mode(model: nn.Module, member: int):
+    """Within the block, every ensemble layer of ``model`` acts as member ``member`` alone."""
+    with member_pass(model) as select:
+        select(member)
+        yield
+
+
+def _per_member(t: torch.Tensor) -> bool:
+    return t.shape[1] == 1
+
+
+class _Rank1Structure(EnsembleModule):
     """A layer with shared weight ``W`` and per-member rank-1 factors on a folded batch.
 
     Member ``m`` computes ``((x * r) W^T) * s + b_m``. Subclasses say where the factors come
     from through :meth:`factors`: learnt vectors (BatchEnsemble), samples from a posterior
     (rank-1 BNN) or decodings of a latent sample (LP-BNN). Factors of shape ``[M, 1, d]``
     broadcast over a member's rows; ``[M, n, d]`` gives every row its own draw.
+
+    In member mode, per-member factors are folded into effective weights
+    ``W_m = W * (s_m r_m^T)`` (:meth:`_fold_weight`, all members at once); per-row factors
+    scale the member's activations.
     """
 
-    members: int
-
     @abc.abstractmethod
-    def factors(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Input and output factors ``([M, 1 or n, in], [M, 1 or n, out])`` for ``n`` rows."""
+    def factors(self, n: int, member: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input and output factors ``([M, 1 or n, in], [M, 1 or n, out])`` for ``n`` rows.
+
+        With ``member`` set, only that member's: leading dimension 1.
+        """
+
+    def _fixed_factors(self) -> bool:
+        """Whether :meth:`factors` is a deterministic function of the parameters."""
+        return False
+
+    def _forward_member(self, x: torch.Tensor) -> torch.Tensor:
+        """Member mode: ``x`` holds member ``_member``'s rows only."""
+        m = self._member
+        bias = None if self.bias is None else self.bias[m]
+        if self._fixed_factors():
+            w = self._member_weights()
+            if w is not None:
+                return self._apply_weight(x, w[m], bias)
+        r, s = self.factors(x.shape[0], m)
+        if not (_per_member(r) and _per_member(s)):  # per-row factors scale activations
+            return self._scale_rows(x, r[0], s[0], bias)
+        return self._apply_weight(x, self._fold_weight(r[:, 0], s[:, 0])[0], bias)
+
+    # When are all members' effective weights built once and kept?
+    # * Recording gradients, within one member-by-member pass: autograd keeps every member's
+    #   effective weight for the backward anyway, and one batched build (and one backward
+    #   through it) replaces M chains of small ops whose dispatch overhead made a small
+    #   network's member loop slower than a loop over separate networks.
+    # * Without gradients, for small layers (at most _KEEP_NUMEL weights), across passes:
+    #   the key holds every parameter's version counter and storage, so any in-place update
+    #   (an optimiser step, load_state_dict, .to()) invalidates it. Large layers rebuild one
+    #   member's weight at a time, so inference never holds M copies of a large weight.
+    _KEEP_NUMEL = 1 << 16
+
+    def _member_weights(self) -> torch.Tensor | None:
+        """All members' effective weights ``[M, *W.shape]`` if kept (see above), else None."""
+        hit = self.__dict__.get("_weights")  # (key, pass checked in, weights)
+        if hit is not None and self._pass is not None and hit[1] is self._pass:
+            return hit[2]  # already validated in this pass
+        key = self._weights_key()
+        if key is None:
+            return None
+        if hit is None or hit[0] != key:
+            r, s = self.factors(1)
+            hit = (key, self._pass, self._fold_weight(r[:, 0], s[:, 0]))
+        else:
+            hit = (key, self._pass, hit[2])
+        self.__dict__["_weights"] = hit
+        return hit[2]
+
+    def _weights_key(self) -> tuple | None:
+        if not torch.is_grad_enabled():
+            if self.weight.numel() > self._KEEP_NUMEL:
+                return None
+            return ("params",) + tuple(
+                (p._version, p.data_ptr(), p.dtype) for p in self.parameters()
+            )
+        return None if self._pass is None else ("pass", self._pass)
+
+    def _end_pass(self) -> None:
+        hit = self.__dict__.get("_weights")
+        if hit is not None and hit[0][0] == "pass":
+            del self.__dict__["_weights"]  # holds the pass's autograd graph
 
     def _init_bias(self, out_dim: int, members: int, bias: bool, fan_in: int) -> None:
         if members < 1:
@@ -99,12 +233,25 @@ class Rank1StructureLinear(_Rank1Structure):
         return new.to(layer.weight.device, layer.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._member is not None:
+            return self._forward_member(x)
         M = self.members
         _split(x, M)
         xm = x.reshape(M, -1, self.in_features)
         r, s = self.factors(xm.shape[1])
         y = self._scale_out(F.linear(xm * r, self.weight), s)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _fold_weight(self, r: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Effective weights ``[k, out, in]`` for factors ``r [k, in]``, ``s [k, out]``."""
+        return self.weight * (s[:, :, None] * r[:, None, :])
+
+    def _apply_weight(self, x, w, bias):
+        return F.linear(x, w, bias)
+
+    def _scale_rows(self, x, r, s, bias):
+        y = F.linear(x * r, self.weight) * s
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, members={self.members}"
@@ -169,6 +316,8 @@ class Rank1StructureConv2d(_Rank1Structure):
         return new.to(layer.weight.device, layer.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._member is not None:
+            return self._forward_member(x)
         M = self.members
         n = _split(x, M)
         r, s = self.factors(n)
@@ -176,6 +325,21 @@ class Rank1StructureConv2d(_Rank1Structure):
         y = self.conv(xm.reshape(x.shape))
         y = self._scale_out(y.reshape(M, n, *y.shape[1:]), s[..., None, None])
         return y.reshape(M * n, *y.shape[2:])
+
+    def _fold_weight(self, r: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Effective weights ``[k, out, in/groups, kh, kw]`` for ``r [k, in]``, ``s [k, out]``."""
+        # input channel g*in_g + j meets weight[o, j] for the output channels o of group g
+        out_c, in_g = self.conv.weight.shape[:2]
+        g, k = self.conv.groups, r.shape[0]
+        r_eff = r.view(k, g, 1, in_g).expand(k, g, out_c // g, in_g).reshape(k, out_c, in_g)
+        return self.conv.weight * (s[:, :, None] * r_eff)[..., None, None]
+
+    def _apply_weight(self, x, w, bias):
+        return self.conv._conv_forward(x, w, bias)
+
+    def _scale_rows(self, x, r, s, bias):
+        y = self.conv(x * r[..., None, None]) * s[..., None, None]
+        return y if bias is None else y + bias[:, None, None]
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, members={self.members}"
@@ -191,8 +355,14 @@ class _LearntFactors:
         init_factors(self.r, factor_init)
         init_factors(self.s, factor_init)
 
-    def factors(self, n: int):
-        return self.r.unsqueeze(1), self.s.unsqueeze(1)
+    def _fixed_factors(self) -> bool:
+        return True
+
+    def factors(self, n: int, member: int | None = None):
+        r, s = self.r, self.s
+        if member is not None:
+            r, s = r[member : member + 1], s[member : member + 1]
+        return r.unsqueeze(1), s.unsqueeze(1)
 
 
 class BatchEnsembleLinear(_LearntFactors, Rank1StructureLinear):
@@ -219,7 +389,7 @@ class BatchEnsembleConv2d(_LearntFactors, Rank1StructureConv2d):
         self._make_factors(in_channels, out_channels, factor_init)
 
 
-class EnsembleBatchNorm2d(nn.Module):
+class EnsembleBatchNorm2d(EnsembleModule):
     """One BatchNorm2d per member on a member-major folded batch (statistics per member)."""
 
     def __init__(self, num_features: int, members: int, eps: float = 1e-5, momentum=0.1):
@@ -241,6 +411,8 @@ class EnsembleBatchNorm2d(nn.Module):
         return new.to(layer.weight.device if layer.affine else "cpu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._member is not None:
+            return self._forward_member(x)
         M = self.members
         n = _split(x, M)
         C, H, W = x.shape[1:]
@@ -248,6 +420,26 @@ class EnsembleBatchNorm2d(nn.Module):
         z = x.reshape(M, n, C, H, W).transpose(0, 1).reshape(n, M * C, H, W)
         z = self.bn(z)
         return z.reshape(n, M, C, H, W).transpose(0, 1).reshape(M * n, C, H, W)
+
+    def _forward_member(self, x: torch.Tensor) -> torch.Tensor:
+        bn, C = self.bn, self.num_features
+        sl = slice(self._member * C, (self._member + 1) * C)
+        use_batch = bn.training or bn.running_mean is None
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats:
+            if self._member == 0:  # one step per folded batch, as in the fold schedule
+                bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                momentum = 1.0 / float(bn.num_batches_tracked)
+
+        def part(t):
+            return None if t is None else t[sl]
+
+        # slices of the running buffers are views: batch_norm updates them in place
+        return F.batch_norm(
+            x, part(bn.running_mean), part(bn.running_var), part(bn.weight), part(bn.bias),
+            use_batch, momentum, bn.eps,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, members={self.members}"

@@ -49,7 +49,7 @@ class FactorVAE(nn.Module):
             eps = torch.randn(M, n, mu.shape[-1], device=v.device, dtype=v.dtype)
             z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
         else:
-            z = mu.unsqueeze(1).expand(M, n, mu.shape[-1])
+            z = mu.unsqueeze(1)  # [M, 1, latent]: one decoding per member
         decoded = self.decoder(z)
         recon = ((decoded - v.unsqueeze(1)) ** 2).mean()
         kl = 0.5 * (mu**2 + logvar.exp() - 1.0 - logvar).mean()
@@ -71,19 +71,29 @@ class _DecodedFactors(_LearntFactors):
         self.vae = FactorVAE(in_dim, latent)
         self.vae_weight = vae_weight
         self.sample = True
-        self._aux: torch.Tensor | None = None
+        self._aux: dict[int | None, torch.Tensor] = {}
 
-    def factors(self, n: int):
-        decoded, recon, kl = self.vae(self.r, n, self.sample)
+    def _fixed_factors(self) -> bool:
+        return not self.sample
+
+    def factors(self, n: int, member: int | None = None):
+        r, s = self.r, self.s
+        if member is not None:
+            r, s = r[member : member + 1], s[member : member + 1]
+        decoded, recon, kl = self.vae(r, n, self.sample)
         if self.training:
-            self._aux = self.vae_weight * (recon + kl)
-        return decoded, self.s.unsqueeze(1)
+            # one entry per member in the members schedule (equal sizes: their mean is the
+            # full-batch term), one entry (key None) in the fold schedule
+            if member is None or member == 0:
+                self._aux = {}
+            self._aux[member] = self.vae_weight * (recon + kl)
+        return decoded, s.unsqueeze(1)
 
     def aux_loss(self) -> torch.Tensor:
         """``vae_weight`` x negative ELBO of the latest training forward pass (0 before any)."""
-        if self._aux is None:
+        if not self._aux:
             return self.r.new_zeros(())
-        return self._aux
+        return sum(self._aux.values()) / len(self._aux)
 
 
 class LPBNNLinear(_DecodedFactors, Rank1StructureLinear):

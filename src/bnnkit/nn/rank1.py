@@ -67,18 +67,22 @@ class _Rank1Factors(nn.Module):
     def scale(self) -> torch.Tensor:
         return F.softplus(self.rho)
 
-    def sample(self, n: int, sample: bool) -> torch.Tensor:
-        """Factors for a folded batch of ``M*n`` rows, shape ``[M, n, dim]``."""
-        loc = self.loc.unsqueeze(1)
+    def sample(self, n: int, sample: bool, member: int | None = None) -> torch.Tensor:
+        """Factors for a folded batch of ``M*n`` rows, shape ``[M, n, dim]`` (``[1, n, dim]``
+        for one ``member``); with ``sample=False`` the locations ``[M, 1, dim]``."""
+        loc, rho = self.loc, self.rho
+        if member is not None:
+            loc, rho = loc[member : member + 1], rho[member : member + 1]
+        loc = loc.unsqueeze(1)
         if not sample:
-            return loc.expand(self.members, n, self.dim)
-        shape = (self.members, n, self.dim)
+            return loc
+        shape = (loc.shape[0], n, self.dim)
         if self.posterior == "gaussian":
             eps = torch.randn(shape, device=loc.device, dtype=loc.dtype)
         else:
             u = torch.rand(shape, device=loc.device, dtype=loc.dtype)
             eps = torch.tan(math.pi * (u - 0.5))
-        return loc + self.scale().unsqueeze(1) * eps
+        return loc + F.softplus(rho).unsqueeze(1) * eps
 
     def kl(self) -> torch.Tensor:
         scale = self.scale()
@@ -122,8 +126,11 @@ class _SampledFactors:
         self.s = _Rank1Factors(self.members, out_dim, **kw)
         self.sample = True  # False: use the posterior locations (a BatchEnsemble layer)
 
-    def factors(self, n: int):
-        return self.r.sample(n, self.sample), self.s.sample(n, self.sample)
+    def _fixed_factors(self) -> bool:
+        return not self.sample
+
+    def factors(self, n: int, member: int | None = None):
+        return self.r.sample(n, self.sample, member), self.s.sample(n, self.sample, member)
 
     def kl(self) -> torch.Tensor:
         return self.r.kl() + self.s.kl()

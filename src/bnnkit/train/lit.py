@@ -45,7 +45,7 @@ class LitUQ(L.LightningModule):
             # BatchEnsemble's original protocol: member m sees only chunk m of the batch
             M = self.model.net.members
             n = (len(y) // M) * M
-            logits = self.model.net.body(x[:n])  # [n, C], member-major chunks
+            logits = self.model.net.forward_folded(x[:n])  # [n, C], member-major chunks
             nll = F.cross_entropy(logits.float(), y[:n])
         else:
             logits = self.model(x, 1)  # [S, B, C]: every member sees every example
