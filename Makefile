@@ -38,8 +38,12 @@ lint: venv
 test: venv data lint
 	$(VENV)/bin/pytest
 
+# glibc's default allocator returns large tensors to the OS on free and page-faults them in on
+# the next forward pass; fixed thresholds make CPU timings repeatable (BENCHMARKS.md).
+CPU_MALLOC := MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296
+
 bench: venv data
-	$(VENV)/bin/bnnkit bench --out runs/bench
+	$(CPU_MALLOC) $(VENV)/bin/bnnkit bench --out runs/bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -32,6 +32,8 @@ DEFAULT_METHODS = [
     "mc_dropout",
     "deep_ensemble",
     "batch_ensemble",
+    "rank1",
+    "lpbnn",
     "mfvi",
 ]
 DEFAULT_CORRUPTIONS = [
@@ -63,7 +65,12 @@ class BenchConfig:
     out: str = "runs/bench"
     #: per-method option overrides; entries for methods not in ``methods`` are ignored
     method_options: dict[str, dict[str, Any]] = field(
-        default_factory=lambda: {"mc_dropout": {"samples": 8}, "mfvi": {"samples": 8}}
+        default_factory=lambda: {
+            "mc_dropout": {"samples": 8},
+            "mfvi": {"samples": 8},
+            "rank1": {"samples": 2},
+            "lpbnn": {"samples": 2},
+        }
     )
     corruptions: list[str] = field(default_factory=lambda: list(DEFAULT_CORRUPTIONS))
     n_corrupt: int = 500
