@@ -87,7 +87,7 @@ class _PeakMemory(TorchDispatchMode):
 
 def _forward_fn(model, xb: torch.Tensor):
     """The timed call: a UQModel's raw folded forward, else any ``predict(x)``."""
-    if isinstance(model, UQModel):
+    if isinstance(model, UQModel) and model.posterior is None:
         S = model.eval_samples
         return lambda: model.net(xb, S)
     return lambda: model.predict(xb)

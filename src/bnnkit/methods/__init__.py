@@ -1,6 +1,6 @@
 """UQ methods: each builds a :class:`UQModel` whose ``predict`` returns a Predictive."""
 
-from . import temperature  # noqa: F401  (registers temperature_scaling)
+from . import laplace, temperature  # noqa: F401  (register post-hoc methods)
 from .base import (
     METHODS,
     Method,

@@ -69,6 +69,8 @@ class UQModel(nn.Module):
         self.spec = spec
         self.eval_samples = eval_samples
         self.register_buffer("temperature", torch.ones(()))
+        #: a fitted Laplace approximation of ``net`` (post-hoc Laplace methods), else None
+        self.posterior = None
 
     @property
     def members(self) -> int:
@@ -112,8 +114,15 @@ class UQModel(nn.Module):
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 1024) -> Predictive:
         """Per-member probabilities for float images ``x [B, C, H, W]`` in [0, 1]."""
-        logits = self.logits(x, batch_size)
-        out = Predictive.from_logits(logits, self.temperature.cpu())
+        if self.posterior is not None:
+            check_images(x, self.spec.input_shape)
+            self.eval()
+            out = self.posterior.predictive(
+                x, link=self.options.get("link", "probit"), n_samples=self.eval_samples
+            )
+        else:
+            logits = self.logits(x, batch_size)
+            out = Predictive.from_logits(logits, self.temperature.cpu())
         if not torch.isfinite(out.probs).all():
             raise ConfigError(
                 "the model produced NaN/inf probabilities; training diverged (try a lower "
@@ -139,11 +148,10 @@ class UQModel(nn.Module):
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Weights (safetensors) plus the recipe to rebuild them (JSON inside the file)."""
-        io.save(
-            {"describe": self.describe(), "extra": extra or {}, "state_dict": self.state_dict()},
-            path,
-            kind="uqmodel",
-        )
+        blob = {"describe": self.describe(), "extra": extra or {}, "state_dict": self.state_dict()}
+        if self.posterior is not None:
+            blob["posterior"] = self.posterior.state()
+        io.save(blob, path, kind="uqmodel")
 
     @staticmethod
     def load(path: str | Path, map_location="cpu") -> UQModel:
@@ -166,6 +174,11 @@ class UQModel(nn.Module):
                 f"{path} does not match the {d['method']} / {s['arch']} model it describes: "
                 f"{str(e).splitlines()[0]}"
             ) from e
+        if blob.get("posterior") is not None:
+            from ..laplace import laplace_from_state
+
+            model.posterior = laplace_from_state(model, blob["posterior"], d["options"])
+            model.eval_samples = int(d.get("eval_samples", model.eval_samples))
         return model.to(map_location)
 
 

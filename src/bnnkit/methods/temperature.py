@@ -34,7 +34,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
     return float(log_t.detach().exp())
 
 
-def _fit(model: UQModel, x_val: torch.Tensor, y_val: torch.Tensor, batch_size: int = 1000):
+def _fit(model: UQModel, bundle, batch_size: int = 1000):
+    x_val, y_val = bundle.val.float(), bundle.val.y
     logits = model.logits(x_val, batch_size)
     # a single deterministic network: S = 1; for ensembles the mean logit is tempered
     model.temperature.fill_(fit_temperature(logits.mean(0), y_val))

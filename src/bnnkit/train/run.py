@@ -169,7 +169,7 @@ def train_run(
         is_zero, trained_epochs = _fit(cfg, run_dir, model, bundle, resume, callbacks or [])
     train_seconds = time.time() - t0
     if method.fit is not None:
-        method.fit(model, bundle.val.float(), bundle.val.y)
+        method.fit(model, bundle)
     if is_zero:
         model.save(run_dir / "model.safetensors", extra={"config": cfg.to_dict()})
         meta = {

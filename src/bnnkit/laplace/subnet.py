@@ -1,0 +1,232 @@
+"""Subnetwork selection: which parameters get a full-covariance posterior.
+
+Every strategy returns sorted flat indices into the model's trainable parameters (the order of
+``torch.nn.utils.parameters_to_vector``), ``n_params`` of them.
+
+* ``largest_variance``: largest marginal variance ``1 / (h_i + delta)`` of a diagonal Laplace
+  (``h`` = GGN diagonal, ``delta`` = prior precision), the choice of Daxberger et al. (2021),
+  **among informed weights** ``h_i > informed_tol * delta``. Without that restriction
+  (``largest_variance_naive``, laplace-torch's rule) every weight the data never inform (a dead
+  unit, an unused input pixel) has the maximal variance ``1/delta``; a mask of such weights has
+  no curvature and no predictive influence, and its predictive equals the MAP's.
+* ``predictive_variance``: largest predictive variance a weight induces alone,
+  ``q_i / (h_i + delta)`` with ``q_i = sum_n ||d f(x_n) / d theta_i||^2``.
+* ``swag``: largest SWAG variance (diagonal moments of SGD iterates started at the MAP).
+* ``magnitude``: largest ``|theta_i|``. ``random``: uniformly at random (seeded).
+* ``names``: every parameter whose name or module name matches one of ``names`` (fnmatch).
+* ``last_layer``: the last ``nn.Linear`` layer's weights and bias.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, InputError
+from .jacobians import SubnetJacobian, check_indices, n_params, param_slots, parse_budget
+from .posterior import _batches, _check_inputs, _check_labels, as_logits_model
+
+STRATEGIES = (
+    "largest_variance",
+    "largest_variance_naive",
+    "predictive_variance",
+    "swag",
+    "magnitude",
+    "random",
+    "names",
+    "last_layer",
+)
+
+
+def last_layer_indices(model: nn.Module) -> torch.Tensor:
+    """Flat indices of the last ``nn.Linear`` layer's parameters."""
+    model = as_logits_model(model)
+    last = None
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear):
+            last = mod
+    if last is None:
+        raise ConfigError("the model has no nn.Linear layer: no last layer for last-layer Laplace")
+    ids = {id(p) for p in last.parameters() if p.requires_grad}
+    idx = [
+        torch.arange(s.offset, s.offset + s.numel) for s in param_slots(model) if id(s.param) in ids
+    ]
+    return torch.cat(idx)
+
+
+def name_indices(model: nn.Module, names: list[str]) -> torch.Tensor:
+    """Flat indices of every parameter whose name (or its module's name) matches a pattern."""
+    model = as_logits_model(model)
+    picked, unmatched = [], []
+    slots = param_slots(model)
+    for pat in names:
+        hit = [
+            s
+            for s in slots
+            if fnmatch.fnmatchcase(s.name, pat)
+            or fnmatch.fnmatchcase(s.name.rsplit(".", 1)[0], pat)
+        ]
+        if not hit:
+            unmatched.append(pat)
+        picked += hit
+    if unmatched:
+        raise InputError(
+            f"no parameter matches {unmatched}; parameter names are: "
+            + ", ".join(s.name for s in slots)
+        )
+    uniq = {s.offset: s for s in picked}.values()
+    return torch.sort(torch.cat([torch.arange(s.offset, s.offset + s.numel) for s in uniq])).values
+
+
+def diagonal_statistics(model: nn.Module, data, memory_budget="2GB", batch_size: int = 256):
+    """GGN diagonal ``h`` and Jacobian energy ``q`` of every trainable parameter (float64)."""
+    model = as_logits_model(model)
+    model.eval()
+    total = n_params(model)
+    budget = parse_budget(memory_budget)
+    h = torch.zeros(total, dtype=torch.float64)
+    q = torch.zeros(total, dtype=torch.float64)
+    p0 = next(model.parameters())
+    jacs, rows, C = None, None, None
+    for xb, yb in _batches(data, batch_size):
+        _check_inputs(xb)
+        xb = xb.to(p0.device, p0.dtype)
+        if jacs is None:
+            with torch.no_grad():
+                C = model(xb[:1]).shape[-1]
+            per = max(1, budget // (4 * 3 * C * 16))
+            jacs = [
+                SubnetJacobian(model, torch.arange(s, min(s + per, total)), budget)
+                for s in range(0, total, per)
+            ]
+            rows = min(j.rows_per_chunk(C) for j in jacs)
+        _check_labels(yb, C)
+        for i in range(0, len(xb), rows):
+            x = xb[i : i + rows]
+            for jac in jacs:
+                f, J = jac.logits_and_jacobian(x)
+                p = torch.softmax(f, -1)
+                hh = (p[..., None] * J**2).sum((0, 1)) - (
+                    torch.einsum("ncs,nc->ns", J, p) ** 2
+                ).sum(0)
+                h[jac.indices] += hh.double().cpu()
+                q[jac.indices] += (J**2).sum((0, 1)).double().cpu()
+    if jacs is None:
+        raise InputError("no data given for the diagonal statistics")
+    return h.clamp_min(0.0), q
+
+
+def swag_variance(
+    model: nn.Module,
+    data,
+    epochs: int = 1,
+    lr: float = 0.01,
+    weight_decay: float = 5e-4,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Diagonal SWAG variance (Maddox et al., 2019) from SGD iterates started at the MAP.
+
+    Runs on a copy: the model itself is left untouched. One moment update per step."""
+    net = copy.deepcopy(as_logits_model(model))
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    sq = torch.zeros_like(mean)
+    k = 0
+    dev = params[0].device
+    for _ in range(epochs):
+        if isinstance(data, (tuple, list)) and isinstance(data[0], torch.Tensor):
+            perm = torch.randperm(len(data[0]), generator=g)
+            batches = _batches((data[0][perm], data[1][perm]), batch_size)
+        else:
+            batches = _batches(data, batch_size)
+        for xb, yb in batches:
+            loss = F.cross_entropy(net(xb.to(dev)), yb.long().to(dev))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                v = torch.cat([p.detach().flatten() for p in params]).double().cpu()
+                k += 1
+                mean += (v - mean) / k
+                sq += (v * v - sq) / k
+    if k < 2:
+        raise InputError("SWAG needs at least two SGD steps; give more data or epochs")
+    return (sq - mean**2).clamp_min(0.0)
+
+
+def select_subnetwork(
+    model: nn.Module,
+    strategy: str,
+    n_params: int | None = None,
+    data=None,
+    *,
+    prior_precision: float = 1.0,
+    informed_tol: float = 0.01,
+    names: list[str] | None = None,
+    seed: int = 0,
+    memory_budget="2GB",
+    swag_epochs: int = 1,
+    swag_lr: float = 0.01,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Sorted flat indices of the chosen subnetwork (see the module docstring).
+
+    ``data`` (training data, a DataLoader or ``(x, y)``) is needed by the variance-based
+    strategies; ``stats`` may pass precomputed ``diagonal_statistics`` to avoid recomputing."""
+    model = as_logits_model(model)
+    if strategy not in STRATEGIES:
+        raise InputError(
+            f"unknown subnetwork strategy {strategy!r}; use one of {', '.join(STRATEGIES)}"
+        )
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if strategy == "last_layer":
+        return last_layer_indices(model)
+    if strategy == "names":
+        if not names:
+            raise InputError("strategy 'names' needs names=[...] (parameter or module patterns)")
+        return name_indices(model, names)
+    if n_params is None or n_params < 1:
+        raise InputError(f"strategy {strategy!r} needs n_params >= 1, got {n_params}")
+    if n_params > total:
+        raise InputError(
+            f"subnetwork of {n_params} parameters is larger than the model ({total} trainable "
+            "parameters); choose n_params <= the model size"
+        )
+    if strategy == "random":
+        g = torch.Generator().manual_seed(seed)
+        return torch.sort(torch.randperm(total, generator=g)[:n_params]).values
+    if strategy == "magnitude":
+        theta = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+        return _top(theta.abs().double().cpu(), n_params)
+    if data is None and stats is None:
+        raise InputError(f"strategy {strategy!r} needs training data: data=(x, y) or a DataLoader")
+    if strategy == "swag":
+        return _top(swag_variance(model, data, swag_epochs, swag_lr, seed=seed), n_params)
+    h, q = stats if stats is not None else diagonal_statistics(model, data, memory_budget)
+    var = 1.0 / (h + prior_precision)
+    if strategy == "largest_variance_naive":
+        return _top(var, n_params)
+    if strategy == "predictive_variance":
+        return _top(q * var, n_params)
+    informed = h > informed_tol * prior_precision
+    n_inf = int(informed.sum())
+    if n_inf < n_params:
+        raise InputError(
+            f"only {n_inf} weights are informed by the data (GGN diagonal > {informed_tol} x prior "
+            f"precision); ask for n_params <= {n_inf} or lower informed_tol"
+        )
+    return _top(torch.where(informed, var, torch.full_like(var, -1.0)), n_params)
+
+
+def _top(score: torch.Tensor, k: int) -> torch.Tensor:
+    # stable: ties are broken by position, so selections are reproducible
+    order = torch.sort(-score, stable=True).indices[:k]
+    return check_indices(torch.sort(order).values, score.numel())
