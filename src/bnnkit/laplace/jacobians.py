@@ -97,11 +97,20 @@ def check_indices(indices, total: int) -> torch.Tensor:
     return s
 
 
+def _as_slice(idx: torch.Tensor):
+    """A slice for a sorted run of consecutive indices (indexing without a gather), else idx."""
+    if idx.numel() > 0 and int(idx[-1]) - int(idx[0]) + 1 == idx.numel():
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
+
+
 @dataclass
 class _Group:
     slot: ParamSlot
     local: torch.Tensor  # indices into the flattened parameter
     cols: torch.Tensor  # columns of J they fill
+    local_ix: slice | torch.Tensor  # the same as slices where they are consecutive runs
+    cols_ix: slice | torch.Tensor
 
 
 def parse_budget(budget) -> int:
@@ -150,7 +159,8 @@ class SubnetJacobian:
                     f"{type(slot.module).__name__} layer; subnetwork Jacobians support Linear, "
                     "Conv2d and BatchNorm layers: choose indices in those"
                 )
-            self.groups.append(_Group(slot, self.indices[mask] - slot.offset, cols))
+            local = self.indices[mask] - slot.offset
+            self.groups.append(_Group(slot, local, cols, _as_slice(local), _as_slice(cols)))
         self.modules = list({id(g.slot.module): g.slot.module for g in self.groups}.values())
 
     @property
@@ -228,9 +238,7 @@ class SubnetJacobian:
                     g = g_by_mod[id(mod)]
                     if g is None:  # the layer does not influence the logits
                         continue
-                    J[:, c, grp.cols] = self._per_example(
-                        mod, grp.slot.attr, a, g.detach(), grp.local
-                    )
+                    J[:, c, grp.cols_ix] = self._per_example(mod, grp.slot.attr, a, g.detach(), grp)
         return f.detach(), J
 
     # ------------------------------------------------------------------ per-layer gathers
@@ -239,17 +247,25 @@ class SubnetJacobian:
         for i in range(0, local.numel(), per):
             yield i, local[i : i + per]
 
-    def _per_example(self, mod, attr, a, g, local) -> torch.Tensor:
+    def _per_example(self, mod, attr, a, g, grp: _Group) -> torch.Tensor:
         if isinstance(mod, nn.Linear):
-            return self._linear(mod, attr, a, g, local)
+            return self._linear(mod, attr, a, g, grp.local, grp.local_ix)
         if isinstance(mod, nn.Conv2d):
-            return self._conv(mod, attr, a, g, local)
-        return self._batchnorm(mod, attr, a, g, local)
+            return self._conv(mod, attr, a, g, grp.local, grp.local_ix)
+        return self._batchnorm(mod, attr, a, g, grp.local_ix)
 
-    def _linear(self, mod, attr, a, g, local):
+    def _dense(self, local: torch.Tensor, numel: int, n: int) -> bool:
+        """Whether to form the layer's full per-example gradient ``[n, numel]`` with one GEMM and
+        pick the entries from it (many entries of the layer, and it fits the budget) instead
+        of gathering entry by entry (memory-bound indexing)."""
+        return local.numel() * 8 >= numel and 4 * 2 * n * numel <= self.budget
+
+    def _linear(self, mod, attr, a, g, local, local_ix):
         n = a.shape[0]
         a = a.reshape(n, -1, mod.in_features)
         g = g.reshape(n, -1, mod.out_features)
+        if attr == "weight" and self._dense(local, mod.weight.numel(), n):
+            return torch.einsum("nlo,nli->noi", g, a).reshape(n, -1)[:, local_ix]
         out = a.new_empty(n, local.numel())
         for i, part in self._chunks(local, n, a.shape[1]):
             if attr == "bias":
@@ -259,7 +275,7 @@ class SubnetJacobian:
                 out[:, i : i + part.numel()] = (g[:, :, o] * a[:, :, j]).sum(1)
         return out
 
-    def _conv(self, mod: nn.Conv2d, attr, a, g, local):
+    def _conv(self, mod: nn.Conv2d, attr, a, g, local, local_ix):
         n = a.shape[0]
         g = g.flatten(2)  # [n, O, L]
         out = a.new_empty(n, local.numel())
@@ -280,6 +296,14 @@ class SubnetJacobian:
         U = F.unfold(a, mod.kernel_size, mod.dilation, padding, mod.stride)  # [n, I*k*k, L]
         per_group_in = mod.weight[0].numel()  # (I/G) * kh * kw
         out_per_group = mod.out_channels // mod.groups
+        if self._dense(local, mod.weight.numel(), n):
+            G, L = mod.groups, g.shape[2]
+            full = torch.einsum(
+                "ngol,ngkl->ngok",
+                g.reshape(n, G, out_per_group, L),
+                U.reshape(n, G, per_group_in, L),
+            )  # [n, G, O/G, (I/G) k k]: the weight's layout
+            return full.reshape(n, -1)[:, local_ix]
         for i, part in self._chunks(local, n, g.shape[2]):
             o, j = part // per_group_in, part % per_group_in
             row = (o // out_per_group) * per_group_in + j
