@@ -53,9 +53,9 @@ class BenchConfig:
     dataset: str = "fashion_mnist"
     epochs: int = 5
     seeds: int = 2
-    subset: int | None = 20000
+    subset: int | None = 16000
     val_size: int = 5000
-    test_size: int | None = None  # first N test (and OOD) images; None: all
+    test_size: int | None = 5000  # first N test (and OOD) images; None: all
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
