@@ -6,7 +6,7 @@ quality in-distribution, under rotation and corruption, and for OOD detection.
 
 Reads the model the default bench trained (``make bench`` first). Every variant is fitted on
 the first ``n-fit`` training images of the bench's split, its prior precision tuned by marginal
-likelihood, and evaluated with the probit predictive on the first ``n-test`` test images, on
+likelihood (or validation grid search with ``--prior gridsearch``), and evaluated with the probit predictive on the first ``n-test`` test images, on
 them rotated by 60 and 120 degrees, on gaussian noise and gaussian blur at severity 3, and
 against as many MNIST test images (OOD, entropy score).
 """
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--n-fit", type=int, default=5000)
     ap.add_argument("--n-test", type=int, default=2000)
     ap.add_argument("--sizes", default="1000,5000")
+    ap.add_argument("--prior", choices=("marglik", "gridsearch"), default="marglik")
     ap.add_argument("--strategies", default="largest_variance,largest_variance_naive,"
                     "predictive_variance,random,magnitude")  # fmt: skip
     a = ap.parse_args()
@@ -81,7 +82,10 @@ def main() -> None:
     def laplace(name, make, S):
         t0 = time.perf_counter()
         la = make().fit(train)
-        la.optimize_prior_precision("marglik")
+        if a.prior == "gridsearch":
+            la.optimize_prior_precision("gridsearch", val=(b.val.float(), b.val.y))
+        else:
+            la.optimize_prior_precision("marglik")
         fit_s = time.perf_counter() - t0
         score(name, lambda x: la.predictive(x), fit_s, S)
 
