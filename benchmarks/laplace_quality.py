@@ -6,7 +6,8 @@ quality in-distribution, under rotation and corruption, and for OOD detection.
 
 Reads the model the default bench trained (``make bench`` first). Every variant is fitted on
 the first ``n-fit`` training images of the bench's split, its prior precision tuned by marginal
-likelihood (or validation grid search with ``--prior gridsearch``), and evaluated with the probit predictive on the first ``n-test`` test images, on
+likelihood (or validation grid search with ``--prior gridsearch``), and evaluated with the
+probit predictive on the first ``n-test`` test images, on
 them rotated by 60 and 120 degrees, on gaussian noise and gaussian blur at severity 3, and
 against as many MNIST test images (OOD, entropy score).
 """
