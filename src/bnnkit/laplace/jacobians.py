@@ -327,3 +327,19 @@ class SubnetJacobian:
             mod.running_var.view(shape) + mod.eps
         )
         return (g * xhat).sum(-1)[:, local]
+
+
+def full_jacobians(model: nn.Module, budget: int, num_classes: int) -> list[SubnetJacobian]:
+    """Jacobians over all trainable parameters, in parameter chunks sized so that at least 16
+    inputs' Jacobians of one chunk fit a third of ``budget`` bytes."""
+    total = n_params(model)
+    per = max(1, budget // (4 * 3 * num_classes * 16))
+    return [
+        SubnetJacobian(model, torch.arange(start, min(start + per, total)), budget)
+        for start in range(0, total, per)
+    ]
+
+
+def ggn_diagonal(J: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``sum_n diag(J_n^T (diag(p_n) - p_n p_n^T) J_n)`` for ``J [n, C, S]``, ``p [n, C]``."""
+    return (p[..., None] * J**2).sum((0, 1)) - (torch.einsum("ncs,nc->ns", J, p) ** 2).sum(0)

@@ -20,8 +20,9 @@ la.optimize_prior_precision(); la.predict(x)``. The differences are in how the w
 
 from __future__ import annotations
 
+import abc
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -30,7 +31,15 @@ from torch import nn
 
 from ..errors import ConfigError, InputError
 from ..predictive import Predictive
-from .jacobians import SubnetJacobian, check_indices, n_params, param_slots, parse_budget
+from .jacobians import (
+    SubnetJacobian,
+    check_indices,
+    full_jacobians,
+    ggn_diagonal,
+    n_params,
+    param_slots,
+    parse_budget,
+)
 
 LINKS = ("probit", "mc", "sample_weights")
 
@@ -135,7 +144,7 @@ def _scalar_marglik_optimum(eigs: torch.Tensor, theta_sq: float, dim: int) -> fl
 # ---------------------------------------------------------------------------- base class
 
 
-class _Laplace:
+class _Laplace(abc.ABC):
     """Shared fit / tune / predict logic; subclasses define the curvature and its use."""
 
     kind = "laplace"
@@ -187,8 +196,8 @@ class _Laplace:
         self._prior = self._as_prior(value)
         self._invalidate()
 
-    def _invalidate(self) -> None:
-        pass
+    def _invalidate(self) -> None:  # noqa: B027 - optional hook: drop caches of the prior
+        """Drop what depends on the prior precision (nothing by default)."""
 
     # ---------------------------------------------------------------- fit
     def _check_fitted(self) -> None:
@@ -211,21 +220,44 @@ class _Laplace:
         p = next(self.model.parameters())
         return p.device, p.dtype
 
-    # ---------------------------------------------------------------- predictive
+    # ---------------------------------------------------------------- what subclasses define
+    @abc.abstractmethod
+    def fit(self, data, batch_size: int = 256, progress=None):
+        """Accumulate the curvature over training data."""
+
+    @abc.abstractmethod
     def _mean_cov(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Linearised logits mean ``[n, C]`` and covariance ``[n, C, C]`` for a chunk."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _rows(self) -> int:
-        raise NotImplementedError
+        """Inputs per chunk for Jacobian work."""
 
+    @abc.abstractmethod
     def _sample_params(self, generator) -> None:
         """Overwrite the model's parameters with one posterior sample."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _restore_params(self) -> None:
-        raise NotImplementedError
+        """Write the MAP back into the model."""
 
+    @abc.abstractmethod
+    def _log_evidence(self, prior: torch.Tensor) -> torch.Tensor:
+        """Laplace log evidence for a prior precision (differentiable in it)."""
+
+    @abc.abstractmethod
+    def _marglik_scalar(self) -> float:
+        """The evidence-maximising scalar prior precision."""
+
+    @abc.abstractmethod
+    def _grid_variance(self, grid: torch.Tensor) -> Callable:
+        """A function ``x -> (f [n, C], var [n, C, G])``: probit variances for every grid value."""
+
+    @abc.abstractmethod
+    def state(self) -> dict[str, Any]:
+        """Tensors and numbers that :meth:`load_state` restores."""
+
+    # ---------------------------------------------------------------- predictive
     def predictive(
         self,
         x: torch.Tensor,
@@ -338,9 +370,24 @@ class _Laplace:
         prior = self.prior_precision if prior_precision is None else self._as_prior(prior_precision)
         return self._log_evidence(prior).detach()
 
-    # ---------------------------------------------------------------- persistence
-    def state(self) -> dict[str, Any]:
-        raise NotImplementedError
+    def _grid_nll(self, val, grid: torch.Tensor) -> torch.Tensor:
+        """Validation NLL of the probit predictive for every prior precision in ``grid``."""
+        variance = self._grid_variance(grid)
+        device, dtype = self._params_device()
+        nll = torch.zeros(len(grid), dtype=torch.float64)
+        n = 0
+        rows = self._rows()
+        for xb, yb in _batches(val, 1024):
+            _check_inputs(xb)
+            yb = _check_labels(yb, self.num_classes)
+            for i in range(0, len(xb), rows):
+                f, var = variance(xb[i : i + rows].to(device, dtype))  # [n, C], [n, C, G]
+                f = f.double().cpu()[..., None].expand_as(var)
+                probs = probit_probs(f.transpose(1, 2), var.transpose(1, 2))  # [n, G, C]
+                y = yb[i : i + rows].cpu()
+                nll -= torch.log(probs[torch.arange(len(y)), :, y].clamp_min(1e-12)).sum(0)
+                n += len(y)
+        return nll / max(n, 1)
 
 
 # ---------------------------------------------------------------------------- subnetwork
@@ -493,28 +540,16 @@ class SubnetLaplace(_Laplace):
         lam, _ = self._eigh(vectors=False)
         return _scalar_marglik_optimum(lam, float((self.mean**2).sum()), self.n_params)
 
-    def _grid_nll(self, val, grid: torch.Tensor) -> torch.Tensor:
+    def _grid_variance(self, grid):
         lam, V = self._eigh(vectors=True)
-        lam = lam.clamp_min(0.0)
-        inv = 1.0 / (lam[:, None] + grid[None, :])  # [S, G]
-        device, dtype = self._params_device()
-        nll = torch.zeros(len(grid), dtype=torch.float64)
-        n = 0
-        rows = self._rows()
-        for xb, yb in _batches(val, 1024):
-            _check_inputs(xb)
-            yb = _check_labels(yb, self.num_classes)
-            for i in range(0, len(xb), rows):
-                f, J = self.jac.logits_and_jacobian(xb[i : i + rows].to(device, dtype))
-                JV = torch.einsum("ncs,sk->nck", J.double().cpu(), V)
-                var = torch.einsum("nck,kg->ncg", JV**2, inv)  # [n, C, G]
-                probs = probit_probs(f.double().cpu()[..., None].expand_as(var).transpose(1, 2),
-                                     var.transpose(1, 2))  # fmt: skip
-                y = yb[i : i + rows].cpu()
-                pick = probs[torch.arange(len(y)), :, y]  # [n, G]
-                nll -= torch.log(pick.clamp_min(1e-12)).sum(0)
-                n += len(y)
-        return nll / max(n, 1)
+        inv = 1.0 / (lam.clamp_min(0.0)[:, None] + grid[None, :])  # [S, G]
+
+        def variance(x):
+            f, J = self.jac.logits_and_jacobian(x)
+            JV = torch.einsum("ncs,sk->nck", J.double().cpu(), V)
+            return f, torch.einsum("nck,kg->ncg", JV**2, inv)
+
+        return variance
 
     # ---------------------------------------------------------------- predictive pieces
     def _mean_cov(self, x):
@@ -625,15 +660,6 @@ class DiagLaplace(_Laplace):
             else (prior.expand(self.total))
         )
 
-    def _jacobians(self, C: int) -> list[SubnetJacobian]:
-        """Parameter chunks whose Jacobians for one input fit a third of the budget."""
-        per = max(1, self.budget // (4 * 3 * C * 16))  # at least 16 rows per chunk
-        chunks = []
-        for start in range(0, self.total, per):
-            idx = torch.arange(start, min(start + per, self.total))
-            chunks.append(SubnetJacobian(self.model, idx, self.budget))
-        return chunks
-
     def _rows(self) -> int:
         return min(j.rows_per_chunk(self.num_classes) for j in self._jac)
 
@@ -646,18 +672,14 @@ class DiagLaplace(_Laplace):
             if C is None:
                 C = self._first_logits(xb.to(device, dtype))
                 self.num_classes = C
-                self._jac = self._jacobians(C)
+                self._jac = full_jacobians(self.model, self.budget, C)
                 rows = self._rows()
             yb = _check_labels(yb, C)
             for i in range(0, len(xb), rows):
                 x, y = xb[i : i + rows].to(device, dtype), yb[i : i + rows].to(device)
                 for jac in self._jac:
                     f, J = jac.logits_and_jacobian(x)
-                    p = torch.softmax(f, -1)
-                    part = (p[..., None] * J**2).sum((0, 1)) - (
-                        torch.einsum("ncs,nc->ns", J, p) ** 2
-                    ).sum(0)
-                    h[jac.indices] += part.double().cpu()
+                    h[jac.indices] += ggn_diagonal(J, torch.softmax(f, -1)).double().cpu()
                 loss += float(F.cross_entropy(f.double(), y, reduction="sum"))
                 n += len(x)
             if progress is not None:
@@ -685,27 +707,17 @@ class DiagLaplace(_Laplace):
     def _marglik_scalar(self) -> float:
         return _scalar_marglik_optimum(self.h, float((self.mean**2).sum()), self.total)
 
-    def _grid_nll(self, val, grid):
+    def _grid_variance(self, grid):
         inv = 1.0 / (self.h[:, None] + grid[None, :])  # [P, G]
-        device, dtype = self._params_device()
-        nll = torch.zeros(len(grid), dtype=torch.float64)
-        n = 0
-        rows = self._rows()
-        for xb, yb in _batches(val, 1024):
-            _check_inputs(xb)
-            yb = _check_labels(yb, self.num_classes)
-            for i in range(0, len(xb), rows):
-                x = xb[i : i + rows].to(device, dtype)
-                var = 0.0
-                for jac in self._jac:
-                    f, J = jac.logits_and_jacobian(x)
-                    var = var + torch.einsum("ncs,sg->ncg", J.double().cpu() ** 2, inv[jac.indices])
-                probs = probit_probs(f.double().cpu()[..., None].expand_as(var).transpose(1, 2),
-                                     var.transpose(1, 2))  # fmt: skip
-                y = yb[i : i + rows].cpu()
-                nll -= torch.log(probs[torch.arange(len(y)), :, y].clamp_min(1e-12)).sum(0)
-                n += len(y)
-        return nll / max(n, 1)
+
+        def variance(x):
+            var = 0.0
+            for jac in self._jac:
+                f, J = jac.logits_and_jacobian(x)
+                var = var + torch.einsum("ncs,sg->ncg", J.double().cpu() ** 2, inv[jac.indices])
+            return f, var
+
+        return variance
 
     def _mean_cov(self, x):
         var = self.posterior_variance
@@ -749,7 +761,7 @@ class DiagLaplace(_Laplace):
         self.mean = state["mean"].double()
         self.loss, self.n_data = float(state["loss"]), int(state["n_data"])
         self.num_classes = int(state["num_classes"])
-        self._jac = self._jacobians(self.num_classes)
+        self._jac = full_jacobians(self.model, self.budget, self.num_classes)
         self._fitted = True
         self.prior_precision = state["prior_precision"]
         return self

@@ -27,7 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, InputError
-from .jacobians import SubnetJacobian, check_indices, n_params, param_slots, parse_budget
+from .jacobians import (
+    check_indices,
+    full_jacobians,
+    ggn_diagonal,
+    n_params,
+    param_slots,
+    parse_budget,
+)
 from .posterior import _batches, _check_inputs, _check_labels, as_logits_model
 
 STRATEGIES = (
@@ -98,22 +105,14 @@ def diagonal_statistics(model: nn.Module, data, memory_budget="2GB", batch_size:
         if jacs is None:
             with torch.no_grad():
                 C = model(xb[:1]).shape[-1]
-            per = max(1, budget // (4 * 3 * C * 16))
-            jacs = [
-                SubnetJacobian(model, torch.arange(s, min(s + per, total)), budget)
-                for s in range(0, total, per)
-            ]
+            jacs = full_jacobians(model, budget, C)
             rows = min(j.rows_per_chunk(C) for j in jacs)
         _check_labels(yb, C)
         for i in range(0, len(xb), rows):
             x = xb[i : i + rows]
             for jac in jacs:
                 f, J = jac.logits_and_jacobian(x)
-                p = torch.softmax(f, -1)
-                hh = (p[..., None] * J**2).sum((0, 1)) - (
-                    torch.einsum("ncs,nc->ns", J, p) ** 2
-                ).sum(0)
-                h[jac.indices] += hh.double().cpu()
+                h[jac.indices] += ggn_diagonal(J, torch.softmax(f, -1)).double().cpu()
                 q[jac.indices] += (J**2).sum((0, 1)).double().cpu()
     if jacs is None:
         raise InputError("no data given for the diagonal statistics")

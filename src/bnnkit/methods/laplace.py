@@ -73,20 +73,17 @@ def _fit_subnetwork(model: UQModel, bundle) -> None:
     _attach(model, la)
 
 
-def _fit_last_layer(model: UQModel, bundle) -> None:
-    o = model.options
-    la = LastLayerLaplace(model, memory_budget=o["memory_budget"])
-    la.fit(_train_data(model, bundle, o["n_fit"]))
-    _tune(la, model, bundle)
-    _attach(model, la)
+def _fit_whole(cls):
+    """Post-hoc fit of a Laplace class whose parameter set is fixed (last layer, all weights)."""
 
+    def fit(model: UQModel, bundle) -> None:
+        o = model.options
+        la = cls(model, memory_budget=o["memory_budget"])
+        la.fit(_train_data(model, bundle, o["n_fit"]))
+        _tune(la, model, bundle)
+        _attach(model, la)
 
-def _fit_diag(model: UQModel, bundle) -> None:
-    o = model.options
-    la = DiagLaplace(model, memory_budget=o["memory_budget"])
-    la.fit(_train_data(model, bundle, o["n_fit"]))
-    _tune(la, model, bundle)
-    _attach(model, la)
+    return fit
 
 
 register(
@@ -112,7 +109,7 @@ register(
         defaults=dict(_COMMON),
         summary="full-covariance linearised Laplace over the last linear layer (post hoc)",
         posthoc_of="deterministic",
-        fit=_fit_last_layer,
+        fit=_fit_whole(LastLayerLaplace),
     )
 )
 register(
@@ -122,6 +119,6 @@ register(
         defaults=dict(_COMMON),
         summary="diagonal linearised Laplace over all weights (post hoc)",
         posthoc_of="deterministic",
-        fit=_fit_diag,
+        fit=_fit_whole(DiagLaplace),
     )
 )

@@ -358,10 +358,14 @@ class _LearntFactors:
     def _fixed_factors(self) -> bool:
         return True
 
+    def _member_vectors(self, member: int | None):
+        """The learnt ``(r, s)``, ``[M, d]`` or one member's ``[1, d]``."""
+        if member is None:
+            return self.r, self.s
+        return self.r[member : member + 1], self.s[member : member + 1]
+
     def factors(self, n: int, member: int | None = None):
-        r, s = self.r, self.s
-        if member is not None:
-            r, s = r[member : member + 1], s[member : member + 1]
+        r, s = self._member_vectors(member)
         return r.unsqueeze(1), s.unsqueeze(1)
 
 

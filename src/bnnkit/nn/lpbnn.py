@@ -77,9 +77,7 @@ class _DecodedFactors(_LearntFactors):
         return not self.sample
 
     def factors(self, n: int, member: int | None = None):
-        r, s = self.r, self.s
-        if member is not None:
-            r, s = r[member : member + 1], s[member : member + 1]
+        r, s = self._member_vectors(member)
         decoded, recon, kl = self.vae(r, n, self.sample)
         if self.training:
             # one entry per member in the members schedule (equal sizes: their mean is the
