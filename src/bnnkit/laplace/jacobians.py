@@ -209,8 +209,14 @@ class SubnetJacobian:
             for p, flag in grads.items():
                 p.requires_grad_(flag)
 
-    def logits_and_jacobian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(f [n, C], J [n, C, S])`` for one chunk of inputs (float32)."""
+    def logits_and_jacobian(
+        self, x: torch.Tensor, reuse: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f [n, C], J [n, C, S])`` for one chunk of inputs (float32).
+
+        With ``reuse=True`` ``J`` lives in a buffer kept by this object and overwritten by the
+        next call (callers that consume it at once, in place if they like): large fresh
+        allocations are page-faulted in on every chunk, which dominated the cost on CPU."""
         for mod in self.model.modules():
             if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
                 raise ConfigError(
@@ -226,63 +232,94 @@ class SubnetJacobian:
                 )
             n, C = f.shape
             outs = [store[id(m)][1] for m in self.modules]
-            J = f.new_zeros(n, C, self.size)
+            # d f_c / d out_l for every class: one backward pass per class, stacked [n, C, ...]
+            per_class: list[list] = [[] for _ in self.modules]
             for c in range(C):
                 g_outs = torch.autograd.grad(
                     f[:, c].sum(), outs, retain_graph=c < C - 1, allow_unused=True
                 )
-                g_by_mod = {id(m): g for m, g in zip(self.modules, g_outs)}
-                for grp in self.groups:
-                    mod = grp.slot.module
-                    a = store[id(mod)][0]
-                    g = g_by_mod[id(mod)]
-                    if g is None:  # the layer does not influence the logits
-                        continue
-                    J[:, c, grp.cols_ix] = self._per_example(mod, grp.slot.attr, a, g.detach(), grp)
+                for k, g in enumerate(g_outs):
+                    per_class[k].append(g)
+        grads = {
+            id(m): None if gs[0] is None else torch.stack([g.detach() for g in gs], 1)
+            for m, gs in zip(self.modules, per_class)
+        }
+        J = self._zeros(f, n, C) if reuse else f.new_zeros(n, C, self.size)
+        unfolded: dict = {}
+        for grp in self.groups:
+            mod = grp.slot.module
+            g = grads[id(mod)]
+            if g is None:  # the layer does not influence the logits
+                continue
+            a = store[id(mod)][0]
+            target = J[:, :, grp.cols_ix]
+            if self._outer_into(mod, grp, a, g, target):
+                continue
+            J[:, :, grp.cols_ix] = self._per_example(mod, grp.slot.attr, a, g, grp, unfolded)
         return f.detach(), J
 
+    def _zeros(self, like: torch.Tensor, n: int, C: int) -> torch.Tensor:
+        size = n * C * self.size
+        buf = getattr(self, "_buf", None)
+        if buf is None or buf.numel() < size or buf.device != like.device:
+            buf = self._buf = like.new_empty(size)
+        return buf[:size].view(n, C, self.size).zero_()
+
+    @staticmethod
+    def _outer_into(mod, grp: _Group, a, g, target: torch.Tensor) -> bool:
+        """A whole Linear weight on flat inputs: its per-example derivative is the outer
+        product ``g a^T``; write it straight into ``J`` (no [n, C, O, I] temporary)."""
+        if not (
+            isinstance(mod, nn.Linear)
+            and grp.slot.attr == "weight"
+            and isinstance(grp.local_ix, slice)
+            and isinstance(grp.cols_ix, slice)
+            and grp.local.numel() == mod.weight.numel()
+            and a.dim() == 2
+        ):
+            return False
+        n, C = g.shape[:2]
+        out = target.view(n, C, mod.out_features, mod.in_features)
+        torch.mul(g.reshape(n, C, -1, 1), a.reshape(n, 1, 1, -1), out=out)
+        return True
+
     # ------------------------------------------------------------------ per-layer gathers
-    def _chunks(self, local: torch.Tensor, n: int, positions: int):
-        per = max(1, self.budget // (4 * 3 * max(1, n * positions)))
+    # ``a``: the layer's input [n, ...]; ``g``: d f_c / d output for every class [n, C, ...];
+    # each returns the per-example, per-class derivatives of the group's entries [n, C, k].
+    def _chunks(self, local: torch.Tensor, rows: int, positions: int):
+        per = max(1, self.budget // (4 * 3 * max(1, rows * positions)))
         for i in range(0, local.numel(), per):
             yield i, local[i : i + per]
 
-    def _per_example(self, mod, attr, a, g, grp: _Group) -> torch.Tensor:
+    def _per_example(self, mod, attr, a, g, grp: _Group, unfolded: dict) -> torch.Tensor:
         if isinstance(mod, nn.Linear):
             return self._linear(mod, attr, a, g, grp.local, grp.local_ix)
         if isinstance(mod, nn.Conv2d):
-            return self._conv(mod, attr, a, g, grp.local, grp.local_ix)
+            return self._conv(mod, attr, a, g, grp.local, grp.local_ix, unfolded)
         return self._batchnorm(mod, attr, a, g, grp.local_ix)
 
-    def _dense(self, local: torch.Tensor, numel: int, n: int) -> bool:
-        """Whether to form the layer's full per-example gradient ``[n, numel]`` with one GEMM and
-        pick the entries from it (many entries of the layer, and it fits the budget) instead
-        of gathering entry by entry (memory-bound indexing)."""
-        return local.numel() * 8 >= numel and 4 * 2 * n * numel <= self.budget
+    def _dense(self, local: torch.Tensor, numel: int, rows: int) -> bool:
+        """Whether to form the layer's full per-example gradient ``[n, C, numel]`` with one
+        batched GEMM and pick the entries from it (many entries of the layer, and it fits the
+        budget) instead of gathering entry by entry (memory-bound indexing)."""
+        return local.numel() * 8 >= numel and 4 * 2 * rows * numel <= self.budget
 
     def _linear(self, mod, attr, a, g, local, local_ix):
-        n = a.shape[0]
-        a = a.reshape(n, -1, mod.in_features)
-        g = g.reshape(n, -1, mod.out_features)
-        if attr == "weight" and self._dense(local, mod.weight.numel(), n):
-            return torch.einsum("nlo,nli->noi", g, a).reshape(n, -1)[:, local_ix]
-        out = a.new_empty(n, local.numel())
-        for i, part in self._chunks(local, n, a.shape[1]):
-            if attr == "bias":
-                out[:, i : i + part.numel()] = g[:, :, part].sum(1)
-            else:
-                o, j = part // mod.in_features, part % mod.in_features
-                out[:, i : i + part.numel()] = (g[:, :, o] * a[:, :, j]).sum(1)
+        n, C = g.shape[:2]
+        a = a.reshape(n, -1, mod.in_features)  # [n, L, I]
+        g = g.reshape(n, C, -1, mod.out_features)  # [n, C, L, O]
+        if attr == "bias":
+            return g.sum(2)[:, :, local_ix]
+        if self._dense(local, mod.weight.numel(), n * C):
+            full = torch.einsum("nclo,nli->ncoi", g, a)
+            return full.reshape(n, C, -1)[:, :, local_ix]
+        out = a.new_empty(n, C, local.numel())
+        for i, part in self._chunks(local, n * C, a.shape[1]):
+            o, j = part // mod.in_features, part % mod.in_features
+            out[:, :, i : i + part.numel()] = (g[..., o] * a[:, None, :, j]).sum(2)
         return out
 
-    def _conv(self, mod: nn.Conv2d, attr, a, g, local, local_ix):
-        n = a.shape[0]
-        g = g.flatten(2)  # [n, O, L]
-        out = a.new_empty(n, local.numel())
-        if attr == "bias":
-            for i, part in self._chunks(local, n, g.shape[2]):
-                out[:, i : i + part.numel()] = g[:, part, :].sum(-1)
-            return out
+    def _unfold(self, mod: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
         if mod.padding_mode != "zeros":
             a = F.pad(a, mod._reversed_padding_repeated_twice, mode=mod.padding_mode)
             padding = 0
@@ -293,40 +330,50 @@ class SubnetJacobian:
                 f"Conv2d with padding={padding!r} is not supported in subnetwork Jacobians; "
                 "use numeric padding"
             )
-        U = F.unfold(a, mod.kernel_size, mod.dilation, padding, mod.stride)  # [n, I*k*k, L]
+        return F.unfold(a, mod.kernel_size, mod.dilation, padding, mod.stride)  # [n, I*k*k, L]
+
+    def _conv(self, mod: nn.Conv2d, attr, a, g, local, local_ix, unfolded: dict):
+        n, C = g.shape[:2]
+        g = g.flatten(3)  # [n, C, O, L]
+        if attr == "bias":
+            return g.sum(-1)[:, :, local_ix]
+        if id(mod) not in unfolded:  # weight and bias groups share the layer's unfold
+            unfolded[id(mod)] = self._unfold(mod, a)
+        U = unfolded[id(mod)]
         per_group_in = mod.weight[0].numel()  # (I/G) * kh * kw
         out_per_group = mod.out_channels // mod.groups
-        if self._dense(local, mod.weight.numel(), n):
-            G, L = mod.groups, g.shape[2]
-            full = torch.einsum(
-                "ngol,ngkl->ngok",
-                g.reshape(n, G, out_per_group, L),
-                U.reshape(n, G, per_group_in, L),
-            )  # [n, G, O/G, (I/G) k k]: the weight's layout
-            return full.reshape(n, -1)[:, local_ix]
-        for i, part in self._chunks(local, n, g.shape[2]):
+        G, L = mod.groups, g.shape[-1]
+        if self._dense(local, mod.weight.numel(), n * C):
+            # one batched GEMM per (example, group): [C * O/G, L] @ [L, (I/G) k k]
+            gg = g.reshape(n, C, G, out_per_group, L).permute(0, 2, 1, 3, 4)
+            gg = gg.reshape(n * G, C * out_per_group, L)
+            full = torch.bmm(gg, U.reshape(n * G, per_group_in, L).transpose(1, 2))
+            full = full.reshape(n, G, C, out_per_group * per_group_in).transpose(1, 2)
+            return full.reshape(n, C, -1)[:, :, local_ix]
+        out = a.new_empty(n, C, local.numel())
+        for i, part in self._chunks(local, n * C, L):
             o, j = part // per_group_in, part % per_group_in
             row = (o // out_per_group) * per_group_in + j
-            out[:, i : i + part.numel()] = (g[:, o, :] * U[:, row, :]).sum(-1)
+            out[:, :, i : i + part.numel()] = (g[:, :, o, :] * U[:, None, row, :]).sum(-1)
         return out
 
     def _batchnorm(self, mod, attr, a, g, local):
-        n = a.shape[0]
-        C = a.shape[1]
-        a = a.reshape(n, C, -1)
-        g = g.reshape(n, C, -1)
+        n, C = g.shape[:2]
+        ch = a.shape[1]
+        a = a.reshape(n, ch, -1)
+        g = g.reshape(n, C, ch, -1)
         if attr == "bias":
-            return g.sum(-1)[:, local]
+            return g.sum(-1)[:, :, local]
         if mod.running_mean is None:
             raise ConfigError(
                 "BatchNorm layer without running statistics in the subnetwork: per-example "
                 "Jacobians need track_running_stats=True"
             )
-        shape = (1, C, 1)
+        shape = (1, ch, 1)
         xhat = (a - mod.running_mean.view(shape)) / torch.sqrt(
             mod.running_var.view(shape) + mod.eps
         )
-        return (g * xhat).sum(-1)[:, local]
+        return (g * xhat[:, None]).sum(-1)[:, :, local]
 
 
 def full_jacobians(model: nn.Module, budget: int, num_classes: int) -> list[SubnetJacobian]:
@@ -340,6 +387,11 @@ def full_jacobians(model: nn.Module, budget: int, num_classes: int) -> list[Subn
     ]
 
 
-def ggn_diagonal(J: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """``sum_n diag(J_n^T (diag(p_n) - p_n p_n^T) J_n)`` for ``J [n, C, S]``, ``p [n, C]``."""
-    return (p[..., None] * J**2).sum((0, 1)) - (torch.einsum("ncs,nc->ns", J, p) ** 2).sum(0)
+def ggn_diagonal(J: torch.Tensor, p: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+    """``sum_n diag(J_n^T (diag(p_n) - p_n p_n^T) J_n)`` for ``J [n, C, S]``, ``p [n, C]``.
+
+    With ``overwrite=True`` ``J`` is squared in place (and holds ``J**2`` afterwards)."""
+    second = torch.bmm(p.unsqueeze(1), J).squeeze(1)  # [n, S]: sum_c p_c J_c
+    J2 = J.square_() if overwrite else J.square()
+    first = p.reshape(1, -1) @ J2.reshape(-1, J2.shape[-1])
+    return first.squeeze(0) - second.square().sum(0)

@@ -472,10 +472,10 @@ class SubnetLaplace(_Laplace):
             yb = _check_labels(yb, C)
             for i in range(0, len(xb), rows):
                 x, y = xb[i : i + rows].to(device, dtype), yb[i : i + rows].to(device)
-                f, J = self.jac.logits_and_jacobian(x)
+                f, J = self.jac.logits_and_jacobian(x, reuse=True)
                 p = torch.softmax(f, -1)
-                A = (J * p.sqrt()[..., None]).reshape(-1, S)
-                Jp = torch.einsum("ncs,nc->ns", J, p)
+                Jp = torch.bmm(p.unsqueeze(1), J).squeeze(1)  # [n, S]
+                A = J.mul_(p.sqrt()[..., None]).reshape(-1, S)  # in place: J is not needed again
                 ggn += (A.T @ A - Jp.T @ Jp).double().cpu()
                 loss += float(F.cross_entropy(f.double(), y, reduction="sum"))
                 n += len(x)
@@ -678,8 +678,8 @@ class DiagLaplace(_Laplace):
             for i in range(0, len(xb), rows):
                 x, y = xb[i : i + rows].to(device, dtype), yb[i : i + rows].to(device)
                 for jac in self._jac:
-                    f, J = jac.logits_and_jacobian(x)
-                    h[jac.indices] += ggn_diagonal(J, torch.softmax(f, -1)).double().cpu()
+                    f, J = jac.logits_and_jacobian(x, reuse=True)
+                    h[jac.indices] += ggn_diagonal(J, torch.softmax(f, -1), True).double().cpu()
                 loss += float(F.cross_entropy(f.double(), y, reduction="sum"))
                 n += len(x)
             if progress is not None:
@@ -720,12 +720,12 @@ class DiagLaplace(_Laplace):
         return variance
 
     def _mean_cov(self, x):
-        var = self.posterior_variance
+        sd = self.posterior_variance.sqrt().float()
         cov = 0.0
         for jac in self._jac:
-            f, J = jac.logits_and_jacobian(x)
-            Jd = J.double().cpu()
-            cov = cov + torch.einsum("ncs,s,nds->ncd", Jd, var[jac.indices], Jd)
+            f, J = jac.logits_and_jacobian(x, reuse=True)
+            Js = J.mul_(sd[jac.indices].to(J.device))  # float32 GEMM: [n, C, S] @ [n, S, C]
+            cov = cov + torch.bmm(Js, Js.transpose(1, 2)).double().cpu()
         return f, cov
 
     def _sample_params(self, gen) -> None:

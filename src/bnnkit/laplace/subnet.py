@@ -111,9 +111,10 @@ def diagonal_statistics(model: nn.Module, data, memory_budget="2GB", batch_size:
         for i in range(0, len(xb), rows):
             x = xb[i : i + rows]
             for jac in jacs:
-                f, J = jac.logits_and_jacobian(x)
-                h[jac.indices] += ggn_diagonal(J, torch.softmax(f, -1)).double().cpu()
-                q[jac.indices] += (J**2).sum((0, 1)).double().cpu()
+                f, J = jac.logits_and_jacobian(x, reuse=True)
+                ggn = ggn_diagonal(J, torch.softmax(f, -1), overwrite=True)
+                h[jac.indices] += ggn.double().cpu()
+                q[jac.indices] += J.sum((0, 1)).double().cpu()  # J now holds J**2
     if jacs is None:
         raise InputError("no data given for the diagonal statistics")
     return h.clamp_min(0.0), q
