@@ -1,15 +1,17 @@
 """The command line: error messages (no tracebacks), data listing, bench end to end."""
 
+import json
 import sqlite3
 
 import pytest
+import torch
 
 from bnnkit.bench import BenchConfig, run_bench
 from bnnkit.cli import main
 from bnnkit.data import load_bundle
 from bnnkit.errors import ConfigError
 from bnnkit.evaluate import EvalConfig, evaluate
-from bnnkit.methods import ModelSpec, build_method
+from bnnkit.methods import ModelSpec, UQModel, build_method
 
 
 def run_cli(capsys, *argv):
@@ -127,3 +129,54 @@ def test_bench_end_to_end_and_resume(tmp_path, ood_root):
     cfg.method_options = {"deep_ensemble": {"members": 3}}
     with pytest.raises(ConfigError, match="different config"):
         run_bench(cfg, log=lambda *_: None)
+
+
+def test_bench_variants_run_as_their_own_rows(tmp_path, ood_root):
+    cfg = BenchConfig(
+        methods=["laplace_subnetwork", "subnet-random"],
+        method_options={"laplace_subnetwork": {"n_params": 40, "n_fit": 200}},
+        variants={"subnet-random": {"method": "laplace_subnetwork", "strategy": "random"}},
+        epochs=1,
+        seeds=1,
+        subset=300,
+        val_size=300,
+        test_size=200,
+        out=str(tmp_path / "bench"),
+        corruptions=[],
+        angles=[0, 90],
+        n_rotate=50,
+        progress=False,
+    )
+    table = run_bench(cfg, log=lambda *_: None)
+    assert "subnet-random" in table and "laplace_subnetwork" in table
+    runs = tmp_path / "bench" / "runs"
+    rc = json.loads((runs / "subnet-random-seed0" / "config.json").read_text())
+    # the variant runs the base method with its own option over the method's shared ones
+    assert rc["method"] == "laplace_subnetwork"
+    assert rc["method_options"]["strategy"] == "random"
+    assert rc["method_options"]["n_fit"] == 200 and rc["method_options"]["n_params"] == 40
+    a = UQModel.load(runs / "laplace_subnetwork-seed0" / "model.safetensors").posterior
+    b = UQModel.load(runs / "subnet-random-seed0" / "model.safetensors").posterior
+    assert not torch.equal(a.indices, b.indices)
+    # both start from the one deterministic run of that seed
+    assert sorted(p.name for p in runs.iterdir()) == [
+        "deterministic-seed0",
+        "laplace_subnetwork-seed0",
+        "subnet-random-seed0",
+    ]
+
+
+@pytest.mark.parametrize(
+    "variants, match",
+    [
+        ({"v": {"strategy": "random"}}, "needs a 'method' key"),
+        ({"mfvi": {"method": "mfvi"}}, "shadows the method"),
+        ({"v": {"method": "laplace_subnetwork", "stratgy": "random"}}, "no option 'stratgy'"),
+        ({"v": {"method": "nope"}}, "unknown method"),
+    ],
+)
+def test_bench_variant_errors(variants, match, tmp_path):
+    cfg = BenchConfig(methods=["v"] if "v" in variants else ["mfvi"], variants=variants)
+    cfg.out = str(tmp_path / "o")
+    with pytest.raises(ConfigError, match=match):
+        cfg.validate()

@@ -72,6 +72,10 @@ class BenchConfig:
             "lpbnn": {"samples": 2},
         }
     )
+    #: named variants of a method, usable in ``methods`` like a method name (one run
+    #: directory and one table row each), e.g. ``{"subnet-random": {"method":
+    #: "laplace_subnetwork", "strategy": "random"}}``; their options override ``method_options``
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     corruptions: list[str] = field(default_factory=lambda: list(DEFAULT_CORRUPTIONS))
     n_corrupt: int = 500
     n_rotate: int = 500
@@ -81,15 +85,37 @@ class BenchConfig:
     def validate(self) -> None:
         if not self.methods:
             raise ConfigError("no methods given; e.g. --methods deterministic,deep_ensemble")
+        for label, spec in self.variants.items():
+            if label in METHODS:
+                raise ConfigError(f"variant {label!r} shadows the method of that name; rename it")
+            if "/" in label or not label:
+                raise ConfigError(f"variant name {label!r} must be non-empty, without '/'")
+            if not isinstance(spec, dict) or "method" not in spec:
+                raise ConfigError(
+                    f"variant {label!r} needs a 'method' key naming the method it runs, e.g. "
+                    "{method: laplace_subnetwork, strategy: random}"
+                )
         for m in self.methods:
-            get_method(m)
+            self.resolve(m)
         for m, opts in self.method_options.items():
             method_options(m, opts)  # unknown method or option: a clear error now, not later
+        for m in self.methods:
+            method_options(*self.resolve(m))
         bad = [c for c in self.corruptions if c not in CORRUPTIONS]
         if bad:
             raise ConfigError(f"unknown corruption(s) {bad}; valid: {', '.join(CORRUPTIONS)}")
         if self.seeds < 1 or self.epochs < 1:
             raise ConfigError("seeds and epochs must be >= 1")
+
+    def resolve(self, name: str) -> tuple[str, dict[str, Any]]:
+        """``(method, options)`` of a method name or variant label."""
+        if name in self.variants:
+            spec = dict(self.variants[name])
+            base = spec.pop("method")
+            get_method(base)
+            return base, {**self.method_options.get(base, {}), **spec}
+        get_method(name)
+        return name, dict(self.method_options.get(name, {}))
 
 
 def _accelerator(device: str) -> str:
@@ -106,19 +132,23 @@ def _torch_device(device: str) -> torch.device:
     return torch.device("cuda" if device in ("cuda", "gpu") else "cpu")
 
 
-def _order(methods: list[str]) -> list[str]:
+def _order(cfg: BenchConfig) -> list[str]:
     """Training order: every post-hoc method after the method it starts from."""
-    needed = list(methods)
-    for m in methods:
-        base = get_method(m).posthoc_of
+    needed = list(cfg.methods)
+
+    def posthoc_of(m: str) -> str | None:
+        return get_method(cfg.resolve(m)[0]).posthoc_of
+
+    for m in cfg.methods:
+        base = posthoc_of(m)
         if base and base not in needed:
             needed.insert(0, base)
-    return sorted(needed, key=lambda m: get_method(m).posthoc_of is not None)
+    return sorted(needed, key=lambda m: posthoc_of(m) is not None)
 
 
 #: fields that may change between runs into the same output directory: adding methods or
 #: seeds reuses the finished runs; anything else would mix results of different set-ups
-_REUSABLE = {"methods", "seeds", "device", "out", "progress", "method_options"}
+_REUSABLE = {"methods", "seeds", "device", "out", "progress", "method_options", "variants"}
 
 
 def _check_reusable(path: Path, cfg: BenchConfig) -> None:
@@ -157,7 +187,7 @@ def run_bench(cfg: BenchConfig, log=print) -> str:
         angles=cfg.angles,
         progress=cfg.progress,
     )
-    order = _order(cfg.methods)
+    order = _order(cfg)
     arts: dict[str, dict] = {}
     with ResultStore(out / "results.sqlite") as store:
         jobs = [(s, m) for s in range(cfg.seeds) for m in order]
@@ -166,9 +196,11 @@ def run_bench(cfg: BenchConfig, log=print) -> str:
         for seed, method in bar:
             bar.set_postfix_str(f"{method} seed {seed}")
             run_dir = out / "runs" / f"{method}-seed{seed}"
+            base_method, options = cfg.resolve(method)
+            posthoc_of = get_method(base_method).posthoc_of
             rc = RunConfig(
-                method=method,
-                method_options=cfg.method_options.get(method, {}),
+                method=base_method,
+                method_options=options,
                 model=cfg.model,
                 seed=seed,
                 data=DataConfig(cfg.dataset, cfg.val_size, cfg.subset),
@@ -190,9 +222,9 @@ def run_bench(cfg: BenchConfig, log=print) -> str:
                 if seed == 0:
                     arts[method] = io.load(pred_path, kind="predictions")
                 continue
-            base = trained.get((get_method(method).posthoc_of or "", seed))
-            if base is None and get_method(method).posthoc_of:
-                base_path = out / "runs" / f"{get_method(method).posthoc_of}-seed{seed}"
+            base = trained.get((posthoc_of or "", seed))
+            if base is None and posthoc_of:
+                base_path = out / "runs" / f"{posthoc_of}-seed{seed}"
                 if (base_path / "model.safetensors").is_file():
                     base = UQModel.load(base_path / "model.safetensors")
             model = train_run(rc, run_dir, resume=True, bundle=bundle, base_model=base)
