@@ -21,7 +21,7 @@ from .data import CORRUPTIONS, load_bundle
 from .errors import ConfigError
 from .evaluate import EvalConfig, evaluate
 from .methods import METHODS, UQModel, get_method, method_options
-from .report import ResultStore, markdown, plain, summary
+from .report import ResultStore, markdown, plain, shift_summary, summary
 from .report import figures as figs
 from .train import DataConfig, RunConfig, TrainConfig, check_writable, train_run
 from .train.run import check_same_config
@@ -253,6 +253,7 @@ def run_bench(cfg: BenchConfig, log=print) -> str:
         + markdown(headers, lines)
         + "\n\n"
         + COLUMN_NOTE
+        + _shift_tables(rows, cfg)
     )
     io.atomic_write_text(out / "results.md", md)
     fig_dir = out / "figures"
@@ -274,6 +275,18 @@ def run_bench(cfg: BenchConfig, log=print) -> str:
         f"figures in {fig_dir}"
     )
     return table
+
+
+def _shift_tables(rows: list[dict], cfg: BenchConfig) -> str:
+    """Accuracy / NLL / ECE per rotation angle and per corruption severity (mean over seeds
+    and, for corruptions, over types): the numbers behind the shift figures."""
+    out = []
+    for kind, title in (("rotate", "rotated test images"), ("corrupt", "corruption severity")):
+        for metric, name in (("accuracy", "Accuracy %"), ("nll", "NLL"), ("ece", "ECE %")):
+            headers, lines = shift_summary(rows, kind, metric, cfg.methods)
+            if lines and len(headers) > 1:
+                out.append(f"### {name} by {title}\n\n" + markdown(headers, lines))
+    return ("\n\n" + "\n\n".join(out)) if out else ""
 
 
 COLUMN_NOTE = (

@@ -1,6 +1,6 @@
 """Results store, tables and figures (orchestration layer: may use matplotlib)."""
 
 from .store import ResultStore
-from .tables import markdown, plain, summary
+from .tables import markdown, plain, shift_summary, summary
 
-__all__ = ["ResultStore", "summary", "markdown", "plain"]
+__all__ = ["ResultStore", "summary", "shift_summary", "markdown", "plain"]

@@ -78,3 +78,38 @@ def plain(headers, lines) -> str:
         ]
         out.append("  ".join(cells))
     return "\n".join(out)
+
+
+def shift_summary(rows: list[dict], kind: str, metric: str, methods: list[str] | None = None):
+    """One line per method, one column per shift level: ``kind='rotate'`` gives the value at
+    every angle, ``kind='corrupt'`` the mean over corruption types at every severity; each cell
+    is the mean over seeds (the spread is in the stored rows and the figures)."""
+    if kind not in ("rotate", "corrupt"):
+        raise ValueError(f"kind must be 'rotate' or 'corrupt', got {kind!r}")
+    cells: dict = defaultdict(lambda: defaultdict(list))  # method -> level -> [values]
+    for r in rows:
+        parts = r["split"].split(":")
+        if parts[0] != kind or r["metric"] != metric:
+            continue
+        if kind == "rotate" and len(parts) == 2:
+            level = int(parts[1])
+        elif kind == "corrupt" and len(parts) == 3:
+            level = int(parts[2])
+        else:
+            continue
+        cells[r["method"]][level].append(r["value"])
+    levels = sorted({lv for per in cells.values() for lv in per})
+    unit = "°" if kind == "rotate" else ""
+    headers = ["Method"] + [f"{lv}{unit}" for lv in levels]
+    scale = 100.0 if metric in ("accuracy", "ece") else 1.0
+    fmt = "{:.1f}" if scale == 100.0 else "{:.3f}"
+    lines = []
+    for m in methods or sorted(cells):
+        if m not in cells:
+            continue
+        line = [m]
+        for lv in levels:
+            vals = cells[m].get(lv, [])
+            line.append(fmt.format(scale * statistics.mean(vals)) if vals else "-")
+        lines.append(line)
+    return headers, lines
