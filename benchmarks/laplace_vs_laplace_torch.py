@@ -191,8 +191,10 @@ def main() -> None:
             print(json.dumps(agree), flush=True)
     print()
     for r in agreement:
-        print(f"S={r['S']}: bnnkit vs {r['vs']}: GGN relative difference {r['ggn_rel_diff']:.1e}, "
-              f"largest predictive probability difference {r['probs_max_abs_diff']:.1e}")  # fmt: skip
+        print(
+            f"S={r['S']}: bnnkit vs {r['vs']}: GGN relative difference "
+            f"{r['ggn_rel_diff']:.1e}, largest probability difference {r['probs_max_abs_diff']:.1e}"
+        )
     print("| library | S | fit ms/img | fit peak MB | marglik s | predict ms/img | prior |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
