@@ -141,6 +141,15 @@ def _scalar_marglik_optimum(eigs: torch.Tensor, theta_sq: float, dim: int) -> fl
     return math.exp(0.5 * (lo + hi))
 
 
+def _symmetrise_(M: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """``M <- (M + M^T) / 2`` in place, in row blocks (no second S x S matrix)."""
+    for i in range(0, M.shape[0], block):
+        avg = 0.5 * (M[i : i + block, i:] + M[i:, i : i + block].T)
+        M[i : i + block, i:] = avg
+        M[i:, i : i + block] = avg.T
+    return M
+
+
 # ---------------------------------------------------------------------------- base class
 
 
@@ -462,6 +471,11 @@ class SubnetLaplace(_Laplace):
         device, dtype = self._params_device()
         S = self.n_params
         ggn = torch.zeros(S, S, dtype=torch.float64)
+        # chunk products go into an S x S accumulator in the model's dtype on its device (in
+        # place, no S x S temporaries), flushed into the float64 GGN every few chunks: peak
+        # memory ~1.5x the float64 matrix, float32 rounding only over a few chunks' sums
+        acc = torch.zeros(S, S, dtype=dtype, device=device)
+        pending = 0
         loss, n = 0.0, 0
         C = None
         for xb, yb in _batches(data, batch_size):
@@ -477,14 +491,22 @@ class SubnetLaplace(_Laplace):
                 p = torch.softmax(f, -1)
                 Jp = torch.bmm(p.unsqueeze(1), J).squeeze(1)  # [n, S]
                 A = J.mul_(p.sqrt()[..., None]).reshape(-1, S)  # in place: J is not needed again
-                ggn += (A.T @ A - Jp.T @ Jp).double().cpu()
+                acc.addmm_(A.T, A).addmm_(Jp.T, Jp, alpha=-1.0)
+                pending += 1
+                if pending == 8:
+                    ggn.add_(acc.cpu())
+                    acc.zero_()
+                    pending = 0
                 loss += float(F.cross_entropy(f.double(), y, reduction="sum"))
                 n += len(x)
             if progress is not None:
                 progress(len(xb))
+        ggn.add_(acc.cpu())
+        del acc
         if n == 0:
             raise InputError("no training data: the Laplace fit needs at least one example")
-        self.ggn = 0.5 * (ggn + ggn.T)
+        _symmetrise_(ggn)
+        self.ggn = ggn
         self.loss, self.n_data = loss, n
         self._fitted = True
         self._chol = None
@@ -560,9 +582,13 @@ class SubnetLaplace(_Laplace):
         root = getattr(self, "_root", None)
         if root is None or root.device != like.device or root.dtype != like.dtype:
             L = self.cholesky()
-            eye = torch.eye(L.shape[0], dtype=L.dtype)
-            M = torch.linalg.solve_triangular(L, eye, upper=False).T
-            root = self._root = M.to(like.device, like.dtype)
+            S, block = L.shape[0], 2048
+            root = torch.empty(S, S, dtype=like.dtype, device=like.device)
+            for i in range(0, S, block):  # columns of L^{-1} = rows of M, a block at a time
+                E = torch.zeros(S, min(block, S - i), dtype=L.dtype)
+                E[i : i + block].fill_diagonal_(1.0)
+                root[i : i + block] = torch.linalg.solve_triangular(L, E, upper=False).T.to(root)
+            self._root = root
         return root
 
     def _mean_cov(self, x):
