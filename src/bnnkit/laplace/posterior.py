@@ -567,10 +567,15 @@ class SubnetLaplace(_Laplace):
         lam, V = self._eigh(vectors=True)
         inv = 1.0 / (lam.clamp_min(0.0)[:, None] + grid[None, :])  # [S, G]
 
+        V_ = None
+
         def variance(x):
-            f, J = self.jac.logits_and_jacobian(x)
-            JV = torch.einsum("ncs,sk->nck", J.double().cpu(), V)
-            return f, torch.einsum("nck,kg->ncg", JV**2, inv)
+            nonlocal V_
+            f, J = self.jac.logits_and_jacobian(x, reuse=True)
+            if V_ is None or V_.device != J.device or V_.dtype != J.dtype:
+                V_ = V.to(J.device, J.dtype)
+            JV = J @ V_  # [n, C, S] in the GGN's eigenbasis
+            return f, JV.square_().double().cpu() @ inv
 
         return variance
 
@@ -750,8 +755,9 @@ class DiagLaplace(_Laplace):
         def variance(x):
             var = 0.0
             for jac in self._jac:
-                f, J = jac.logits_and_jacobian(x)
-                var = var + torch.einsum("ncs,sg->ncg", J.double().cpu() ** 2, inv[jac.indices])
+                f, J = jac.logits_and_jacobian(x, reuse=True)
+                w = inv[jac.indices].to(J.device, J.dtype)
+                var = var + (J.square_() @ w).double().cpu()  # [n, C, G]
             return f, var
 
         return variance
