@@ -129,6 +129,36 @@ def test_subnet_jacobian_matches_autograd_for_conv_batchnorm_linear():
     torch.testing.assert_close(f, model(x))
 
 
+class _WideConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(8, 16, 3, padding=1)  # 72 weights per output channel
+        self.fc = nn.Linear(16 * 5 * 5, 4)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.c(x)).flatten(1))
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [5, 72 + 9],  # 2 entries in 2 channels: gathered entry by entry
+        list(range(3, 23)) + list(range(7 * 72, 7 * 72 + 10)),  # 30 in 2 channels: channel GEMM
+        list(range(16 * 72)),  # the whole weight: one dense GEMM
+    ],
+    ids=["gather", "channels", "dense"],
+)
+def test_conv_jacobian_paths_match_autograd(entries):
+    torch.manual_seed(3)
+    model = _WideConv().double().eval()
+    x = torch.randn(4, 8, 5, 5, dtype=torch.float64)
+    J, _, _ = _full_jacobian(model, x)
+    idx = torch.tensor(entries)
+    jac = SubnetJacobian(model, idx, memory_budget="64MB")
+    _, Js = jac.logits_and_jacobian(x)
+    torch.testing.assert_close(Js, J[:, :, idx], rtol=1e-8, atol=1e-10)
+
+
 def test_probit_close_to_large_sample_monte_carlo():
     model, (x, y) = _mlp(seed=5), _data(60, seed=6)
     la = SubnetLaplace(model, torch.arange(43), prior_precision=2.0).fit((x, y))

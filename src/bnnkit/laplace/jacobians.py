@@ -350,6 +350,17 @@ class SubnetJacobian:
             full = torch.bmm(gg, U.reshape(n * G, per_group_in, L).transpose(1, 2))
             full = full.reshape(n, G, C, out_per_group * per_group_in).transpose(1, 2)
             return full.reshape(n, C, -1)[:, :, local_ix]
+        if G == 1:
+            # the entries' output channels only: one GEMM [C * O', L] @ [L, I k k] per example
+            # (compute-bound) beats a gather of n * C * k * L products (memory-bound) as soon
+            # as the selected entries are a few percent of those channels' weights
+            o_all = local // per_group_in
+            chans, pos = torch.unique(o_all, return_inverse=True)
+            width = chans.numel() * per_group_in
+            if local.numel() * 32 >= width and 4 * 2 * n * C * width <= self.budget:
+                gs = g[:, :, chans, :].reshape(n, C * chans.numel(), L)
+                full = torch.bmm(gs, U.transpose(1, 2)).reshape(n, C, width)
+                return full[:, :, pos * per_group_in + local % per_group_in]
         out = a.new_empty(n, C, local.numel())
         for i, part in self._chunks(local, n * C, L):
             o, j = part // per_group_in, part % per_group_in
