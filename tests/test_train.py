@@ -184,3 +184,23 @@ def test_laplace_methods_fit_post_hoc_and_round_trip(bundle, tmp_path, method, o
         assert (pred.mean().argmax(-1) == map_probs.argmax(-1)).float().mean() > 0.9
     loaded = UQModel.load(tmp_path / method / "model.safetensors")
     torch.testing.assert_close(loaded.predict(x).probs, pred.probs)
+
+
+def test_diagonal_fit_is_shared_only_for_the_same_weights_and_data(bundle, tmp_path):
+    from bnnkit.laplace import DiagLaplace
+    from bnnkit.methods.laplace import _diagonal_fit
+
+    base = train_run(cfg(), tmp_path / "det", bundle=bundle).eval()
+    data = (bundle.train.float()[:64], bundle.train.y[:64])
+    a = _diagonal_fit(base, data, "1GB")
+    b = _diagonal_fit(base, data, "1GB")  # reused, rebound to the model it is asked for
+    assert b is not a and torch.equal(a.h, b.h)
+    torch.testing.assert_close(b.jacobian_energy, a.jacobian_energy)
+    other = (data[0], (data[1] + 1) % 10)  # same images, other labels: a new fit (the GGN
+    assert _diagonal_fit(base, other, "1GB").loss != a.loss  # is label-free, the loss is not)
+    with torch.no_grad():
+        next(base.net.parameters()).mul_(1.5)  # other weights: a new fit, equal to a fresh one
+    c = _diagonal_fit(base, data, "1GB")
+    fresh = DiagLaplace(base, memory_budget="1GB").fit(data)
+    assert not torch.equal(c.h, a.h)
+    torch.testing.assert_close(c.h, fresh.h)

@@ -706,8 +706,12 @@ class DiagLaplace(_Laplace):
         return min(j.rows_per_chunk(self.num_classes) for j in self._jac)
 
     def fit(self, data, batch_size: int = 256, progress=None) -> DiagLaplace:
+        """Accumulate the GGN diagonal ``h`` over the training data; on the way also the
+        Jacobian energy ``jacobian_energy = sum_n sum_c J_nc**2`` (what the predictive-variance
+        subnetwork rule needs), at the cost of one more reduction."""
         device, dtype = self._params_device()
         h = torch.zeros(self.total, dtype=torch.float64)
+        q = torch.zeros(self.total, dtype=torch.float64)
         loss, n, C = 0.0, 0, None
         for xb, yb in _batches(data, batch_size):
             _check_inputs(xb)
@@ -722,6 +726,7 @@ class DiagLaplace(_Laplace):
                 for jac in self._jac:
                     f, J = jac.logits_and_jacobian(x, reuse=True)
                     h[jac.indices] += ggn_diagonal(J, torch.softmax(f, -1), True).double().cpu()
+                    q[jac.indices] += J.sum((0, 1)).double().cpu()  # J now holds J**2
                 loss += float(F.cross_entropy(f.double(), y, reduction="sum"))
                 n += len(x)
             if progress is not None:
@@ -729,6 +734,7 @@ class DiagLaplace(_Laplace):
         if n == 0:
             raise InputError("no training data: the Laplace fit needs at least one example")
         self.h, self.loss, self.n_data = h.clamp_min(0.0), loss, n
+        self.jacobian_energy = q
         self._fitted = True
         return self
 

@@ -29,13 +29,9 @@ from torch import nn
 from ..errors import ConfigError, InputError
 from .jacobians import (
     check_indices,
-    full_jacobians,
-    ggn_diagonal,
-    n_params,
     param_slots,
-    parse_budget,
 )
-from .posterior import _batches, _check_inputs, _check_labels, as_logits_model
+from .posterior import DiagLaplace, _batches, as_logits_model
 
 STRATEGIES = (
     "largest_variance",
@@ -90,34 +86,15 @@ def name_indices(model: nn.Module, names: list[str]) -> torch.Tensor:
 
 
 def diagonal_statistics(model: nn.Module, data, memory_budget="2GB", batch_size: int = 256):
-    """GGN diagonal ``h`` and Jacobian energy ``q`` of every trainable parameter (float64)."""
-    model = as_logits_model(model)
-    model.eval()
-    total = n_params(model)
-    budget = parse_budget(memory_budget)
-    h = torch.zeros(total, dtype=torch.float64)
-    q = torch.zeros(total, dtype=torch.float64)
-    p0 = next(model.parameters())
-    jacs, rows, C = None, None, None
-    for xb, yb in _batches(data, batch_size):
-        _check_inputs(xb)
-        xb = xb.to(p0.device, p0.dtype)
-        if jacs is None:
-            with torch.no_grad():
-                C = model(xb[:1]).shape[-1]
-            jacs = full_jacobians(model, budget, C)
-            rows = min(j.rows_per_chunk(C) for j in jacs)
-        _check_labels(yb, C)
-        for i in range(0, len(xb), rows):
-            x = xb[i : i + rows]
-            for jac in jacs:
-                f, J = jac.logits_and_jacobian(x, reuse=True)
-                ggn = ggn_diagonal(J, torch.softmax(f, -1), overwrite=True)
-                h[jac.indices] += ggn.double().cpu()
-                q[jac.indices] += J.sum((0, 1)).double().cpu()  # J now holds J**2
-    if jacs is None:
-        raise InputError("no data given for the diagonal statistics")
-    return h.clamp_min(0.0), q
+    """GGN diagonal ``h`` and Jacobian energy ``q`` of every trainable parameter (float64): one
+    diagonal Laplace fit (:meth:`DiagLaplace.fit` accumulates both)."""
+    try:
+        la = DiagLaplace(model, memory_budget=memory_budget).fit(data, batch_size)
+    except InputError as e:
+        if "no training data" in str(e):
+            raise InputError("no data given for the diagonal statistics") from None
+        raise
+    return la.h, la.jacobian_energy
 
 
 def swag_variance(
