@@ -35,6 +35,9 @@ DEFAULT_METHODS = [
     "rank1",
     "lpbnn",
     "mfvi",
+    "laplace_diag",
+    "laplace_last_layer",
+    "laplace_subnetwork",
 ]
 DEFAULT_CORRUPTIONS = [
     "gaussian_noise",

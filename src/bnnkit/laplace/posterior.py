@@ -141,6 +141,14 @@ def _scalar_marglik_optimum(eigs: torch.Tensor, theta_sq: float, dim: int) -> fl
     return math.exp(0.5 * (lo + hi))
 
 
+def _flush_(total: torch.Tensor, acc: torch.Tensor, block: int = 1024) -> None:
+    """``total += acc; acc = 0`` in row blocks: an in-place add across dtypes (float64 +=
+    float32) would otherwise make a full float64 copy of ``acc`` first."""
+    for i in range(0, acc.shape[0], block):
+        total[i : i + block].add_(acc[i : i + block].to(total.device))
+    acc.zero_()
+
+
 def _symmetrise_(M: torch.Tensor, block: int = 1024) -> torch.Tensor:
     """``M <- (M + M^T) / 2`` in place, in row blocks (no second S x S matrix)."""
     for i in range(0, M.shape[0], block):
@@ -494,14 +502,13 @@ class SubnetLaplace(_Laplace):
                 acc.addmm_(A.T, A).addmm_(Jp.T, Jp, alpha=-1.0)
                 pending += 1
                 if pending == 8:
-                    ggn.add_(acc.cpu())
-                    acc.zero_()
+                    _flush_(ggn, acc)
                     pending = 0
                 loss += float(F.cross_entropy(f.double(), y, reduction="sum"))
                 n += len(x)
             if progress is not None:
                 progress(len(xb))
-        ggn.add_(acc.cpu())
+        _flush_(ggn, acc)
         del acc
         if n == 0:
             raise InputError("no training data: the Laplace fit needs at least one example")
