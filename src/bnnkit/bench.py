@@ -80,8 +80,8 @@ class BenchConfig:
     #: "laplace_subnetwork", "strategy": "random"}}``; their options override ``method_options``
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     corruptions: list[str] = field(default_factory=lambda: list(DEFAULT_CORRUPTIONS))
-    n_corrupt: int = 500
-    n_rotate: int = 500
+    n_corrupt: int = 250  # per corruption and severity: 6 x 5 x 250 = 7,500 images
+    n_rotate: int = 300  # per angle: 13 x 300 = 3,900 images
     angles: list[int] = field(default_factory=lambda: list(range(0, 181, 15)))
     progress: bool = True
 
