@@ -73,6 +73,10 @@ class BenchConfig:
             "mfvi": {"samples": 8},
             "rank1": {"samples": 2},
             "lpbnn": {"samples": 2},
+            # curvature on half the training subset (the bench's time budget)
+            "laplace_diag": {"n_fit": 8000},
+            "laplace_last_layer": {"n_fit": 8000},
+            "laplace_subnetwork": {"n_fit": 8000},
         }
     )
     #: named variants of a method, usable in ``methods`` like a method name (one run

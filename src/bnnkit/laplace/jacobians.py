@@ -9,10 +9,13 @@ The subnetwork is a set of flat parameter indices (into the concatenation of
 * one forward pass records each involved layer's input (forward hooks);
 * for each class ``c`` one backward pass gives ``d f_c / d out_l`` for every involved layer ``l``
   (``torch.autograd.grad`` with respect to the layer outputs, not the parameters);
-* a weight's per-example derivative is then gathered entry by entry from the layer's input and
-  output gradient: ``sum_pos g[b, o, pos] * unfold(a)[b, j, pos]`` for a convolution weight
-  ``(o, j)``, ``sum g[b, ..., o] a[b, ..., i]`` for a linear weight, ``sum g * x_hat`` for
-  BatchNorm (eval mode), in chunks of entries so that memory stays within a byte budget.
+* a weight's per-example derivative comes from the layer's input and output gradient:
+  ``sum_pos g[b, o, pos] * unfold(a)[b, j, pos]`` for a convolution weight ``(o, j)``,
+  ``sum g[b, ..., o] a[b, ..., i]`` for a linear weight, ``sum g * x_hat`` for BatchNorm (eval
+  mode). All classes are handled together: when many of a layer's entries are selected, one
+  batched GEMM forms the derivatives of the whole layer (or, for a convolution, of the selected
+  output channels) and the entries are picked from it; otherwise they are gathered entry by
+  entry, in chunks so that memory stays within a byte budget.
 
 Memory is ``O(n * C * S)`` for the result plus ``O(n * chunk * positions)`` for the gathers plus
 the network's activations, never ``O(n * C * #all parameters)``. Inputs of the model are
