@@ -306,10 +306,10 @@ class _Laplace(abc.ABC):
             if link == "probit":
                 outs.append(probit_probs(f, torch.diagonal(cov, dim1=-2, dim2=-1))[None])
             else:
-                C = f.shape[-1]
-                eye = torch.eye(C, dtype=cov.dtype)
-                jitter = 1e-10 * (torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1) + 1.0)
-                chol = torch.linalg.cholesky(cov + jitter[:, None, None] * eye)
+                # a symmetric square root with negative eigenvalues clipped: the logit covariance
+                # is often singular and, from float32 products, PSD only up to rounding
+                lam, V = torch.linalg.eigh(0.5 * (cov + cov.transpose(-1, -2)))
+                chol = V * lam.clamp_min(0.0).sqrt()[:, None, :]
                 eps = torch.randn(n_samples, *f.shape, generator=gen, dtype=f.dtype)
                 samples = f + torch.einsum("ncd,snd->snc", chol, eps)
                 outs.append(torch.softmax(samples, -1))
