@@ -574,13 +574,10 @@ class SubnetLaplace(_Laplace):
         lam, V = self._eigh(vectors=True)
         inv = 1.0 / (lam.clamp_min(0.0)[:, None] + grid[None, :])  # [S, G]
 
-        V_ = None
+        V_ = V.to(*self._params_device())  # the Jacobians' device and dtype
 
         def variance(x):
-            nonlocal V_
             f, J = self.jac.logits_and_jacobian(x, reuse=True)
-            if V_ is None or V_.device != J.device or V_.dtype != J.dtype:
-                V_ = V.to(J.device, J.dtype)
             JV = J @ V_  # [n, C, S] in the GGN's eigenbasis
             return f, JV.square_().double().cpu() @ inv
 
@@ -765,11 +762,13 @@ class DiagLaplace(_Laplace):
     def _grid_variance(self, grid):
         inv = 1.0 / (self.h[:, None] + grid[None, :])  # [P, G]
 
+        device, dtype = self._params_device()
+        weights = [inv[jac.indices].to(device, dtype) for jac in self._jac]
+
         def variance(x):
             var = 0.0
-            for jac in self._jac:
+            for jac, w in zip(self._jac, weights):
                 f, J = jac.logits_and_jacobian(x, reuse=True)
-                w = inv[jac.indices].to(J.device, J.dtype)
                 var = var + (J.square_() @ w).double().cpu()  # [n, C, G]
             return f, var
 
