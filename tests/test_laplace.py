@@ -275,7 +275,8 @@ def test_other_strategies():
 def test_jacobian_memory_is_independent_of_the_rest_of_the_network():
     """11.4M parameters: a batch x classes x all-parameters Jacobian for 256 inputs would be
     117 GB. A 200-parameter subnetwork fits in a 64 MB budget with peak tensor memory well
-    below that product."""
+    below that product. The first chunk's check against autograd adds one tangent the size of
+    the largest parameter tensor touched (36 MB here)."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(784, 3000), nn.ReLU(), nn.Linear(3000, 3000), nn.ReLU(), nn.Linear(3000, 10)
@@ -289,7 +290,8 @@ def test_jacobian_memory_is_independent_of_the_rest_of_the_network():
         la = SubnetLaplace(model, idx, memory_budget="64MB").fit((x, y), batch_size=256)
         la.predict(x[:32])
     assert 256 * 10 * total * 4 > 100e9
-    assert mem.peak < 150e6, mem.peak
+    largest = 3000 * 3000 * 4
+    assert mem.peak < 150e6 + largest, mem.peak
     assert la.ggn.shape == (200, 200) and torch.linalg.eigvalsh(la.ggn)[-1] > 0
 
 

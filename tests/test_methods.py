@@ -82,3 +82,24 @@ def test_cost_measurement_is_plausible():
     conv1_out_mb = 128 * 6 * 28 * 28 * 4 / 2**20  # one activation that must be live
     assert cost["peak_mem_mb"] >= conv1_out_mb
     assert cost["latency_ms"] > 0 and cost["throughput"] > 0
+
+
+def test_peak_memory_counts_new_storage_only():
+    """8 KiB allocated inside the region, beside views of and in-place writes to a 16 MiB
+    tensor made before it: the peak is the 8 KiB, and a view of the new tensor that outlives
+    it keeps its storage counted."""
+    from bnnkit.evaluate import _PeakMemory
+
+    big = torch.zeros(4 * 2**20)
+    with _PeakMemory() as mem:
+        view = big.view(-1, 4)[:10]
+        big.add_(1.0)
+        a = torch.empty(2048)
+        b = a.view(2, 1024)
+        del a
+        assert mem.live == 8192
+        c = torch.ones(1024)  # 4 KiB more while b keeps a's storage alive
+        del b
+        assert mem.live == 4096
+    assert mem.peak == 8192 + 4096
+    assert view.shape == (10, 4) and c.numel() == 1024

@@ -53,35 +53,59 @@ def classification_rows(pred: Predictive, labels: torch.Tensor, split: str, full
 
 
 class _PeakMemory(TorchDispatchMode):
-    """Peak bytes of live tensor storage created during a region (any device)."""
+    """Peak bytes of live tensor storage created during a region (any device).
+
+    Only new storage counts: an op's output whose storage is one of its inputs' (a view, an
+    in-place or ``out=`` op) or one already counted adds nothing. A storage is released when
+    the last tensor seen on it is freed. Wrapper tensors without a storage of their own (dual
+    or functorch tensors) are skipped; their data is counted where it is allocated."""
 
     def __init__(self) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
-        self._seen: set[int] = set()
+        self._refs: dict[int, list[int]] = {}  # storage pointer -> [bytes, tensors alive]
 
-    def _track(self, t: torch.Tensor) -> None:
-        st = t.untyped_storage()
-        key = st.data_ptr()
-        if key in self._seen or st.nbytes() == 0:
+    def _release(self, key: int) -> None:
+        entry = self._refs.get(key)
+        if entry is None:
             return
-        self._seen.add(key)
-        self.live += st.nbytes()
-        self.peak = max(self.peak, self.live)
-        nbytes = st.nbytes()
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self._refs[key]
 
-        def release(key=key, nbytes=nbytes):
-            self._seen.discard(key)
-            self.live -= nbytes
-
-        weakref.finalize(t, release)
+    def _track(self, t: torch.Tensor, inputs: set[int]) -> None:
+        try:
+            st = t.untyped_storage()
+            key, nbytes = st.data_ptr(), st.nbytes()
+        except (RuntimeError, NotImplementedError):
+            return
+        if nbytes == 0:
+            return
+        if key in self._refs:
+            self._refs[key][1] += 1
+        elif key in inputs:
+            return  # an alias of a tensor made before the region
+        else:
+            self._refs[key] = [nbytes, 1]
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        weakref.finalize(t, self._release, key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for o in out if isinstance(out, (tuple, list)) else (out,):
+        kwargs = kwargs or {}
+        inputs = set()
+        for a in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(a, torch.Tensor):
+                try:
+                    inputs.add(a.untyped_storage().data_ptr())
+                except (RuntimeError, NotImplementedError):
+                    pass
+        out = func(*args, **kwargs)
+        for o in torch.utils._pytree.tree_leaves(out):
             if isinstance(o, torch.Tensor):
-                self._track(o)
+                self._track(o, inputs)
         return out
 
 

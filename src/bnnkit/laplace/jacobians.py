@@ -26,6 +26,7 @@ backward pass give every example's own gradient.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,8 @@ class ParamSlot:
     attr: str  # "weight" or "bias"
     offset: int
     numel: int
+    # every (module, attribute) that holds this parameter: more than one for tied weights
+    owners: tuple = ()
 
     @property
     def param(self) -> torch.Tensor:
@@ -54,18 +57,69 @@ class ParamSlot:
 
 def param_slots(model: nn.Module) -> list[ParamSlot]:
     """Flat layout of the trainable parameters (``parameters_to_vector`` order)."""
-    owners = {}
-    for mname, mod in model.named_modules():
+    owners: dict[int, list] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
         for pname, p in mod.named_parameters(recurse=False):
-            owners.setdefault(id(p), (mod, pname, f"{mname}.{pname}" if mname else pname))
+            seen = owners.setdefault(id(p), [])
+            if not any(m is mod and a == pname for m, a, _ in seen):
+                seen.append((mod, pname, f"{mname}.{pname}" if mname else pname))
     slots, offset = [], 0
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        mod, attr, name = owners[id(p)]
-        slots.append(ParamSlot(name, mod, attr, offset, p.numel()))
+        mod, attr, name = owners[id(p)][0]
+        pairs = tuple((m, a) for m, a, _ in owners[id(p)])
+        slots.append(ParamSlot(name, mod, attr, offset, p.numel(), pairs))
         offset += p.numel()
     return slots
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits tensor of a model's output: a tensor as it is, the first element of a tuple or
+    list (the convention of models returning ``(logits, extras...)``), a mapping's ``'logits'``
+    entry, or an object's ``.logits`` attribute."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if isinstance(output, Mapping):
+        if isinstance(output.get("logits"), torch.Tensor):
+            return output["logits"]
+        raise InputError(
+            f"the model returned a mapping with keys {sorted(map(str, output))}; bnnkit needs a "
+            "'logits' entry [batch, classes], or wrap the model so it returns the logits tensor"
+        )
+    if isinstance(getattr(output, "logits", None), torch.Tensor):
+        return output.logits
+    raise InputError(
+        f"the model returned a {type(output).__name__}; bnnkit needs a logits tensor "
+        "[batch, classes] (or a tuple whose first element, or a mapping whose 'logits' entry, "
+        "is one): wrap the model so it returns the logits"
+    )
+
+
+def check_eval(model: nn.Module) -> None:
+    """Per-example derivatives need a deterministic model whose examples do not interact:
+    every module in eval mode and every BatchNorm on its running statistics."""
+    modules = list(model.named_modules())
+    for name, mod in modules:
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (
+            mod.training or mod.running_mean is None
+        ):
+            raise ConfigError(
+                f"BatchNorm layer {name or type(mod).__name__!r} normalises with batch "
+                "statistics (training mode or track_running_stats=False), which couples the "
+                "examples of a batch: per-example Jacobians need running statistics; call "
+                "model.eval() on a model whose BatchNorm layers track running statistics"
+            )
+    training = [(n, m) for n, m in modules if m.training]
+    if training:
+        leaves = [(n, m) for n, m in training if not any(True for _ in m.children())]
+        name, mod = (leaves or training)[0]
+        raise ConfigError(
+            f"module {name or type(mod).__name__!r} is in training mode; per-example Jacobians "
+            "need a deterministic model: call model.eval() first"
+        )
 
 
 def n_params(model: nn.Module) -> int:
@@ -116,6 +170,18 @@ class _Group:
     cols_ix: slice | torch.Tensor
 
 
+@dataclass
+class _Call:
+    """One call of an involved layer during a recorded forward pass."""
+
+    a: torch.Tensor  # its input (detached; shares the version counter)
+    a_version: int
+    out: torch.Tensor  # its output, a node of the graph
+    out_version: int
+    g: torch.Tensor | None = None  # d f_c / d out for every class [n, C, ...]
+    U: torch.Tensor | None = None  # a convolution's unfolded input, shared by weight and bias
+
+
 def parse_budget(budget) -> int:
     """Bytes from an int or a string like '512MB', '2GB'."""
     if isinstance(budget, (int, float)):
@@ -141,14 +207,28 @@ def parse_budget(budget) -> int:
 
 
 class SubnetJacobian:
-    """Jacobians of ``model``'s logits ``[n, C]`` with respect to ``indices`` (flat)."""
+    """Jacobians of ``model``'s logits ``[n, C]`` with respect to ``indices`` (flat).
 
-    def __init__(self, model: nn.Module, indices, memory_budget="2GB") -> None:
+    Works on any classifier built from ``Linear`` / ``Conv2d`` / ``BatchNorm`` layers whatever
+    else it does around them: in-place ops on a layer's output (``nn.ReLU(inplace=True)``,
+    ``out += identity``) are detected through the tensor's version counter and the output is
+    then recorded before they touch it; a layer applied several times (or a parameter shared
+    by several layers) sums the contributions of every call. The first chunk is checked
+    against plain autograd (a random projection over the batch, so per-example errors cannot
+    cancel): a model that uses a parameter outside its layer's ``forward`` (a functional call,
+    a hand-written layer) gets a :class:`ConfigError` naming the layer instead of a wrong
+    answer. ``verify=False`` skips that check.
+    """
+
+    def __init__(self, model: nn.Module, indices, memory_budget="2GB", verify: bool = True):
         self.model = model
         self.slots = param_slots(model)
         self.total = sum(s.numel for s in self.slots)
         self.indices = check_indices(indices, self.total)
         self.budget = parse_budget(memory_budget)
+        self.verify = bool(verify)
+        self._verified = False
+        self._clone_out: set[int] = set()  # layers whose outputs later ops modify in place
         self.groups: list[_Group] = []
         offsets = torch.tensor([s.offset for s in self.slots])
         which = torch.searchsorted(offsets, self.indices, right=True) - 1
@@ -156,15 +236,21 @@ class SubnetJacobian:
             slot = self.slots[k]
             mask = which == k
             cols = torch.nonzero(mask).flatten()
-            if not isinstance(slot.module, SUPPORTED):
+            for mod, _ in slot.owners:
+                if not isinstance(mod, SUPPORTED):
+                    raise ConfigError(
+                        f"subnetwork includes parameter {slot.name!r} of a "
+                        f"{type(mod).__name__} layer; subnetwork Jacobians support Linear, "
+                        "Conv2d and BatchNorm layers: choose indices in those"
+                    )
+            if len({a for _, a in slot.owners}) > 1:
                 raise ConfigError(
-                    f"subnetwork includes parameter {slot.name!r} of a "
-                    f"{type(slot.module).__name__} layer; subnetwork Jacobians support Linear, "
-                    "Conv2d and BatchNorm layers: choose indices in those"
+                    f"parameter {slot.name!r} is both a weight and a bias of different layers; "
+                    "subnetwork Jacobians cannot handle that tying: leave it out of the subnetwork"
                 )
             local = self.indices[mask] - slot.offset
             self.groups.append(_Group(slot, local, cols, _as_slice(local), _as_slice(cols)))
-        self.modules = list({id(g.slot.module): g.slot.module for g in self.groups}.values())
+        self.modules = list({id(m): m for g in self.groups for m, _ in g.slot.owners}.values())
 
     @property
     def size(self) -> int:
@@ -182,20 +268,26 @@ class SubnetJacobian:
             )
         return int(n)
 
+    def _name(self, mod: nn.Module) -> str:
+        for name, m in self.model.named_modules():
+            if m is mod:
+                return name or type(mod).__name__
+        return type(mod).__name__
+
     @contextlib.contextmanager
     def _recording(self, store: dict):
+        """Forward hooks that record, per call of every involved layer, its input and its
+        output with their version counters (a clone goes downstream for layers whose output is
+        known to be modified in place later, so that the recorded one stays a graph node)."""
         handles = []
         for mod in self.modules:
 
             def hook(m, inputs, output):
-                key = id(m)
-                if key in store:
-                    raise ConfigError(
-                        f"a {type(m).__name__} layer with subnetwork parameters is applied more "
-                        "than once per forward pass (shared weights); subnetwork Jacobians need "
-                        "each such layer to run once"
-                    )
-                store[key] = (inputs[0].detach(), output)
+                if not isinstance(output, torch.Tensor):
+                    return None
+                a = inputs[0].detach()
+                store.setdefault(id(m), []).append(_Call(a, a._version, output, output._version))
+                return output.clone() if id(m) in self._clone_out else None
 
             handles.append(mod.register_forward_hook(hook))
         # parameters of the involved layers must be in the graph for their outputs to be
@@ -212,6 +304,30 @@ class SubnetJacobian:
             for p, flag in grads.items():
                 p.requires_grad_(flag)
 
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Forward with recording; re-run once with output clones where a later op modified a
+        recorded output in place (its version moved), refuse if an input was."""
+        for _ in range(2):
+            store: dict = {}
+            with self._recording(store):
+                f = logits_of(self.model(x))
+            moved = False
+            for mod in self.modules:
+                for call in store.get(id(mod), []):
+                    if call.a._version != call.a_version:
+                        raise ConfigError(
+                            f"the input of layer {self._name(mod)!r} is modified in place after "
+                            "the layer has used it; its per-example derivatives cannot be "
+                            "recovered (nor can autograd differentiate it): make that operation "
+                            "out of place"
+                        )
+                    if call.out._version != call.out_version:
+                        self._clone_out.add(id(mod))
+                        moved = True
+            if not moved:
+                return f, store
+        raise ConfigError("layer outputs keep being modified in place; cannot record them")
+
     def logits_and_jacobian(
         self, x: torch.Tensor, reuse: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,46 +336,92 @@ class SubnetJacobian:
         With ``reuse=True`` ``J`` lives in a buffer kept by this object and overwritten by the
         next call (callers that consume it at once, in place if they like): large fresh
         allocations are page-faulted in on every chunk, which dominated the cost on CPU."""
-        for mod in self.model.modules():
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
-                raise ConfigError(
-                    "the model has BatchNorm in training mode: per-example Jacobians need "
-                    "running statistics; call model.eval() first"
-                )
-        store: dict = {}
-        with torch.enable_grad(), self._recording(store):
-            f = self.model(x)
+        check_eval(self.model)
+        with torch.enable_grad():
+            f, store = self._forward(x)
             if f.dim() != 2:
                 raise InputError(
                     f"the model must return logits [batch, classes], got {tuple(f.shape)}"
                 )
             n, C = f.shape
-            outs = [store[id(m)][1] for m in self.modules]
-            # d f_c / d out_l for every class: one backward pass per class, stacked [n, C, ...]
-            per_class: list[list] = [[] for _ in self.modules]
-            for c in range(C):
-                g_outs = torch.autograd.grad(
-                    f[:, c].sum(), outs, retain_graph=c < C - 1, allow_unused=True
-                )
-                for k, g in enumerate(g_outs):
-                    per_class[k].append(g)
-        grads = {
-            id(m): None if gs[0] is None else torch.stack([g.detach() for g in gs], 1)
-            for m, gs in zip(self.modules, per_class)
-        }
+            calls = [c for m in self.modules for c in store.get(id(m), [])]
+            outs = [c.out for c in calls]
+            # d f_c / d out for every call of every involved layer and every class: one
+            # backward pass per class, stacked [n, C, ...]
+            per_class: list[list] = [[] for _ in calls]
+            if outs and f.requires_grad:
+                for c in range(C):
+                    g_outs = torch.autograd.grad(
+                        f[:, c].sum(), outs, retain_graph=c < C - 1, allow_unused=True
+                    )
+                    for k, g in enumerate(g_outs):
+                        per_class[k].append(g)
+        for call, gs in zip(calls, per_class):
+            call.g = None if not gs or gs[0] is None else torch.stack([g.detach() for g in gs], 1)
         J = self._zeros(f, n, C) if reuse else f.new_zeros(n, C, self.size)
-        unfolded: dict = {}
         for grp in self.groups:
-            mod = grp.slot.module
-            g = grads[id(mod)]
-            if g is None:  # the layer does not influence the logits
+            live = [
+                (mod, call)
+                for mod, _ in grp.slot.owners
+                for call in store.get(id(mod), [])
+                if call.g is not None  # calls that do not influence the logits add nothing
+            ]
+            if not live:
                 continue
-            a = store[id(mod)][0]
             target = J[:, :, grp.cols_ix]
-            if self._outer_into(mod, grp, a, g, target):
+            if len(live) == 1 and self._outer_into(live[0][0], grp, live[0][1], target):
                 continue
-            J[:, :, grp.cols_ix] = self._per_example(mod, grp.slot.attr, a, g, grp, unfolded)
-        return f.detach(), J
+            total = None
+            for mod, call in live:
+                part = self._per_example(mod, grp, call)
+                total = part if total is None else total.add_(part)
+            J[:, :, grp.cols_ix] = total
+        f = f.detach()
+        if self.verify and not self._verified:
+            self._check_against_autograd(x, J)
+            self._verified = True
+        return f, J
+
+    def _check_against_autograd(self, x: torch.Tensor, J: torch.Tensor) -> None:
+        """For every parameter tensor of the subnetwork, compare ``sum_b w_b J[b, :, k] v_k``
+        with the forward-mode derivative of ``sum_b w_b f(x_b)`` along ``v`` (random ``w`` and
+        ``v``, so that errors in single examples or entries cannot cancel): one forward pass
+        per parameter tensor, no per-class backward and no full-size gradient."""
+        from torch.func import functional_call, jvp
+
+        x, J = x[:16], J[:16]  # a few examples suffice; each costs a forward pass
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        w = torch.randn(J.shape[0], generator=gen, dtype=torch.float64)
+        tol = 1e-7 if J.dtype == torch.float64 else 2e-3
+        for grp in self.groups:
+            p = grp.slot.param
+            v = torch.randn(grp.local.numel(), generator=gen, dtype=torch.float64)
+            tangent = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+            tangent[grp.local.to(p.device)] = v.to(p.device, p.dtype)
+
+            def f(theta, name=grp.slot.name):
+                return logits_of(functional_call(self.model, {name: theta}, (x,)))
+
+            with torch.no_grad():
+                _, df = jvp(f, (p.detach(),), (tangent.view_as(p),))
+            ref = (w.to(df.device)[:, None] * df.double()).sum(0)  # [C]
+            Jv = J[:, :, grp.cols_ix].double() @ v.to(J.device)  # [n, C]
+            ours = (w.to(J.device)[:, None] * Jv).sum(0)
+            scale = max(
+                float(ref.abs().max()),
+                float((w.abs().to(J.device)[:, None] * Jv.abs()).sum(0).max()),
+            )
+            err = float((ours - ref.to(ours.device)).abs().max())
+            if err > tol * scale or (scale == 0 and err > 0):
+                layer = grp.slot.name.rsplit(".", 1)[0] if "." in grp.slot.name else grp.slot.name
+                raise ConfigError(
+                    f"per-example Jacobians of parameter {grp.slot.name!r} disagree with "
+                    f"autograd (relative error {err / max(scale, 1e-300):.2g}): the model uses "
+                    f"it outside the standard forward of layer {layer!r} (a functional call "
+                    "such as F.linear(x, layer.weight), a custom forward, or examples that "
+                    "interact); call the layer module itself, or leave its parameters out of "
+                    "the subnetwork"
+                )
 
     def _zeros(self, like: torch.Tensor, n: int, C: int) -> torch.Tensor:
         size = n * C * self.size
@@ -269,7 +431,7 @@ class SubnetJacobian:
         return buf[:size].view(n, C, self.size).zero_()
 
     @staticmethod
-    def _outer_into(mod, grp: _Group, a, g, target: torch.Tensor) -> bool:
+    def _outer_into(mod, grp: _Group, call: _Call, target: torch.Tensor) -> bool:
         """A whole Linear weight on flat inputs: its per-example derivative is the outer
         product ``g a^T``; write it straight into ``J`` (no [n, C, O, I] temporary)."""
         if not (
@@ -278,9 +440,10 @@ class SubnetJacobian:
             and isinstance(grp.local_ix, slice)
             and isinstance(grp.cols_ix, slice)
             and grp.local.numel() == mod.weight.numel()
-            and a.dim() == 2
+            and call.a.dim() == 2
         ):
             return False
+        a, g = call.a, call.g
         n, C = g.shape[:2]
         out = target.view(n, C, mod.out_features, mod.in_features)
         torch.mul(g.reshape(n, C, -1, 1), a.reshape(n, 1, 1, -1), out=out)
@@ -294,11 +457,12 @@ class SubnetJacobian:
         for i in range(0, local.numel(), per):
             yield i, local[i : i + per]
 
-    def _per_example(self, mod, attr, a, g, grp: _Group, unfolded: dict) -> torch.Tensor:
+    def _per_example(self, mod, grp: _Group, call: _Call) -> torch.Tensor:
+        attr, a, g = grp.slot.attr, call.a, call.g
         if isinstance(mod, nn.Linear):
             return self._linear(mod, attr, a, g, grp.local, grp.local_ix)
         if isinstance(mod, nn.Conv2d):
-            return self._conv(mod, attr, a, g, grp.local, grp.local_ix, unfolded)
+            return self._conv(mod, attr, call, grp.local, grp.local_ix)
         return self._batchnorm(mod, attr, a, g, grp.local_ix)
 
     def _dense(self, local: torch.Tensor, numel: int, rows: int) -> bool:
@@ -335,14 +499,15 @@ class SubnetJacobian:
             )
         return F.unfold(a, mod.kernel_size, mod.dilation, padding, mod.stride)  # [n, I*k*k, L]
 
-    def _conv(self, mod: nn.Conv2d, attr, a, g, local, local_ix, unfolded: dict):
+    def _conv(self, mod: nn.Conv2d, attr, call: _Call, local, local_ix):
+        a, g = call.a, call.g
         n, C = g.shape[:2]
         g = g.flatten(3)  # [n, C, O, L]
         if attr == "bias":
             return g.sum(-1)[:, :, local_ix]
-        if id(mod) not in unfolded:  # weight and bias groups share the layer's unfold
-            unfolded[id(mod)] = self._unfold(mod, a)
-        U = unfolded[id(mod)]
+        if call.U is None:  # weight and bias groups share the call's unfold
+            call.U = self._unfold(mod, a)
+        U = call.U
         per_group_in = mod.weight[0].numel()  # (I/G) * kh * kw
         out_per_group = mod.out_channels // mod.groups
         G, L = mod.groups, g.shape[-1]

@@ -36,6 +36,7 @@ from .jacobians import (
     check_indices,
     full_jacobians,
     ggn_diagonal,
+    logits_of,
     n_params,
     param_slots,
     parse_budget,
@@ -223,7 +224,7 @@ class _Laplace(abc.ABC):
 
     def _first_logits(self, x: torch.Tensor) -> int:
         with torch.no_grad():
-            f = self.model(x[:1])
+            f = logits_of(self.model(x[:1]))
         if f.dim() != 2:
             raise InputError(f"the model must return logits [batch, classes], got {tuple(f.shape)}")
         if f.shape[1] < 2:
@@ -327,7 +328,9 @@ class _Laplace(abc.ABC):
             for _ in range(n_samples):
                 self._sample_params(gen)
                 out = [
-                    torch.softmax(self.model(x[i : i + 1024].to(device, dtype)).float(), -1).cpu()
+                    torch.softmax(
+                        logits_of(self.model(x[i : i + 1024].to(device, dtype))).float(), -1
+                    ).cpu()
                     for i in range(0, len(x), 1024)
                 ]
                 probs.append(torch.cat(out))

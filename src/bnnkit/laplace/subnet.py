@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import ConfigError, InputError
 from .jacobians import (
     check_indices,
+    logits_of,
     param_slots,
 )
 from .posterior import DiagLaplace, _batches, as_logits_model
@@ -120,7 +121,7 @@ def swag_variance(
         else:
             batches = _batches(data, batch_size)
         for xb, yb in batches:
-            loss = F.cross_entropy(net(xb.to(dev)), yb.long().to(dev))
+            loss = F.cross_entropy(logits_of(net(xb.to(dev))), yb.long().to(dev))
             opt.zero_grad()
             loss.backward()
             opt.step()
