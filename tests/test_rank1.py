@@ -80,19 +80,67 @@ def test_gaussian_kl_closed_form_matches_monte_carlo():
     torch.testing.assert_close(closed.detach(), mc, rtol=0.02, atol=0.05)
 
 
-def test_cauchy_kl_estimator_is_unbiased():
+def _kl_by_quadrature(q, p, lo=-4000.0, hi=4000.0, n=4_000_001):
+    """KL(q || p) = int q log(q / p) on a fine grid (float64 trapezoid), elementwise."""
+    z = torch.linspace(lo, hi, n, dtype=torch.float64)
+    out = []
+    for qi, pi in zip(q, p):
+        lq, lp = qi.log_prob(z), pi.log_prob(z)
+        out.append(torch.trapezoid(lq.exp() * (lq - lp), z))
+    return torch.stack(out)
+
+
+def _factor_dists(f, post, prior):
+    C, N = torch.distributions.Cauchy, torch.distributions.Normal
+    loc, scale = f.loc.detach().double().flatten(), f.scale().detach().double().flatten()
+    Q = C if post == "cauchy" else N
+    P = C if prior == "cauchy" else N
+    return [Q(l, s) for l, s in zip(loc, scale)], [P(1.0, f.prior_scale) for _ in loc]
+
+
+def test_cauchy_kl_is_exact_against_numerical_integration():
     torch.manual_seed(0)
-    f = _Rank1Factors(2, 3, "cauchy", "cauchy", 1.0, "ones", 0.5, kl_samples=1)
+    f = _Rank1Factors(2, 3, "cauchy", "cauchy", 1.3, "ones", 0.5, kl_samples=1)
     with torch.no_grad():
         f.loc.copy_(torch.tensor([[1.0, 2.0, 0.5], [1.5, 1.0, 0.0]]))
-    # KL between Cauchy distributions has a closed form (Chyzak & Nielsen, 2019):
-    # log(((s_q + s_p)^2 + (l_q - l_p)^2) / (4 s_q s_p))
-    s_q, s_p = f.scale().detach(), 1.0
-    exact = torch.log(((s_q + s_p) ** 2 + (f.loc.detach() - 1.0) ** 2) / (4 * s_q * s_p))
-    exact = exact.sum() / 2
-    estimates = torch.stack([f.kl().detach() for _ in range(20000)])
+        f.rho.copy_(torch.tensor([[0.1, -1.0, 0.5], [1.0, 0.0, -0.3]]))
+    q, p = _factor_dists(f, "cauchy", "cauchy")
+    exact = _kl_by_quadrature(q, p).sum() / 2
+    kl = f.kl().detach()
+    assert float(kl) == pytest.approx(float(exact), rel=1e-3)
+    assert float(f.kl().detach()) == float(kl)  # closed form: no sampling noise
+
+
+def test_gaussian_posterior_cauchy_prior_estimator_is_unbiased():
+    torch.manual_seed(0)
+    f = _Rank1Factors(2, 3, "gaussian", "cauchy", 0.7, "ones", 0.5, kl_samples=4)
+    with torch.no_grad():
+        f.loc.copy_(torch.tensor([[1.0, 2.0, 0.5], [1.5, 1.0, 0.0]]))
+    q, p = _factor_dists(f, "gaussian", "cauchy")
+    exact = _kl_by_quadrature(q, p, -60.0, 60.0, 600_001).sum() / 2
+    estimates = torch.stack([f.kl().detach() for _ in range(5000)]).double()
     se = estimates.std() / math.sqrt(len(estimates))
-    assert abs(estimates.mean() - exact) < 4 * se
+    assert abs(float(estimates.mean() - exact)) < 4 * float(se)
+
+
+@pytest.mark.parametrize(
+    "opts, match",
+    [
+        ({"posterior": "cauchy", "prior": "gaussian"}, "infinite KL"),
+        ({"kl_samples": 0}, "'kl_samples'.*>= 1"),
+        ({"kl_samples": 1.5}, "'kl_samples'"),
+        ({"prior_scale": 0}, "'prior_scale'.*> 0"),
+        ({"posterior": "laplace"}, "'posterior'.*gaussian, cauchy"),
+    ],
+)
+def test_improper_or_invalid_rank1_options_are_refused(opts, match):
+    from bnnkit import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        Rank1Linear(3, 2, members=2, **opts)
+    with pytest.raises(ConfigError, match=match):
+        bayesify(nn.Sequential(nn.Linear(3, 2)), {"*": "rank1"}, members=2,
+                 options={"rank1": opts})  # fmt: skip
 
 
 def test_gradients_reach_every_factor():
@@ -110,5 +158,5 @@ def test_rank1_kind_in_plans_and_unknown_family():
     net = bayesify(build_model("mlp", (1, 8, 8), 3), {"fc": "rank1"}, members=3)
     assert isinstance(net.body.fc, Rank1Linear) and isinstance(net.body.features[1], nn.Linear)
     assert net(torch.rand(2, 1, 8, 8), samples=2).shape == (6, 2, 3)
-    with pytest.raises(ValueError, match="unknown posterior family 'laplace'"):
+    with pytest.raises(ValueError, match="'posterior' of layer kind 'rank1'"):
         Rank1Linear(3, 2, 2, posterior="laplace")

@@ -18,12 +18,15 @@ from tqdm.auto import tqdm
 
 from . import io
 from .data import CORRUPTIONS, load_bundle
-from .errors import ConfigError
+from .errors import ConfigError, unknown_name
 from .evaluate import EvalConfig, evaluate
 from .methods import METHODS, UQModel, get_method, method_options
+from .models import MODELS
+from .options import Option, OptionTable
 from .report import ResultStore, markdown, plain, shift_summary, summary
 from .report import figures as figs
 from .train import DataConfig, RunConfig, TrainConfig, check_writable, train_run
+from .train.config import DATA_OPTIONS, TRAIN_OPTIONS
 from .train.run import check_same_config
 
 DEFAULT_METHODS = [
@@ -47,6 +50,33 @@ DEFAULT_CORRUPTIONS = [
     "pixelate",
     "elastic",
 ]
+
+
+BENCH_OPTIONS = OptionTable(
+    "bench config",
+    [
+        TRAIN_OPTIONS["epochs"],
+        Option("seeds", "int", 2, "seeds per method", low=1),
+        DATA_OPTIONS["subset"],
+        DATA_OPTIONS["val_size"],
+        Option("test_size", "int", None, "test and OOD images (null: all)", low=1,
+               nullable=True),
+        TRAIN_OPTIONS["batch_size"],
+        TRAIN_OPTIONS["lr"],
+        TRAIN_OPTIONS["weight_decay"],
+        TRAIN_OPTIONS["kl_anneal_epochs"],
+        TRAIN_OPTIONS["ensemble_protocol"],
+        Option("device", "choice", "auto", "where to train and evaluate",
+               choices=("auto", "cpu", "cuda", "gpu", "mps")),
+        Option("n_corrupt", "int", 250, "images per corruption and severity", low=1),
+        Option("n_rotate", "int", 300, "images per rotation angle", low=1),
+        Option("angles", "int_list", [0], "rotation angles in degrees"),
+        Option("model", "str", "lenet5", "architecture"),
+        Option("dataset", "str", "fashion_mnist", "data set"),
+        Option("out", "str", "runs/bench", "output directory"),
+        Option("progress", "bool", True, "progress bars"),
+    ],
+)  # fmt: skip
 
 
 @dataclass
@@ -90,6 +120,9 @@ class BenchConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        BENCH_OPTIONS.resolve({o.name: getattr(self, o.name) for o in BENCH_OPTIONS})
+        if not isinstance(self.methods, list) or not all(isinstance(m, str) for m in self.methods):
+            raise ConfigError(f"methods must be a list of method names, got {self.methods!r}")
         if not self.methods:
             raise ConfigError("no methods given; e.g. --methods deterministic,deep_ensemble")
         for label, spec in self.variants.items():
@@ -111,8 +144,8 @@ class BenchConfig:
         bad = [c for c in self.corruptions if c not in CORRUPTIONS]
         if bad:
             raise ConfigError(f"unknown corruption(s) {bad}; valid: {', '.join(CORRUPTIONS)}")
-        if self.seeds < 1 or self.epochs < 1:
-            raise ConfigError("seeds and epochs must be >= 1")
+        if self.model not in MODELS:
+            raise unknown_name("model", self.model, MODELS)
 
     def resolve(self, name: str) -> tuple[str, dict[str, Any]]:
         """``(method, options)`` of a method name or variant label."""

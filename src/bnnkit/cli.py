@@ -29,16 +29,33 @@ def _options(pairs: list[str] | None) -> dict:
     return out
 
 
-def _subset(text: str):
-    if text in ("all", "none", "0"):
+def _subset(text: str, flag: str = "--subset"):
+    if text == "all":
         return None
     try:
         n = int(text)
     except ValueError:
-        raise ConfigError(f"--subset takes a number or 'all', got {text!r}") from None
+        raise ConfigError(f"{flag} takes a number >= 1 or 'all', got {text!r}") from None
     if n < 1:
-        raise ConfigError(f"--subset must be >= 1, got {n}")
+        raise ConfigError(f"{flag} must be >= 1 (or 'all' for every example), got {n}")
     return n
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {n}")
+    return n
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with bnnkit's error format: one ``bnnkit: error: ...`` line, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"bnnkit: error: {message} (see `{self.prog} --help`)\n")
 
 
 # ------------------------------------------------------------------ train
@@ -95,7 +112,12 @@ def cmd_evaluate(a) -> int:
     )
     ecfg = EvalConfig(progress=not a.quiet, n_corrupt=a.n_corrupt, n_rotate=a.n_rotate)
     if a.corruptions:
-        ecfg.corruptions = a.corruptions.split(",")
+        from .data import CORRUPTIONS
+
+        ecfg.corruptions = [c.strip() for c in a.corruptions.split(",") if c.strip()]
+        bad = [c for c in ecfg.corruptions if c not in CORRUPTIONS]
+        if bad:
+            raise ConfigError(f"unknown corruption(s) {bad}; valid: {', '.join(CORRUPTIONS)}")
     rows, _ = evaluate(model, bundle, ecfg)
     io.atomic_write_text(run / "metrics.json", json.dumps(rows, indent=1))
     keep = {"test", "corrupt:mean", "cost"} | {
@@ -135,7 +157,7 @@ def cmd_bench(a) -> int:
     if a.subset is not None:
         cfg.subset = _subset(a.subset)
     if a.test_subset is not None:
-        cfg.test_size = _subset(a.test_subset)
+        cfg.test_size = _subset(a.test_subset, "--test-subset")
     if a.quiet:
         cfg.progress = False
     run_bench(cfg)
@@ -190,8 +212,8 @@ def cmd_methods(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bnnkit", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="bnnkit", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train one method into a run directory")
     t.add_argument("--method")
@@ -218,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--dataset", help="evaluate on another data set of the same shape")
     e.add_argument("--corruptions", help="comma-separated corruption names")
-    e.add_argument("--n-corrupt", type=int, default=2000)
-    e.add_argument("--n-rotate", type=int, default=2000)
+    e.add_argument("--n-corrupt", type=_count, default=2000, help="images per corruption")
+    e.add_argument("--n-rotate", type=_count, default=2000, help="images per angle")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
@@ -255,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except BnnkitError as e:
         print(f"bnnkit: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path, permission or full disk: the user's to fix, not a bug
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"bnnkit: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

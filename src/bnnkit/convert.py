@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -32,23 +33,29 @@ from .nn import (
     VariationalConv2d,
     VariationalLinear,
 )
+from .nn.dropout import MC_DROPOUT_OPTIONS
+from .nn.ensemble import BATCH_ENSEMBLE_OPTIONS
+from .nn.lpbnn import LPBNN_OPTIONS
+from .nn.rank1 import RANK1_OPTIONS
+from .nn.variational import VARIATIONAL_OPTIONS
+from .options import OptionTable
 
 CONVERTIBLE = (nn.Linear, nn.Conv2d)
 
 
-def _deterministic(layer, members, **_):
+def _deterministic(layer, members):
     return layer
 
 
-def _mc_dropout(layer, members, p: float | None = None, **_):
+def _mc_dropout(layer, members, p: float | None = None):
     if isinstance(layer, nn.Linear):
         return MCDropoutLinear(layer, 0.25 if p is None else p)
     return MCDropoutConv2d(layer, 0.1 if p is None else p)
 
 
-def _batch_ensemble(layer, members, factor_init: str = "normal", **_):
+def _batch_ensemble(layer, members, **options):
     cls = BatchEnsembleLinear if isinstance(layer, nn.Linear) else BatchEnsembleConv2d
-    return cls.from_dense(layer, members, factor_init=factor_init)
+    return cls.from_dense(layer, members, **options)
 
 
 def _rank1(layer, members, **options):
@@ -61,27 +68,48 @@ def _lpbnn(layer, members, **options):
     return cls.from_dense(layer, members, **options)
 
 
-def _variational(layer, members, prior_sigma: float = 1.0, init_sigma: float = 1e-3, **_):
+def _variational(layer, members, **options):
     cls = VariationalLinear if isinstance(layer, nn.Linear) else VariationalConv2d
-    return cls.from_dense(layer, prior_sigma=prior_sigma, init_sigma=init_sigma)
+    return cls.from_dense(layer, **options)
 
 
-KINDS: dict[str, Callable] = {
-    "deterministic": _deterministic,
-    "mc_dropout": _mc_dropout,
-    "batch_ensemble": _batch_ensemble,
-    "variational": _variational,
-    "rank1": _rank1,
-    "lpbnn": _lpbnn,
+@dataclass(frozen=True)
+class Kind:
+    """A layer kind: its factory ``factory(layer, members, **options) -> nn.Module``, its
+    declared options, and whether it needs ``members >= 2``."""
+
+    factory: Callable
+    options: OptionTable
+    ensemble: bool = False
+
+
+KINDS: dict[str, Kind] = {
+    "deterministic": Kind(_deterministic, OptionTable("layer kind 'deterministic'", [])),
+    "mc_dropout": Kind(_mc_dropout, MC_DROPOUT_OPTIONS),
+    "batch_ensemble": Kind(_batch_ensemble, BATCH_ENSEMBLE_OPTIONS, ensemble=True),
+    "variational": Kind(_variational, VARIATIONAL_OPTIONS),
+    "rank1": Kind(_rank1, RANK1_OPTIONS, ensemble=True),
+    "lpbnn": Kind(_lpbnn, LPBNN_OPTIONS, ensemble=True),
 }
-ENSEMBLE_KINDS = {"batch_ensemble", "rank1", "lpbnn"}
 
 
-def register_kind(name: str, factory: Callable, ensemble: bool = False) -> None:
-    """Add a layer kind: ``factory(layer, members, **options) -> nn.Module``."""
-    KINDS[name] = factory
-    if ensemble:
-        ENSEMBLE_KINDS.add(name)
+def ensemble_kinds() -> set[str]:
+    return {name for name, k in KINDS.items() if k.ensemble}
+
+
+def register_kind(
+    name: str, factory: Callable, ensemble: bool = False, options: OptionTable | None = None
+) -> None:
+    """Add a layer kind: ``factory(layer, members, **options) -> nn.Module``; ``options``
+    declares the keyword options it takes (none if omitted)."""
+    KINDS[name] = Kind(factory, options or OptionTable(f"layer kind {name!r}", []), ensemble)
+
+
+def kind_options(kind: str, options: dict | None) -> dict:
+    """Validated options of a layer kind (only those given; the layers' defaults fill in)."""
+    if kind not in KINDS:
+        raise unknown_name("layer kind", kind, KINDS)
+    return KINDS[kind].options.resolve(options, fill=False)
 
 
 def resolve_plan(model: nn.Module, plan: dict[str, str]) -> dict[str, str]:
@@ -89,7 +117,7 @@ def resolve_plan(model: nn.Module, plan: dict[str, str]) -> dict[str, str]:
     if not isinstance(plan, dict) or not plan:
         raise ConfigError("a placement plan must be a non-empty dict {layer name or pattern: kind}")
     for kind in plan.values():
-        if kind not in KINDS:
+        if not isinstance(kind, str) or kind not in KINDS:
             raise unknown_name("layer kind", kind, KINDS)
     names = [n for n, m in model.named_modules() if isinstance(m, CONVERTIBLE)]
     if not names:
@@ -140,14 +168,13 @@ def bayesify(
     With ``ensemble_batchnorm`` every BatchNorm2d gets per-member statistics and affine
     parameters (only meaningful with an ensemble kind).
     """
-    if members < 1:
-        raise ConfigError(f"members must be >= 1, got {members}")
-    options = options or {}
-    for kind in options:
-        if kind not in KINDS:
-            raise unknown_name("layer kind", kind, KINDS)
+    if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+        raise ConfigError(f"members must be an int >= 1, got {members!r}")
+    if not isinstance(options or {}, dict):
+        raise ConfigError("options must map a layer kind to a dict of its options")
+    options = {kind: kind_options(kind, opts) for kind, opts in (options or {}).items()}
     resolved = resolve_plan(model, plan)
-    uses_ensemble = any(k in ENSEMBLE_KINDS for k in resolved.values())
+    uses_ensemble = any(KINDS[k].ensemble for k in resolved.values())
     if uses_ensemble and members < 2:
         raise ConfigError("ensemble kinds (batch_ensemble, ...) need members >= 2")
     if members > 1 and not uses_ensemble:
@@ -160,7 +187,7 @@ def bayesify(
         if kind == "deterministic":
             continue
         layer = net.get_submodule(name)
-        _set(net, name, KINDS[kind](layer, members, **options.get(kind, {})))
+        _set(net, name, KINDS[kind].factory(layer, members, **options.get(kind, {})))
     if ensemble_batchnorm and uses_ensemble:
         for name, module in list(net.named_modules()):
             if isinstance(module, nn.BatchNorm2d):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, InputError
+from ..options import parse_size
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.modules.batchnorm._BatchNorm)
 
@@ -184,23 +185,7 @@ class _Call:
 
 def parse_budget(budget) -> int:
     """Bytes from an int or a string like '512MB', '2GB'."""
-    if isinstance(budget, (int, float)):
-        value = int(budget)
-    else:
-        s = str(budget).strip().upper()
-        units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40, "B": 1}
-        for unit, mult in units.items():
-            if s.endswith(unit):
-                try:
-                    value = int(float(s[: -len(unit)]) * mult)
-                except ValueError:
-                    break
-                break
-        else:
-            try:
-                value = int(s)
-            except ValueError:
-                value = -1
+    value = parse_size(budget)
     if value <= 0:
         raise InputError(f"memory budget must be a positive size like '2GB', got {budget!r}")
     return value

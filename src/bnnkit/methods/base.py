@@ -8,6 +8,7 @@ on validation data after training. Every method produces a :class:`UQModel` whos
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,12 @@ from ..convert import bayesify
 from ..errors import CheckpointError, ConfigError, unknown_name
 from ..models import Stacked, build_model, check_images
 from ..nn import aux_loss, count_parameters, kl_divergence
+from ..nn.dropout import MC_DROPOUT_OPTIONS
+from ..nn.ensemble import BATCH_ENSEMBLE_OPTIONS
+from ..nn.lpbnn import LPBNN_OPTIONS
+from ..nn.rank1 import RANK1_OPTIONS
+from ..nn.variational import VARIATIONAL_OPTIONS
+from ..options import Option, OptionTable
 from ..predictive import Predictive
 
 
@@ -189,13 +196,18 @@ class UQModel(nn.Module):
 class Method:
     name: str
     build: Callable[[ModelSpec, dict[str, Any]], UQModel]
-    defaults: dict[str, Any]
+    #: every option of the method, declared once (type, range or choices, default, help)
+    options: OptionTable
     summary: str
     #: post-hoc methods start from a trained model of this method and fit on validation data
     posthoc_of: str | None = None
     fit: Callable[..., None] | None = None
     #: training-loss options the routine reads (kl_weight, ...)
     train_options: tuple[str, ...] = ()
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.options.defaults
 
 
 METHODS: dict[str, Method] = {}
@@ -213,16 +225,21 @@ def get_method(name: str) -> Method:
 
 
 def method_options(name: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    m = get_method(name)
-    opts = dict(m.defaults)
-    for k, v in (options or {}).items():
-        if k not in m.defaults:
-            raise ConfigError(
-                f"method {name!r} has no option {k!r}; its options are: "
-                + (", ".join(sorted(m.defaults)) or "(none)")
-            )
-        opts[k] = v
-    return opts
+    """The method's options, validated against its table, defaults filled in."""
+    return get_method(name).options.resolve(options)
+
+
+def _default(option: Option, value) -> Option:
+    """A layer kind's option with the method's own default."""
+    return dataclasses.replace(option, default=value)
+
+
+MEMBERS = Option("members", "int", 4, "ensemble members", low=2)
+SAMPLES = Option("samples", "int", 16, "stochastic passes per member at prediction", low=1)
+KL_WEIGHT = Option("kl_weight", "float", 1.0, "weight of KL / N in the loss", low=0.0)
+ENSEMBLE_BN = Option(
+    "ensemble_batchnorm", "bool", False, "per-member BatchNorm statistics and affine parameters"
+)
 
 
 def build_method(name: str, spec: ModelSpec, options: dict[str, Any] | None = None) -> UQModel:
@@ -256,8 +273,6 @@ def _build_mc_dropout(spec, opts):
 
 
 def _build_deep_ensemble(spec, opts):
-    if opts["members"] < 2:
-        raise ConfigError(f"deep_ensemble needs members >= 2, got {opts['members']}")
     nets = [bayesify(spec.build(), {"*": "deterministic"}) for _ in range(opts["members"])]
     return UQModel(Stacked(nets), "deep_ensemble", opts, spec)
 
@@ -278,30 +293,52 @@ def _rank1_family(kind: str, layer_keys: tuple[str, ...]):
     return build
 
 
-_build_batch_ensemble = _rank1_family("batch_ensemble", ("factor_init",))
-_build_rank1 = _rank1_family(
-    "rank1", ("posterior", "prior", "prior_scale", "init", "init_scale", "kl_samples")
-)
-_build_lpbnn = _rank1_family("lpbnn", ("latent", "factor_init", "vae_weight"))
+_build_batch_ensemble = _rank1_family("batch_ensemble", tuple(BATCH_ENSEMBLE_OPTIONS.options))
+_build_rank1 = _rank1_family("rank1", tuple(RANK1_OPTIONS.options))
+_build_lpbnn = _rank1_family("lpbnn", tuple(LPBNN_OPTIONS.options))
 
 
 def _build_mfvi(spec, opts):
     net = bayesify(
         spec.build(),
         {"*": "variational"},
-        options={
-            "variational": {"prior_sigma": opts["prior_sigma"], "init_sigma": opts["init_sigma"]}
-        },
+        options={"variational": {k: opts[k] for k in VARIATIONAL_OPTIONS.options}},
     )
     return UQModel(net, "mfvi", opts, spec, eval_samples=opts["samples"])
 
 
-register(Method("deterministic", _build_deterministic, {}, "one network, softmax outputs"))
+_M = "method "
+
+
+def _rank1_family_table(name: str, kind_table: OptionTable, samples: bool, **defaults):
+    """members (+ samples) + the kind's layer options (with method defaults) + extras."""
+    opts = [MEMBERS]
+    if samples:
+        opts.append(_default(SAMPLES, 4))
+    for o in kind_table:
+        opts.append(_default(o, defaults[o.name]) if o.name in defaults else o)
+    opts.append(ENSEMBLE_BN)
+    if name == "rank1":
+        opts.append(KL_WEIGHT)
+    return OptionTable(_M + repr(name), opts, kind_table.checks)
+
+
+register(
+    Method(
+        "deterministic",
+        _build_deterministic,
+        OptionTable(_M + "'deterministic'", []),
+        "one network, softmax outputs",
+    )
+)
 register(
     Method(
         "mc_dropout",
         _build_mc_dropout,
-        {"p": 0.25, "samples": 16},
+        OptionTable(
+            _M + "'mc_dropout'",
+            [_default(MC_DROPOUT_OPTIONS["p"], 0.25), SAMPLES],
+        ),
         "dropout before every Linear layer, kept on at test time (Gal & Ghahramani, 2016)",
     )
 )
@@ -309,7 +346,7 @@ register(
     Method(
         "deep_ensemble",
         _build_deep_ensemble,
-        {"members": 4},
+        OptionTable(_M + "'deep_ensemble'", [MEMBERS]),
         "independently initialised networks trained jointly (Lakshminarayanan et al., 2017)",
     )
 )
@@ -317,7 +354,7 @@ register(
     Method(
         "batch_ensemble",
         _build_batch_ensemble,
-        {"members": 4, "factor_init": "normal", "ensemble_batchnorm": False},
+        _rank1_family_table("batch_ensemble", BATCH_ENSEMBLE_OPTIONS, samples=False),
         "rank-1 per-member factors on shared weights, folded batch (Wen et al., 2020)",
     )
 )
@@ -325,18 +362,7 @@ register(
     Method(
         "rank1",
         _build_rank1,
-        {
-            "members": 4,
-            "samples": 4,
-            "posterior": "gaussian",
-            "prior": "gaussian",
-            "prior_scale": 1.0,
-            "init": "normal",
-            "init_scale": 0.01,
-            "kl_samples": 1,
-            "kl_weight": 1.0,
-            "ensemble_batchnorm": False,
-        },
+        _rank1_family_table("rank1", RANK1_OPTIONS, samples=True, init="normal"),
         "rank-1 BNN: shared weights, Gaussian/Cauchy mixture posterior over rank-1 factors "
         "(Dusenberry et al., 2020)",
         train_options=("kl_weight",),
@@ -346,14 +372,7 @@ register(
     Method(
         "lpbnn",
         _build_lpbnn,
-        {
-            "members": 4,
-            "samples": 4,
-            "latent": 32,
-            "factor_init": "normal",
-            "vae_weight": 0.1,
-            "ensemble_batchnorm": False,
-        },
+        _rank1_family_table("lpbnn", LPBNN_OPTIONS, samples=True, vae_weight=0.1),
         "LP-BNN: BatchEnsemble whose rank-1 factors are sampled from a per-layer VAE "
         "(Franchi et al., 2020)",
     )
@@ -362,8 +381,18 @@ register(
     Method(
         "mfvi",
         _build_mfvi,
-        {"prior_sigma": 1.0, "init_sigma": 0.01, "samples": 16, "kl_weight": 1.0},
-        "mean-field Gaussian VI, local reparameterisation (Blundell et al., 2015)",
+        OptionTable(
+            _M + "'mfvi'",
+            [
+                VARIATIONAL_OPTIONS["prior_sigma"],
+                _default(VARIATIONAL_OPTIONS["init_sigma"], 0.01),
+                VARIATIONAL_OPTIONS["estimator"],
+                SAMPLES,
+                KL_WEIGHT,
+            ],
+        ),
+        "mean-field Gaussian VI: local reparameterisation for Linear layers, Flipout for "
+        "convolutions (Blundell et al., 2015; Wen et al., 2018)",
         train_options=("kl_weight",),
     )
 )

@@ -11,20 +11,26 @@ from __future__ import annotations
 import hashlib
 
 from ..laplace import (
+    STRATEGIES,
     DiagLaplace,
     LastLayerLaplace,
     SubnetLaplace,
     select_subnetwork,
 )
+from ..laplace.posterior import LINKS
+from ..options import Option, OptionTable
 from .base import Method, UQModel, register
 
-_COMMON = {
-    "prior": "marglik",  # or "gridsearch" (validation NLL)
-    "link": "probit",  # or "mc", "sample_weights"
-    "samples": 100,  # for link mc / sample_weights
-    "n_fit": None,  # training examples for the curvature (None: all)
-    "memory_budget": "2GB",
-}
+_COMMON = [
+    Option("prior", "choice", "marglik", "prior precision tuning: marginal likelihood or "
+           "validation-NLL grid search", choices=("marglik", "gridsearch")),
+    Option("link", "choice", "probit", "predictive: linearised probit, linearised Monte "
+           "Carlo, or the network with sampled weights", choices=LINKS),
+    Option("samples", "int", 100, "samples for link mc / sample_weights", low=1),
+    Option("n_fit", "int", None, "training examples for the curvature (null: all)", low=1,
+           nullable=True),
+    Option("memory_budget", "size", "2GB", "bound on the Jacobian work"),
+]  # fmt: skip
 
 
 def _train_data(model: UQModel, bundle, n_fit):
@@ -122,13 +128,30 @@ register(
     Method(
         "laplace_subnetwork",
         build=None,  # type: ignore[arg-type]  (post-hoc: built from `posthoc_of`)
-        defaults={
-            **_COMMON,
-            "strategy": "largest_variance",
-            "n_params": 1000,
-            "informed_tol": 0.01,
-            "seed": 0,
-        },
+        options=OptionTable(
+            "method 'laplace_subnetwork'",
+            [
+                *_COMMON,
+                Option(
+                    "strategy",
+                    "choice",
+                    "largest_variance",
+                    "subnetwork selection rule",
+                    choices=tuple(s for s in STRATEGIES if s != "names"),
+                ),
+                Option("n_params", "int", 1000, "subnetwork size", low=1),
+                Option(
+                    "informed_tol",
+                    "float",
+                    0.01,
+                    "largest_variance: a weight counts as "
+                    "informed when its GGN diagonal exceeds this fraction of the prior "
+                    "precision",
+                    low=0.0,
+                ),
+                Option("seed", "int", 0, "seed of the random strategy", low=0),
+            ],
+        ),  # fmt: skip
         summary="full-covariance linearised Laplace over a selected subnetwork (post hoc)",
         posthoc_of="deterministic",
         fit=_fit_subnetwork,
@@ -138,7 +161,7 @@ register(
     Method(
         "laplace_last_layer",
         build=None,  # type: ignore[arg-type]
-        defaults=dict(_COMMON),
+        options=OptionTable("method 'laplace_last_layer'", _COMMON),
         summary="full-covariance linearised Laplace over the last linear layer (post hoc)",
         posthoc_of="deterministic",
         fit=_fit_whole(LastLayerLaplace),
@@ -148,7 +171,7 @@ register(
     Method(
         "laplace_diag",
         build=None,  # type: ignore[arg-type]
-        defaults=dict(_COMMON),
+        options=OptionTable("method 'laplace_diag'", _COMMON),
         summary="diagonal linearised Laplace over all weights (post hoc)",
         posthoc_of="deterministic",
         fit=_fit_whole(DiagLaplace),

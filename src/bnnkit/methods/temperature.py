@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..options import OptionTable
 from .base import Method, UQModel, register
 
 
@@ -45,7 +46,7 @@ register(
     Method(
         "temperature_scaling",
         build=None,  # type: ignore[arg-type]  (post-hoc: built from `posthoc_of`)
-        defaults={},
+        options=OptionTable("method 'temperature_scaling'", []),
         summary="deterministic network with a softmax temperature fitted on validation NLL",
         posthoc_of="deterministic",
         fit=_fit,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import ConfigError, unknown_name
+from ..options import Option, OptionTable
 from .base import Folded, Normalize, Stacked, check_images, fold
 from .zoo import MLP, LeNet5, ResNet18, WideResNet28
 
@@ -13,11 +14,31 @@ MODELS = {
     "wrn28": WideResNet28,
 }
 
+#: every architecture option, declared once
+MODEL_OPTIONS = {
+    "mlp": OptionTable(
+        "model 'mlp'", [Option("hidden", "int_list", [256, 256], "hidden layer widths", low=1)]
+    ),
+    "lenet5": OptionTable("model 'lenet5'", []),
+    "resnet18": OptionTable(
+        "model 'resnet18'", [Option("width", "int", 64, "channels of the first stage", low=1)]
+    ),
+    "wrn28": OptionTable(
+        "model 'wrn28'",
+        [
+            Option("widen", "int", 10, "widening factor k", low=1),
+            Option("dropout", "float", 0.0, "dropout rate inside the blocks", low=0.0, high=1.0,
+                   high_open=True),
+        ],
+    ),
+}  # fmt: skip
+
 
 def build_model(name: str, input_shape, num_classes: int, mean=0.0, std=1.0, **kwargs):
     """Build a registered architecture for images of ``input_shape`` (C, H, W)."""
     if name not in MODELS:
         raise unknown_name("model", name, MODELS)
+    kwargs = MODEL_OPTIONS[name].resolve(kwargs, fill=False)
     if num_classes < 2:
         raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
     if len(input_shape) != 3:
@@ -29,6 +50,7 @@ def build_model(name: str, input_shape, num_classes: int, mean=0.0, std=1.0, **k
 
 __all__ = [
     "MODELS",
+    "MODEL_OPTIONS",
     "build_model",
     "Folded",
     "Stacked",

@@ -6,6 +6,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..options import Option, OptionTable
+
+MC_DROPOUT_OPTIONS = OptionTable(
+    "layer kind 'mc_dropout'",
+    [
+        Option("p", "float", None, "drop probability (null: 0.25 before Linear layers, 0.1 "
+               "channel dropout before Conv2d layers)", low=0.0, high=1.0, high_open=True,
+               nullable=True),
+    ],
+)  # fmt: skip
+
 
 class MCDropout(nn.Module):
     """Dropout active in train *and* eval mode; each row of the batch gets its own mask,
@@ -13,8 +24,7 @@ class MCDropout(nn.Module):
 
     def __init__(self, p: float = 0.25) -> None:
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        MC_DROPOUT_OPTIONS["p"].check(p, "MCDropout")
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..options import Option, OptionTable
 
 
 def _split(x: torch.Tensor, members: int) -> int:
@@ -43,6 +44,22 @@ def _split(x: torch.Tensor, members: int) -> int:
             "bnnkit.models.Folded or repeat the input M times"
         )
     return n // members
+
+
+FACTOR_INITS = ("ones", "normal", "random_sign")
+
+BATCH_ENSEMBLE_OPTIONS = OptionTable(
+    "layer kind 'batch_ensemble'",
+    [
+        Option(
+            "factor_init",
+            "choice",
+            "normal",
+            "initialisation of the rank-1 factors: ones, N(1, 0.5) or random signs",
+            choices=FACTOR_INITS,
+        )
+    ],
+)
 
 
 def init_factors(t: torch.Tensor, init: str) -> None:
@@ -226,11 +243,12 @@ class Rank1StructureLinear(_Rank1Structure):
     def from_dense(cls, layer: nn.Linear, members: int, **kw):
         """Copy a trained ``nn.Linear`` into every member (its bias into every ``b_m``)."""
         new = cls(layer.in_features, layer.out_features, members, layer.bias is not None, **kw)
+        new = new.to(layer.weight.device, layer.weight.dtype)  # before the copy: no rounding
         with torch.no_grad():
             new.weight.copy_(layer.weight)
             if layer.bias is not None:
                 new.bias.copy_(layer.bias.expand(members, -1))
-        return new.to(layer.weight.device, layer.weight.dtype)
+        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._member is not None:
@@ -309,11 +327,12 @@ class Rank1StructureConv2d(_Rank1Structure):
             padding_mode=layer.padding_mode,
             **kw,
         )
+        new = new.to(layer.weight.device, layer.weight.dtype)  # before the copy: no rounding
         with torch.no_grad():
             new.conv.weight.copy_(layer.weight)
             if layer.bias is not None:
                 new.bias.copy_(layer.bias.expand(members, -1))
-        return new.to(layer.weight.device, layer.weight.dtype)
+        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._member is not None:
@@ -349,6 +368,7 @@ class _LearntFactors:
     """BatchEnsemble's factors: one learnt vector pair per member."""
 
     def _make_factors(self, in_dim: int, out_dim: int, factor_init: str) -> None:
+        BATCH_ENSEMBLE_OPTIONS.resolve({"factor_init": factor_init})
         self.factor_init = factor_init
         self.r = nn.Parameter(torch.empty(self.members, in_dim))
         self.s = nn.Parameter(torch.empty(self.members, out_dim))
@@ -396,15 +416,36 @@ class BatchEnsembleConv2d(_LearntFactors, Rank1StructureConv2d):
 class EnsembleBatchNorm2d(EnsembleModule):
     """One BatchNorm2d per member on a member-major folded batch (statistics per member)."""
 
-    def __init__(self, num_features: int, members: int, eps: float = 1e-5, momentum=0.1):
+    def __init__(
+        self,
+        num_features: int,
+        members: int,
+        eps: float = 1e-5,
+        momentum=0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.members, self.num_features = members, num_features
         # a BatchNorm over M*C channels: member m's channels are m*C:(m+1)*C
-        self.bn = nn.BatchNorm2d(num_features * members, eps=eps, momentum=momentum)
+        self.bn = nn.BatchNorm2d(
+            num_features * members, eps, momentum, affine, track_running_stats, device, dtype
+        )
 
     @classmethod
     def from_dense(cls, layer: nn.BatchNorm2d, members: int):
-        new = cls(layer.num_features, members, layer.eps, layer.momentum)
+        """Every member starts as ``layer``: affine parameters, running statistics and the
+        batch counter copied; ``affine`` / ``track_running_stats`` / eps / momentum / device /
+        dtype kept."""
+        like = next(iter([*layer.parameters(), *layer.buffers()]), None)
+        new = cls(
+            layer.num_features, members, layer.eps, layer.momentum, layer.affine,
+            layer.track_running_stats,
+            device=None if like is None else like.device,
+            dtype=None if like is None or not like.is_floating_point() else like.dtype,
+        )  # fmt: skip
         with torch.no_grad():
             if layer.affine:
                 new.bn.weight.copy_(layer.weight.repeat(members))
@@ -412,7 +453,8 @@ class EnsembleBatchNorm2d(EnsembleModule):
             if layer.running_mean is not None:
                 new.bn.running_mean.copy_(layer.running_mean.repeat(members))
                 new.bn.running_var.copy_(layer.running_var.repeat(members))
-        return new.to(layer.weight.device if layer.affine else "cpu")
+                new.bn.num_batches_tracked.copy_(layer.num_batches_tracked)
+        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._member is not None:

@@ -20,8 +20,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InputError
-from .ensemble import Rank1StructureConv2d, Rank1StructureLinear, _LearntFactors
+from ..options import Option, OptionTable
+from .ensemble import (
+    BATCH_ENSEMBLE_OPTIONS,
+    Rank1StructureConv2d,
+    Rank1StructureLinear,
+    _LearntFactors,
+)
+
+LPBNN_OPTIONS = OptionTable(
+    "layer kind 'lpbnn'",
+    [
+        Option("latent", "int", 32, "latent size of each layer's VAE", low=1),
+        BATCH_ENSEMBLE_OPTIONS["factor_init"],
+        Option("vae_weight", "float", 1.0, "weight of the VAE's negative ELBO in the loss",
+               low=0.0),
+    ],
+)  # fmt: skip
 
 
 class FactorVAE(nn.Module):
@@ -65,8 +80,9 @@ class _DecodedFactors(_LearntFactors):
     learnt embedding ``r_m``; ``s`` learnt per member as in BatchEnsemble."""
 
     def _make_factors(self, in_dim: int, out_dim: int, latent, factor_init, vae_weight) -> None:
-        if latent < 1:
-            raise InputError(f"latent size must be >= 1, got {latent}")
+        LPBNN_OPTIONS.resolve(
+            {"latent": latent, "factor_init": factor_init, "vae_weight": vae_weight}
+        )
         super()._make_factors(in_dim, out_dim, factor_init)
         self.vae = FactorVAE(in_dim, latent)
         self.vae_weight = vae_weight

@@ -12,8 +12,10 @@ component ("per-example sampling"), so a training batch gives M*B independent sa
 
 KL: ``kl()`` returns ``(1/M) sum_m KL(q_m || p)`` summed over the layer's factors: an upper bound
 on ``KL(q || p)`` of the mixture (convexity of the KL in its first argument), matching the loss's
-average of the NLL over members. Closed form for Gaussian q and p; for Cauchy an unbiased
-Monte Carlo estimate ``log q(z) - log p(z)``, ``z ~ q_m`` (``kl_samples`` draws per factor).
+average of the NLL over members. Closed form for Gaussian/Gaussian and Cauchy/Cauchy; for a
+Gaussian posterior with a Cauchy prior an unbiased Monte Carlo estimate ``log q(z) - log p(z)``,
+``z ~ q_m`` (``kl_samples`` draws per factor). A Cauchy posterior with a Gaussian prior has an
+infinite KL and is refused.
 With a zero posterior scale a rank-1 layer is exactly a BatchEnsemble layer.
 """
 
@@ -25,16 +27,46 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InputError
-from .ensemble import Rank1StructureConv2d, Rank1StructureLinear, init_factors
+from ..options import Option, OptionTable
+from .ensemble import FACTOR_INITS, Rank1StructureConv2d, Rank1StructureLinear, init_factors
 
 FAMILIES = ("gaussian", "cauchy")
 
 
-def _check_family(name: str, what: str) -> str:
-    if name not in FAMILIES:
-        raise InputError(f"unknown {what} family {name!r}; use one of {', '.join(FAMILIES)}")
-    return name
+def _proper_kl(o: dict) -> str | None:
+    if o["posterior"] == "cauchy" and o["prior"] == "gaussian":
+        return (
+            "a Cauchy posterior with a Gaussian prior has an infinite KL divergence (the "
+            "posterior's tails are heavier than the prior's), so the ELBO is undefined; use "
+            "prior='cauchy' with posterior='cauchy', or posterior='gaussian'"
+        )
+    return None
+
+
+RANK1_OPTIONS = OptionTable(
+    "layer kind 'rank1'",
+    [
+        Option("posterior", "choice", "gaussian", "family of each member's posterior over "
+               "r and s", choices=FAMILIES),
+        Option("prior", "choice", "gaussian", "family of the prior (centred at 1)",
+               choices=FAMILIES),
+        Option("prior_scale", "float", 1.0, "scale of the prior", low=0.0, low_open=True,
+               log=True),
+        Option("init", "choice", "random_sign", "initialisation of the posterior locations",
+               choices=FACTOR_INITS),
+        Option("init_scale", "float", 0.01, "initial posterior scale (0: a BatchEnsemble)",
+               low=0.0),
+        Option("kl_samples", "int", 1, "Monte Carlo draws per factor where the KL has no "
+               "closed form (Gaussian posterior, Cauchy prior)", low=1),
+    ],
+    checks=[_proper_kl],
+)  # fmt: skip
+
+
+def cauchy_kl(loc_q, scale_q, loc_p, scale_p) -> torch.Tensor:
+    """Closed-form ``KL(Cauchy(loc_q, scale_q) || Cauchy(loc_p, scale_p))`` (Chyzak &
+    Nielsen, 2019): ``log(((s_q + s_p)^2 + (l_q - l_p)^2) / (4 s_q s_p))``."""
+    return torch.log(((scale_q + scale_p) ** 2 + (loc_q - loc_p) ** 2) / (4 * scale_q * scale_p))
 
 
 class _Rank1Factors(nn.Module):
@@ -53,10 +85,7 @@ class _Rank1Factors(nn.Module):
     ) -> None:
         super().__init__()
         self.members, self.dim = members, dim
-        self.posterior = _check_family(posterior, "posterior")
-        self.prior = _check_family(prior, "prior")
-        if prior_scale <= 0 or init_scale < 0:
-            raise InputError("prior_scale must be > 0 and init_scale >= 0")
+        self.posterior, self.prior = posterior, prior
         self.prior_scale = prior_scale
         self.kl_samples = kl_samples
         self.loc = nn.Parameter(torch.empty(members, dim))
@@ -90,6 +119,9 @@ class _Rank1Factors(nn.Module):
             ratio = (scale / self.prior_scale) ** 2
             per = 0.5 * (ratio + ((self.loc - 1.0) / self.prior_scale) ** 2 - 1 - torch.log(ratio))
             return per.sum() / self.members
+        if self.posterior == "cauchy" and self.prior == "cauchy":
+            return cauchy_kl(self.loc, scale, 1.0, self.prior_scale).sum() / self.members
+        # Gaussian posterior, Cauchy prior: finite, no closed form; unbiased Monte Carlo
         q = _dist(self.posterior, self.loc, scale)
         p = _dist(self.prior, torch.ones_like(self.loc), torch.full_like(scale, self.prior_scale))
         z = q.rsample((self.kl_samples,))
@@ -102,26 +134,11 @@ def _dist(family: str, loc: torch.Tensor, scale: torch.Tensor):
     return torch.distributions.Cauchy(loc, scale)
 
 
-_DEFAULTS = dict(
-    posterior="gaussian",
-    prior="gaussian",
-    prior_scale=1.0,
-    init="random_sign",
-    init_scale=0.01,
-    kl_samples=1,
-)
-
-
 class _SampledFactors:
     """Rank-1 BNN factors: each row draws ``r, s`` from its member's posterior component."""
 
     def _make_factors(self, in_dim: int, out_dim: int, options: dict) -> None:
-        unknown = set(options) - set(_DEFAULTS)
-        if unknown:
-            raise InputError(
-                f"unknown rank-1 option(s) {sorted(unknown)}; valid: {sorted(_DEFAULTS)}"
-            )
-        kw = {**_DEFAULTS, **options}
+        kw = RANK1_OPTIONS.resolve(options)
         self.r = _Rank1Factors(self.members, in_dim, **kw)
         self.s = _Rank1Factors(self.members, out_dim, **kw)
         self.sample = True  # False: use the posterior locations (a BatchEnsemble layer)

@@ -1,9 +1,23 @@
 """Mean-field Gaussian variational layers (Bayes by backprop, Blundell et al., 2015).
 
-Forward passes use the local reparameterisation trick (Kingma et al., 2015): the
-pre-activations are sampled per example from their Gaussian, which lowers gradient
-variance and makes every row of a batch an independent weight sample (so repeating the
-input S times draws S posterior samples in one pass).
+Every row of a batch is its own posterior sample, so repeating the input S times draws S
+samples in one pass. How a row's sample is realised:
+
+* ``VariationalLinear``: the local reparameterisation trick (Kingma et al., 2015). Each output
+  unit depends on its own row of the weight matrix, so sampling every pre-activation from its
+  Gaussian is *exactly* the distribution given by a per-example weight sample, at the cost of
+  two matrix products.
+* ``VariationalConv2d``: a convolution weight is shared by every output position, so the
+  outputs of one example are correlated across positions; sampling each position
+  independently (local reparameterisation) is not a weight sample and underestimates the
+  variance after pooling by about the number of positions. Two exact estimators instead:
+  ``estimator='flipout'`` (Wen et al., 2018): one perturbation ``dW ~ N(0, sigma^2)`` per pass,
+  decorrelated between rows by random signs, ``conv(x, mu) + conv(x * s_in, dW) * s_out``; each
+  row's effective weight ``mu + dW * (s_out s_in^T)`` is marginally an exact posterior sample
+  (rows are uncorrelated, not independent). ``estimator='grouped'``: an independent weight per
+  row, applied as one grouped convolution (memory: batch x weight size). Flipout is the
+  default: it is the faster on the bench's networks (``benchmarks/variational_conv.py``).
+  Biases are sampled per row in both (a bias is per channel, shared by all positions).
 
 KL convention: ``kl()`` returns ``KL(q || p)`` summed over all of the layer's weights and
 biases (closed form, Gaussian prior ``N(0, prior_sigma^2)``). The training loss divides the
@@ -18,11 +32,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..options import Option, OptionTable
+
+ESTIMATORS = ("flipout", "grouped")
+
+VARIATIONAL_OPTIONS = OptionTable(
+    "layer kind 'variational'",
+    [
+        Option("prior_sigma", "float", 1.0, "standard deviation of the N(0, s^2) prior",
+               low=0.0, low_open=True, log=True),
+        Option("init_sigma", "float", 1e-3, "initial posterior standard deviation",
+               low=0.0, low_open=True, log=True),
+        Option("estimator", "choice", "flipout", "how a convolution draws a weight sample per "
+               "row: flipout or grouped (independent weights); Linear layers are exact anyway",
+               choices=ESTIMATORS),
+    ],
+)  # fmt: skip
+
 
 def gaussian_kl(mu: torch.Tensor, sigma: torch.Tensor, prior_sigma: float) -> torch.Tensor:
     """Sum over elements of ``KL(N(mu, sigma^2) || N(0, prior_sigma^2))``."""
     var_ratio = (sigma / prior_sigma) ** 2
     return 0.5 * (var_ratio + (mu / prior_sigma) ** 2 - 1.0 - torch.log(var_ratio)).sum()
+
+
+def _signs(shape, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(shape, device=like.device, dtype=like.dtype).bernoulli_(0.5).mul_(2).sub_(1)
 
 
 class _Variational(nn.Module):
@@ -54,8 +89,12 @@ class VariationalLinear(_Variational):
         bias: bool = True,
         prior_sigma: float = 1.0,
         init_sigma: float = 1e-3,
+        estimator: str = "flipout",
     ) -> None:
         super().__init__()
+        VARIATIONAL_OPTIONS.resolve(
+            {"prior_sigma": prior_sigma, "init_sigma": init_sigma, "estimator": estimator}
+        )
         self.in_features, self.out_features = in_features, out_features
         self.prior_sigma = prior_sigma
         self.weight_mu = nn.Parameter(torch.empty(out_features, in_features))
@@ -76,11 +115,12 @@ class VariationalLinear(_Variational):
     @classmethod
     def from_dense(cls, layer: nn.Linear, **kw):
         new = cls(layer.in_features, layer.out_features, layer.bias is not None, **kw)
+        new = new.to(device=layer.weight.device, dtype=layer.weight.dtype)
         with torch.no_grad():
             new.weight_mu.copy_(layer.weight)
             if layer.bias is not None:
                 new.bias_mu.copy_(layer.bias)
-        return new.to(layer.weight.device)
+        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mean = F.linear(x, self.weight_mu, self.bias_mu)
@@ -95,6 +135,9 @@ class VariationalLinear(_Variational):
 
 
 class VariationalConv2d(_Variational):
+    """Mean-field Gaussian Conv2d; every row of the batch is one weight sample (see the module
+    docstring for the ``flipout`` and ``grouped`` estimators)."""
+
     def __init__(
         self,
         in_channels: int,
@@ -105,19 +148,25 @@ class VariationalConv2d(_Variational):
         dilation=1,
         groups: int = 1,
         bias: bool = True,
+        padding_mode: str = "zeros",
         prior_sigma: float = 1.0,
         init_sigma: float = 1e-3,
+        estimator: str = "flipout",
     ) -> None:
         super().__init__()
-        ref = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.stride, self.padding, self.dilation, self.groups = (
-            ref.stride,
-            ref.padding,
-            ref.dilation,
-            ref.groups,
+        VARIATIONAL_OPTIONS.resolve(
+            {"prior_sigma": prior_sigma, "init_sigma": init_sigma, "estimator": estimator}
         )
+        ref = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            padding_mode,
+        )  # fmt: skip
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = ref.kernel_size, ref.stride, ref.padding
+        self.dilation, self.groups, self.padding_mode = ref.dilation, ref.groups, padding_mode
+        self._pad = ref._reversed_padding_repeated_twice
         self.prior_sigma = prior_sigma
+        self.estimator = estimator
         self.weight_mu = nn.Parameter(ref.weight.detach().clone())
         self.weight_rho = nn.Parameter(torch.full_like(ref.weight, self._init_rho(init_sigma)))
         if bias:
@@ -138,24 +187,57 @@ class VariationalConv2d(_Variational):
             layer.dilation,
             layer.groups,
             layer.bias is not None,
+            layer.padding_mode,
             **kw,
         )
+        new = new.to(device=layer.weight.device, dtype=layer.weight.dtype)
         with torch.no_grad():
             new.weight_mu.copy_(layer.weight)
             if layer.bias is not None:
                 new.bias_mu.copy_(layer.bias)
-        return new.to(layer.weight.device)
+        return new
 
-    def _conv(self, x, w, b):
-        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+    def _conv(self, x, w, groups=None):
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._pad, mode=self.padding_mode)
+            padding = 0
+        return F.conv2d(
+            x,
+            w,
+            None,
+            self.stride,
+            padding,
+            self.dilation,
+            self.groups if groups is None else groups,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = self._conv(x, self.weight_mu, self.bias_mu)
         if not self.sample:
-            return mean
-        w_var, b_var = self._variances()
-        var = self._conv(x * x, w_var, b_var)
-        return mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
+            out = self._conv(x, self.weight_mu)
+            return out if self.bias_mu is None else out + self.bias_mu.view(1, -1, 1, 1)
+        w_sigma = self.sigma(self.weight_rho)
+        B = x.shape[0]
+        if self.estimator == "flipout":
+            dW = w_sigma * torch.randn_like(w_sigma)
+            s_in = _signs((B, self.in_channels, 1, 1), x)
+            s_out = _signs((B, self.out_channels, 1, 1), x)
+            out = self._conv(x, self.weight_mu) + self._conv(x * s_in, dW) * s_out
+        else:  # grouped: an independent weight per row, one grouped convolution
+            eps = torch.randn((B, *w_sigma.shape), device=x.device, dtype=x.dtype)
+            w = (self.weight_mu + w_sigma * eps).reshape(-1, *w_sigma.shape[1:])
+            out = self._conv(x.reshape(1, -1, *x.shape[2:]), w, self.groups * B)
+            out = out.reshape(B, self.out_channels, *out.shape[2:])
+        if self.bias_mu is not None:
+            b_sigma = self.sigma(self.bias_rho)
+            b = self.bias_mu + b_sigma * torch.randn(
+                B, self.out_channels, device=x.device, dtype=x.dtype
+            )
+            out = out + b[:, :, None, None]
+        return out
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, prior_sigma={self.prior_sigma}"
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, prior_sigma={self.prior_sigma}, estimator={self.estimator}"
+        )

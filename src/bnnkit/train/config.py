@@ -10,6 +10,57 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..options import Option, OptionTable
+
+PRECISIONS = (
+    "64-true", "64", "32-true", "32", "16-true", "16-mixed", "16", "bf16-true", "bf16-mixed",
+    "bf16", "transformer-engine", "transformer-engine-float16",
+)  # fmt: skip
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+
+DATA_OPTIONS = OptionTable(
+    "data config",
+    [
+        Option("dataset", "str", "fashion_mnist", "data set name (see `bnnkit data`)"),
+        Option("val_size", "int", 5000, "validation examples held out of the training set",
+               low=1),
+        Option("subset", "int", None, "training examples to use (null: all)", low=1,
+               nullable=True),
+        Option("split_seed", "int", 0, "seed of the train/validation split", low=0),
+    ],
+)  # fmt: skip
+
+TRAIN_OPTIONS = OptionTable(
+    "train config",
+    [
+        Option("epochs", "int", 10, "training epochs", low=1),
+        Option("batch_size", "int", 128, "examples per step", low=1),
+        Option("lr", "float", 1e-3, "Adam learning rate", low=0.0, low_open=True, log=True),
+        Option("weight_decay", "float", 0.0, "weight decay of the shared weights", low=0.0),
+        Option("kl_anneal_epochs", "int", 0, "linear warm-up of the KL weight (epochs)", low=0),
+        Option("ensemble_protocol", "choice", "repeat", "folded ensembles: every member sees "
+               "every example (repeat) or the batch is divided (split)",
+               choices=("repeat", "split")),
+        Option("augment", "bool", None, "random crop + flip (null: for 32x32 colour images)",
+               nullable=True),
+        Option("accelerator", "choice", "auto", "Lightning accelerator", choices=ACCELERATORS),
+        Option("devices", "int", 1, "devices per node (-1: all)", low=-1),
+        Option("strategy", "str", "auto", "Lightning strategy: auto, ddp, ..."),
+        Option("precision", "choice", "32-true", "Lightning precision", choices=PRECISIONS),
+        Option("num_nodes", "int", 1, "nodes", low=1),
+        Option("progress", "bool", True, "progress bars"),
+    ],
+    checks=[lambda o: "devices must be >= 1 or -1 (all)" if o["devices"] == 0 else None],
+)  # fmt: skip
+
+RUN_OPTIONS = OptionTable(
+    "run config",
+    [
+        Option("method", "str", "deterministic", "UQ method (see `bnnkit methods`)"),
+        Option("model", "str", "lenet5", "architecture: mlp, lenet5, resnet18, wrn28"),
+        Option("seed", "int", 0, "seed of initialisation, data order and sampling", low=0),
+    ],
+)
 
 
 @dataclass
@@ -51,6 +102,23 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def validate(self) -> RunConfig:
+        """Check every value against the declared tables (method, model, train, data): a bad
+        value is a ConfigError here, before any data is loaded or any training starts."""
+        from ..methods import method_options
+        from ..models import MODEL_OPTIONS, MODELS
+
+        RUN_OPTIONS.resolve({k: getattr(self, k) for k in RUN_OPTIONS.options})
+        DATA_OPTIONS.resolve(asdict(self.data))
+        TRAIN_OPTIONS.resolve(asdict(self.train))
+        method_options(self.method, self.method_options)
+        if self.model not in MODELS:
+            from ..errors import unknown_name
+
+            raise unknown_name("model", self.model, MODELS)
+        MODEL_OPTIONS[self.model].resolve(self.model_options, fill=False)
+        return self
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:

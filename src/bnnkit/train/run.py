@@ -131,6 +131,7 @@ def train_run(
     ``callbacks``: extra Lightning callbacks (early stopping, custom logging, ...).
     """
     run_dir = Path(run_dir)
+    cfg.validate()
     method = get_method(cfg.method)
     check_writable(run_dir)
     check_same_config(run_dir / "config.json", cfg)
@@ -141,12 +142,6 @@ def train_run(
                 "choose another output directory"
             )
         return UQModel.load(run_dir / "model.safetensors")
-    if cfg.train.ensemble_protocol not in ("repeat", "split"):
-        raise ConfigError(
-            f"ensemble_protocol must be 'repeat' or 'split', got {cfg.train.ensemble_protocol!r}"
-        )
-    if cfg.train.epochs < 1:
-        raise ConfigError(f"epochs must be >= 1, got {cfg.train.epochs}")
     if bundle is None:
         d = cfg.data
         bundle = load_bundle(

@@ -1,0 +1,195 @@
+"""Every option of every method, layer kind, model and run setting, declared once.
+
+An :class:`Option` says the name, type, default, range or choices and a help line; an
+:class:`OptionTable` resolves a user's dict against its declarations: unknown keys (with a
+close-match suggestion), wrong types and out-of-range values are refused with a
+:class:`~bnnkit.ConfigError` that names the option, the value and what is valid, before any
+work starts. The CLI, YAML configs, :func:`bnnkit.bayesify`, the methods and the placement
+search all read the same tables, so a value is checked the same way wherever it comes from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+KINDS = ("int", "float", "bool", "str", "choice", "size", "int_list")
+
+
+def parse_size(value) -> int:
+    """Bytes from a positive int or a string like '512MB', '2GB' (-1 when unparsable)."""
+    if isinstance(value, bool):
+        return -1
+    if isinstance(value, (int, float)):
+        return int(value) if math.isfinite(value) else -1
+    s = str(value).strip().upper()
+    for unit, mult in (("KB", 2**10), ("MB", 2**20), ("GB", 2**30), ("TB", 2**40), ("B", 1)):
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * mult)
+            except ValueError:
+                return -1
+    try:
+        return int(s)
+    except ValueError:
+        return -1
+
+
+@dataclass(frozen=True)
+class Option:
+    """One declared option. Ranges are inclusive unless ``low_open`` / ``high_open``."""
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    choices: tuple = ()
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    nullable: bool = False  # None is a valid value (meaning "all" / "automatic")
+    log: bool = False  # a search over this option samples it on a log scale
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"option {self.name}: unknown kind {self.kind!r}")
+
+    def describe(self) -> str:
+        """What is valid, in words: 'an int >= 1', 'one of a, b', ..."""
+        if self.kind == "choice":
+            text = "one of " + ", ".join(map(str, self.choices))
+        elif self.kind == "bool":
+            text = "true or false"
+        elif self.kind == "size":
+            text = "a positive size like '512MB' or '2GB'"
+        elif self.kind == "str":
+            text = "a string"
+        else:
+            what = {"int": "an int", "float": "a number", "int_list": "a list of ints"}[self.kind]
+            lo = "" if self.low is None else ("(" if self.low_open else "[") + f"{self.low:g}"
+            hi = "" if self.high is None else f"{self.high:g}" + (")" if self.high_open else "]")
+            if lo and hi:
+                text = f"{what} in {lo}, {hi}"
+            elif lo:
+                text = f"{what} {'>' if self.low_open else '>='} {self.low:g}"
+            elif hi:
+                text = f"{what} {'<' if self.high_open else '<='} {self.high:g}"
+            else:
+                text = what
+        return text + (" (or null)" if self.nullable else "")
+
+    def _in_range(self, x: float) -> bool:
+        if self.low is not None and (x <= self.low if self.low_open else x < self.low):
+            return False
+        if self.high is not None and (x >= self.high if self.high_open else x > self.high):
+            return False
+        return True
+
+    def check(self, value, where: str = ""):
+        """The validated value (ints accepted for floats); ConfigError otherwise."""
+        if value is None and self.nullable:
+            return None
+
+        def bad():
+            owner = f" of {where}" if where else ""
+            return ConfigError(
+                f"option {self.name!r}{owner} must be {self.describe()}, got {value!r}"
+            )
+
+        k = self.kind
+        if k == "bool":
+            if not isinstance(value, bool):
+                raise bad()
+            return value
+        if k in ("str", "choice"):
+            if not isinstance(value, str) or (k == "choice" and value not in self.choices):
+                raise bad()
+            return value
+        if k == "size":
+            if parse_size(value) <= 0:
+                raise bad()
+            return value
+        if k == "int_list":
+            if not isinstance(value, (list, tuple)) or not value:
+                raise bad()
+            for v in value:
+                if not isinstance(v, int) or isinstance(v, bool) or not self._in_range(v):
+                    raise bad()
+            return list(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        if k == "int" and not isinstance(value, int):
+            raise bad()
+        if not math.isfinite(value) or not self._in_range(value):
+            raise bad()
+        return float(value) if k == "float" else value
+
+
+class OptionTable:
+    """Declared options of one owner (a method, a layer kind, a model, a config section)."""
+
+    def __init__(
+        self,
+        owner: str,
+        options: Iterable[Option],
+        checks: Iterable[Callable[[dict], str | None]] = (),
+    ) -> None:
+        self.owner = owner
+        self.options = {o.name: o for o in options}
+        self.checks = tuple(checks)  # cross-option rules: a message when violated
+
+    def __iter__(self):
+        return iter(self.options.values())
+
+    def __contains__(self, name) -> bool:
+        return name in self.options
+
+    def __len__(self) -> int:
+        return len(self.options)
+
+    def __getitem__(self, name: str) -> Option:
+        return self.options[name]
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {o.name: o.default for o in self}
+
+    def subset(self, owner: str, names: Iterable[str]) -> OptionTable:
+        names = list(names)
+        return OptionTable(owner, [self.options[n] for n in names], self.checks if names else ())
+
+    def unknown(self, key: str) -> ConfigError:
+        valid = sorted(self.options)
+        near = difflib.get_close_matches(str(key), valid, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        return ConfigError(
+            f"{self.owner} has no option {key!r}{hint}; its options are: "
+            + (", ".join(valid) or "(none)")
+        )
+
+    def resolve(self, given: dict[str, Any] | None = None, fill: bool = True) -> dict[str, Any]:
+        """Validated options: ``given`` over the defaults (only ``given`` if not ``fill``)."""
+        given = {} if given is None else given
+        if not isinstance(given, dict):
+            raise ConfigError(
+                f"options of {self.owner} must be a mapping, got {type(given).__name__}"
+            )
+        out = dict(self.defaults) if fill else {}
+        for key, value in given.items():
+            if key not in self.options:
+                raise self.unknown(key)
+            out[key] = self.options[key].check(value, self.owner)
+        for rule in self.checks:
+            msg = rule({**self.defaults, **out})
+            if msg:
+                raise ConfigError(f"{self.owner}: {msg}")
+        return out
+
+    def help(self) -> str:
+        return "\n".join(f"{o.name}={o.default!r}: {o.help} ({o.describe()})" for o in self)

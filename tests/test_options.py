@@ -1,0 +1,131 @@
+"""Every registered option of every method, layer kind, model and run setting refuses every
+kind of bad value through the real entry point, before any work, naming the option."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bnnkit import ConfigError, bayesify
+from bnnkit.bench import BENCH_OPTIONS, BenchConfig
+from bnnkit.convert import KINDS
+from bnnkit.methods import METHODS, ModelSpec, build_method
+from bnnkit.models import MODEL_OPTIONS, build_model
+from bnnkit.options import Option
+from bnnkit.train import RunConfig
+from bnnkit.train.config import DATA_OPTIONS, RUN_OPTIONS, TRAIN_OPTIONS
+
+SPEC = ModelSpec("mlp", (1, 4, 4), 3, arch_options={"hidden": [5]})
+
+
+def bad_values(o: Option) -> list:
+    """Values the declaration rules out: wrong types, out of range, unknown choices, null."""
+    vals: list = [] if o.nullable else [None]
+    if o.kind in ("int", "float"):
+        vals += ["four", True, [1]]
+        if o.kind == "int":
+            vals.append(1.5)
+        else:
+            vals += [math.nan, math.inf]
+        if o.low is not None:
+            vals.append(o.low if o.low_open else o.low - 1)
+        if o.high is not None:
+            vals.append(o.high if o.high_open else o.high + 1)
+    elif o.kind == "bool":
+        vals += ["yes", 1]
+    elif o.kind == "choice":
+        vals += ["no-such-choice", 3]
+    elif o.kind == "size":
+        vals += ["lots", 0, -5, True]
+    elif o.kind == "int_list":
+        vals += [[], ["a"], 3] + ([[int(o.low) - 1]] if o.low is not None else [])
+    elif o.kind == "str":
+        vals += [5, ["x"]]
+    return vals
+
+
+def _cases(tables):
+    return [
+        pytest.param(owner, o.name, v, id=f"{owner}-{o.name}-{v!r}")
+        for owner, table in tables
+        for o in table
+        for v in bad_values(o)
+    ]
+
+
+METHOD_CASES = _cases([(m.name, m.options) for m in METHODS.values()])
+KIND_CASES = _cases([(k, kind.options) for k, kind in KINDS.items()])
+MODEL_CASES = _cases(list(MODEL_OPTIONS.items()))
+RUN_CASES = _cases([("data", DATA_OPTIONS), ("train", TRAIN_OPTIONS), ("run", RUN_OPTIONS)])
+BENCH_CASES = _cases([("bench", BENCH_OPTIONS)])
+
+
+def _refused(call, name, value):
+    with pytest.raises(ConfigError) as err:
+        call()
+    msg = str(err.value)
+    assert repr(name) in msg and repr(value) in msg, msg
+
+
+def test_there_is_something_to_check():
+    assert len(METHOD_CASES) > 150 and len(KIND_CASES) > 30 and len(RUN_CASES) > 50
+
+
+@pytest.mark.parametrize("method, name, value", METHOD_CASES)
+def test_method_options(method, name, value):
+    _refused(lambda: build_method(method, SPEC, {name: value}), name, value)
+
+
+@pytest.mark.parametrize("kind, name, value", KIND_CASES)
+def test_layer_kind_options(kind, name, value):
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    members = 2 if KINDS[kind].ensemble else 1
+    _refused(
+        lambda: bayesify(net, {"*": kind}, members=members, options={kind: {name: value}}),
+        name,
+        value,
+    )
+
+
+@pytest.mark.parametrize("model, name, value", MODEL_CASES)
+def test_model_options(model, name, value):
+    _refused(lambda: build_model(model, (3, 32, 32), 10, **{name: value}), name, value)
+
+
+@pytest.mark.parametrize("section, name, value", RUN_CASES)
+def test_run_config_options(section, name, value):
+    cfg = RunConfig()
+    target = cfg if section == "run" else getattr(cfg, section)
+    setattr(target, name, value)
+    _refused(cfg.validate, name, value)
+
+
+@pytest.mark.parametrize("section, name, value", BENCH_CASES)
+def test_bench_options(section, name, value):
+    cfg = BenchConfig(methods=["deterministic"])
+    setattr(cfg, name, value)
+    _refused(cfg.validate, name, value)
+
+
+def test_defaults_are_valid_and_typos_are_named():
+    for m in METHODS.values():
+        assert m.options.resolve() == m.defaults
+    RunConfig().validate()
+    BenchConfig().validate()
+    with pytest.raises(ConfigError, match="no option 'sampels' \\(did you mean 'samples'\\?\\)"):
+        build_method("mc_dropout", SPEC, {"sampels": 4})
+    with pytest.raises(ConfigError, match="layer kind 'variational' has no option 'prior_sgima'"):
+        bayesify(nn.Linear(3, 2), {"*": "variational"}, options={"variational": {"prior_sgima": 1}})
+    with pytest.raises(ConfigError, match="members must be an int >= 1, got 'four'"):
+        bayesify(nn.Linear(3, 2), {"*": "batch_ensemble"}, members="four")
+
+
+def test_valid_values_pass_through_every_entry_point():
+    """The same tables accept values inside their ranges (ints for floats too)."""
+    model = build_method("rank1", SPEC, {"members": 2, "samples": 1, "prior_scale": 2})
+    assert model.options["prior_scale"] == 2.0 and model.members == 2
+    net = bayesify(
+        nn.Sequential(nn.Linear(3, 4)), {"*": "mc_dropout"}, options={"mc_dropout": {"p": 0}}
+    )
+    assert net(torch.rand(2, 3)).shape == (1, 2, 4)
