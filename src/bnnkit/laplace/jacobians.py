@@ -26,6 +26,7 @@ backward pass give every example's own gradient.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -73,6 +74,45 @@ def param_slots(model: nn.Module) -> list[ParamSlot]:
         slots.append(ParamSlot(name, mod, attr, offset, p.numel(), pairs))
         offset += p.numel()
     return slots
+
+
+def param_fingerprint(model: nn.Module) -> tuple[float, float]:
+    """Two float64 sums over every parameter and floating buffer (a weighted sum with weights
+    ``1 + i mod 1021`` and the sum of squares): any write changes them, whether through the
+    autograd-visible tensor or through ``.data`` (which bumps no version counter)."""
+    a = b = 0.0
+    offset = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if not t.is_floating_point():
+            continue
+        flat = t.detach().reshape(-1).double()
+        w = torch.arange(offset, offset + flat.numel(), device=flat.device, dtype=torch.float64)
+        a += float(flat @ (w.remainder_(1021).add_(1)))
+        b += float(flat @ flat)
+        offset += flat.numel()
+    return a, b
+
+
+class Workspace:
+    """One reusable float buffer for Jacobian chunks, shared by every :class:`SubnetJacobian`
+    of a fit (the chunk Jacobians of a diagonal Laplace): retained memory is one chunk's
+    Jacobian, not one per parameter chunk. Fresh large allocations are page-faulted in on every
+    chunk on CPU, which is why a buffer is kept at all."""
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None
+
+    def zeros(self, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        size = math.prod(shape)
+        buf = self.buf
+        if (
+            buf is None
+            or buf.numel() < size
+            or buf.device != like.device
+            or buf.dtype != like.dtype
+        ):
+            buf = self.buf = like.new_empty(size)
+        return buf[:size].view(shape).zero_()
 
 
 def logits_of(output) -> torch.Tensor:
@@ -205,8 +245,16 @@ class SubnetJacobian:
     answer. ``verify=False`` skips that check.
     """
 
-    def __init__(self, model: nn.Module, indices, memory_budget="2GB", verify: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        indices,
+        memory_budget="2GB",
+        verify: bool = True,
+        workspace: Workspace | None = None,
+    ):
         self.model = model
+        self.workspace = workspace or Workspace()
         self.slots = param_slots(model)
         self.total = sum(s.numel for s in self.slots)
         self.indices = check_indices(indices, self.total)
@@ -409,11 +457,7 @@ class SubnetJacobian:
                 )
 
     def _zeros(self, like: torch.Tensor, n: int, C: int) -> torch.Tensor:
-        size = n * C * self.size
-        buf = getattr(self, "_buf", None)
-        if buf is None or buf.numel() < size or buf.device != like.device:
-            buf = self._buf = like.new_empty(size)
-        return buf[:size].view(n, C, self.size).zero_()
+        return self.workspace.zeros(like, (n, C, self.size))
 
     @staticmethod
     def _outer_into(mod, grp: _Group, call: _Call, target: torch.Tensor) -> bool:
@@ -545,10 +589,12 @@ def full_jacobians(model: nn.Module, budget: int, num_classes: int) -> list[Subn
     inputs' Jacobians of one chunk fit a third of ``budget`` bytes."""
     total = n_params(model)
     per = max(1, budget // (4 * 3 * num_classes * 16))
+    shared = Workspace()
     return [
-        SubnetJacobian(model, torch.arange(start, min(start + per, total)), budget)
+        SubnetJacobian(model, torch.arange(start, min(start + per, total)), budget,
+                       workspace=shared)
         for start in range(0, total, per)
-    ]
+    ]  # fmt: skip
 
 
 def ggn_diagonal(J: torch.Tensor, p: torch.Tensor, overwrite: bool = False) -> torch.Tensor:

@@ -38,6 +38,7 @@ from .jacobians import (
     ggn_diagonal,
     logits_of,
     n_params,
+    param_fingerprint,
     param_slots,
     parse_budget,
 )
@@ -188,6 +189,12 @@ class _Laplace(abc.ABC):
         self.loss = 0.0  # summed NLL of the training data at the MAP
         self._prior = self._as_prior(prior_precision)
         self._fitted = False
+        # everything derived from (fit, prior) is cached under the generation it was made in;
+        # every write (fit, load_state, a new prior) bumps the generation
+        self._generation = 0
+        self._cache: dict = {}
+        self._cache_generation = -1
+        self._fingerprint: tuple[float, float] | None = None
 
     # ---------------------------------------------------------------- prior
     @property
@@ -212,10 +219,41 @@ class _Laplace(abc.ABC):
     @prior_precision.setter
     def prior_precision(self, value) -> None:
         self._prior = self._as_prior(value)
-        self._invalidate()
+        self._bump()
 
-    def _invalidate(self) -> None:  # noqa: B027 - optional hook: drop caches of the prior
-        """Drop what depends on the prior precision (nothing by default)."""
+    def _bump(self) -> None:
+        """Invalidate everything derived from the fit or the prior."""
+        self._generation += 1
+
+    def _cached(self, key, build: Callable):
+        """``build()`` once per generation and key."""
+        if self._cache_generation != self._generation:
+            self._cache.clear()
+            self._cache_generation = self._generation
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def _mark_fitted(self) -> None:
+        """Record the weights the posterior belongs to (see :meth:`_check_weights`)."""
+        self._fitted = True
+        self._fingerprint = param_fingerprint(self.model)
+        self._fits = getattr(self, "_fits", 0) + 1  # curvature-only caches key on this
+        self._bump()
+
+    def _check_weights(self) -> None:
+        """The linearised predictive uses the model's current weights with the fitted
+        posterior: refuse if they are no longer the weights it was fitted at."""
+        now = param_fingerprint(self.model)
+        then = self._fingerprint
+        if then is not None and any(
+            abs(a - b) > 1e-12 * max(1.0, abs(b)) for a, b in zip(now, then)
+        ):
+            raise ConfigError(
+                f"the model's parameters changed since this {type(self).__name__} was fitted "
+                "(training, load_state_dict or a write through .data); the posterior no longer "
+                "belongs to them: call fit() again"
+            )
 
     # ---------------------------------------------------------------- fit
     def _check_fitted(self) -> None:
@@ -256,8 +294,12 @@ class _Laplace(abc.ABC):
         """Overwrite the model's parameters with one posterior sample."""
 
     @abc.abstractmethod
-    def _restore_params(self) -> None:
-        """Write the MAP back into the model."""
+    def _snapshot(self) -> torch.Tensor:
+        """The model's current values of the parameters that sampling overwrites."""
+
+    @abc.abstractmethod
+    def _restore(self, saved: torch.Tensor) -> None:
+        """Write a :meth:`_snapshot` back (the model exactly as it was before sampling)."""
 
     @abc.abstractmethod
     def _log_evidence(self, prior: torch.Tensor) -> torch.Tensor:
@@ -295,6 +337,7 @@ class _Laplace(abc.ABC):
         if n_samples < 1:
             raise InputError(f"n_samples must be >= 1, got {n_samples}")
         _check_inputs(x)
+        self._check_weights()
         device, dtype = self._params_device()
         gen = torch.Generator(device="cpu").manual_seed(seed)
         if link == "sample_weights":
@@ -324,6 +367,7 @@ class _Laplace(abc.ABC):
     def _predict_sampled_weights(self, x, n_samples, gen) -> Predictive:
         device, dtype = self._params_device()
         probs = []
+        saved = self._snapshot()
         try:
             for _ in range(n_samples):
                 self._sample_params(gen)
@@ -335,7 +379,7 @@ class _Laplace(abc.ABC):
                 ]
                 probs.append(torch.cat(out))
         finally:
-            self._restore_params()
+            self._restore(saved)
         return Predictive(torch.stack(probs))
 
     # ---------------------------------------------------------------- tuning
@@ -392,6 +436,7 @@ class _Laplace(abc.ABC):
 
     def _grid_nll(self, val, grid: torch.Tensor) -> torch.Tensor:
         """Validation NLL of the probit predictive for every prior precision in ``grid``."""
+        self._check_weights()
         variance = self._grid_variance(grid)
         device, dtype = self._params_device()
         nll = torch.zeros(len(grid), dtype=torch.float64)
@@ -446,10 +491,8 @@ class SubnetLaplace(_Laplace):
         self.layer_of = slot_of
         self.layer_names = names
         super().__init__(logits_model, prior_precision, memory_budget, likelihood)
-        self.mean = self._flat_params()[self.indices].detach().double().cpu()
+        self.mean = self._snapshot().double().cpu()  # the MAP; set again by every fit
         self.ggn: torch.Tensor | None = None
-        self._chol: torch.Tensor | None = None
-        self._eig: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @property
     def n_params(self) -> int:
@@ -468,10 +511,6 @@ class SubnetLaplace(_Laplace):
             if prior.numel() > 1
             else (prior.expand(self.n_params))
         )
-
-    def _invalidate(self) -> None:
-        self._chol = None
-        self._root = None
 
     def _rows(self) -> int:
         return self.jac.rows_per_chunk(self.num_classes or 10)
@@ -517,10 +556,9 @@ class SubnetLaplace(_Laplace):
             raise InputError("no training data: the Laplace fit needs at least one example")
         _symmetrise_(ggn)
         self.ggn = ggn
+        self.mean = self._snapshot().double().cpu()  # the weights the GGN was computed at
         self.loss, self.n_data = loss, n
-        self._fitted = True
-        self._chol = None
-        self._eig = None
+        self._mark_fitted()
         return self
 
     # ---------------------------------------------------------------- posterior
@@ -531,18 +569,19 @@ class SubnetLaplace(_Laplace):
 
     def cholesky(self) -> torch.Tensor:
         """Lower Cholesky factor of the posterior precision (float64)."""
-        if self._chol is None:
-            P = self.posterior_precision
-            L, info = torch.linalg.cholesky_ex(P)
-            if int(info) != 0:
-                smallest = float(torch.linalg.eigvalsh(P)[0])
-                raise ConfigError(
-                    f"the posterior precision is not positive definite (smallest eigenvalue "
-                    f"{smallest:.3g}); use a larger prior precision (now "
-                    f"{self.prior_precision.tolist()})"
-                )
-            self._chol = L
-        return self._chol
+        return self._cached("cholesky", self._cholesky)
+
+    def _cholesky(self) -> torch.Tensor:
+        P = self.posterior_precision
+        L, info = torch.linalg.cholesky_ex(P)
+        if int(info) != 0:
+            smallest = float(torch.linalg.eigvalsh(P)[0])
+            raise ConfigError(
+                f"the posterior precision is not positive definite (smallest eigenvalue "
+                f"{smallest:.3g}); use a larger prior precision (now "
+                f"{self.prior_precision.tolist()})"
+            )
+        return L
 
     @property
     def posterior_covariance(self) -> torch.Tensor:
@@ -561,12 +600,13 @@ class SubnetLaplace(_Laplace):
         return -self.loss - 0.5 * (d * theta**2).sum() + 0.5 * torch.log(d).sum() - 0.5 * logdet
 
     def _eigh(self, vectors: bool):
-        if self._eig is None or (vectors and self._eig[1] is None):
-            if vectors:
-                lam, V = torch.linalg.eigh(self.ggn)
-                self._eig = (lam, V)
-            else:
-                self._eig = (torch.linalg.eigvalsh(self.ggn), None)
+        """Eigen-decomposition of the GGN (independent of the prior: kept across priors)."""
+        key = (self._fits, vectors)
+        if getattr(self, "_eig_key", None) != key:
+            self._eig = (
+                torch.linalg.eigh(self.ggn) if vectors else (torch.linalg.eigvalsh(self.ggn), None)
+            )
+            self._eig_key = key
         return self._eig
 
     def _marglik_scalar(self) -> float:
@@ -591,16 +631,16 @@ class SubnetLaplace(_Laplace):
         """``M = L^{-T}`` (``Sigma = M M^T``) in the Jacobian's dtype and device, cached per
         prior: the predictive is then one GEMM ``J M`` per chunk (float32 for a float32 model)
         instead of a float64 triangular solve per chunk."""
-        root = getattr(self, "_root", None)
-        if root is None or root.device != like.device or root.dtype != like.dtype:
-            L = self.cholesky()
-            S, block = L.shape[0], 2048
-            root = torch.empty(S, S, dtype=like.dtype, device=like.device)
-            for i in range(0, S, block):  # columns of L^{-1} = rows of M, a block at a time
-                E = torch.zeros(S, min(block, S - i), dtype=L.dtype)
-                E[i : i + block].fill_diagonal_(1.0)
-                root[i : i + block] = torch.linalg.solve_triangular(L, E, upper=False).T.to(root)
-            self._root = root
+        return self._cached(("root", like.device, like.dtype), lambda: self._root_of(like))
+
+    def _root_of(self, like: torch.Tensor) -> torch.Tensor:
+        L = self.cholesky()
+        S, block = L.shape[0], 2048
+        root = torch.empty(S, S, dtype=like.dtype, device=like.device)
+        for i in range(0, S, block):  # columns of L^{-1} = rows of M, a block at a time
+            E = torch.zeros(S, min(block, S - i), dtype=L.dtype)
+            E[i : i + block].fill_diagonal_(1.0)
+            root[i : i + block] = torch.linalg.solve_triangular(L, E, upper=False).T.to(root)
         return root
 
     def _mean_cov(self, x):
@@ -615,8 +655,15 @@ class SubnetLaplace(_Laplace):
         theta = self.mean + torch.linalg.solve_triangular(L.T, eps[:, None], upper=True)[:, 0]
         self._write(theta)
 
-    def _restore_params(self) -> None:
-        self._write(self.mean)
+    def _snapshot(self) -> torch.Tensor:
+        out = torch.empty(self.n_params, dtype=torch.float64)
+        for g in self.jac.groups:
+            p = g.slot.param.detach()
+            out[g.cols] = p.reshape(-1)[g.local.to(p.device)].double().cpu()
+        return out
+
+    def _restore(self, saved: torch.Tensor) -> None:
+        self._write(saved)
 
     @torch.no_grad()
     def _write(self, theta: torch.Tensor) -> None:
@@ -644,13 +691,18 @@ class SubnetLaplace(_Laplace):
         S = self.n_params
         if tuple(state["ggn"].shape) != (S, S):
             raise ConfigError(f"saved GGN has shape {tuple(state['ggn'].shape)}, expected {(S, S)}")
+        mean = state["mean"].double()
+        if not torch.allclose(mean, self._snapshot(), rtol=1e-6, atol=1e-7):
+            raise ConfigError(
+                "the saved Laplace state was fitted at other weights than the model's; load "
+                "the weights saved with it"
+            )
         self.ggn = state["ggn"].double()
-        self.mean = state["mean"].double()
+        self.mean = mean
         self.loss, self.n_data = float(state["loss"]), int(state["n_data"])
         self.num_classes = int(state["num_classes"])
-        self._fitted = True
         self.prior_precision = state["prior_precision"]
-        self._eig = None
+        self._mark_fitted()
         return self
 
 
@@ -741,8 +793,9 @@ class DiagLaplace(_Laplace):
         if n == 0:
             raise InputError("no training data: the Laplace fit needs at least one example")
         self.h, self.loss, self.n_data = h.clamp_min(0.0), loss, n
+        self.mean = self._flat().double().cpu()  # the weights the curvature was computed at
         self.jacobian_energy = q
-        self._fitted = True
+        self._mark_fitted()
         return self
 
     @property
@@ -790,8 +843,11 @@ class DiagLaplace(_Laplace):
         eps = torch.randn(self.total, generator=gen, dtype=torch.float64)
         self._write(self.mean + self.posterior_variance.sqrt() * eps)
 
-    def _restore_params(self) -> None:
-        self._write(self.mean)
+    def _snapshot(self) -> torch.Tensor:
+        return self._flat().double().cpu()
+
+    def _restore(self, saved: torch.Tensor) -> None:
+        self._write(saved)
 
     @torch.no_grad()
     def _write(self, theta):
@@ -815,13 +871,19 @@ class DiagLaplace(_Laplace):
             raise ConfigError(
                 f"saved diagonal has {state['h'].numel()} entries, model {self.total}"
             )
+        mean = state["mean"].double()
+        if not torch.allclose(mean, self._flat().double().cpu(), rtol=1e-6, atol=1e-7):
+            raise ConfigError(
+                "the saved Laplace state was fitted at other weights than the model's; load "
+                "the weights saved with it"
+            )
         self.h = state["h"].double()
-        self.mean = state["mean"].double()
+        self.mean = mean
         self.loss, self.n_data = float(state["loss"]), int(state["n_data"])
         self.num_classes = int(state["num_classes"])
         self._jac = full_jacobians(self.model, self.budget, self.num_classes)
-        self._fitted = True
         self.prior_precision = state["prior_precision"]
+        self._mark_fitted()
         return self
 
 

@@ -172,46 +172,33 @@ class _Rank1Structure(EnsembleModule):
             return self._scale_rows(x, r[0], s[0], bias)
         return self._apply_weight(x, self._fold_weight(r[:, 0], s[:, 0])[0], bias)
 
-    # When are all members' effective weights built once and kept?
-    # * Recording gradients, within one member-by-member pass: autograd keeps every member's
-    #   effective weight for the backward anyway, and one batched build (and one backward
-    #   through it) replaces M chains of small ops whose dispatch overhead made a small
-    #   network's member loop slower than a loop over separate networks.
-    # * Without gradients, for small layers (at most _KEEP_NUMEL weights), across passes:
-    #   the key holds every parameter's version counter and storage, so any in-place update
-    #   (an optimiser step, load_state_dict, .to()) invalidates it. Large layers rebuild one
-    #   member's weight at a time, so inference never holds M copies of a large weight.
+    # When are all members' effective weights built once and kept? Within one member-by-member
+    # pass only (the pass token is the cache key; the parameters cannot change mid-pass):
+    # * recording gradients: autograd keeps every member's effective weight for the backward
+    #   anyway, and one batched build (and one backward through it) replaces M chains of small
+    #   ops whose dispatch overhead made a small network's member loop slower than a loop over
+    #   separate networks;
+    # * without gradients, for small layers (at most _KEEP_NUMEL weights). Large layers rebuild
+    #   one member's weight at a time, so inference never holds M copies of a large weight.
+    # Nothing is kept across passes: a key made of parameter version counters misses writes
+    # through ``.data``, which bump no counter, and served stale weights.
     _KEEP_NUMEL = 1 << 16
 
     def _member_weights(self) -> torch.Tensor | None:
         """All members' effective weights ``[M, *W.shape]`` if kept (see above), else None."""
-        hit = self.__dict__.get("_weights")  # (key, pass checked in, weights)
-        if hit is not None and self._pass is not None and hit[1] is self._pass:
-            return hit[2]  # already validated in this pass
-        key = self._weights_key()
-        if key is None:
+        if self._pass is None:
             return None
-        if hit is None or hit[0] != key:
+        if not torch.is_grad_enabled() and self.weight.numel() > self._KEEP_NUMEL:
+            return None
+        hit = self.__dict__.get("_weights")  # (pass token, weights)
+        if hit is None or hit[0] is not self._pass:
             r, s = self.factors(1)
-            hit = (key, self._pass, self._fold_weight(r[:, 0], s[:, 0]))
-        else:
-            hit = (key, self._pass, hit[2])
-        self.__dict__["_weights"] = hit
-        return hit[2]
-
-    def _weights_key(self) -> tuple | None:
-        if not torch.is_grad_enabled():
-            if self.weight.numel() > self._KEEP_NUMEL:
-                return None
-            return ("params",) + tuple(
-                (p._version, p.data_ptr(), p.dtype) for p in self.parameters()
-            )
-        return None if self._pass is None else ("pass", self._pass)
+            hit = (self._pass, self._fold_weight(r[:, 0], s[:, 0]))
+            self.__dict__["_weights"] = hit
+        return hit[1]
 
     def _end_pass(self) -> None:
-        hit = self.__dict__.get("_weights")
-        if hit is not None and hit[0][0] == "pass":
-            del self.__dict__["_weights"]  # holds the pass's autograd graph
+        self.__dict__.pop("_weights", None)  # the pass's weights (and autograd graph)
 
     def _init_bias(self, out_dim: int, members: int, bias: bool, fan_in: int) -> None:
         if members < 1:
