@@ -13,6 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from bnnkit import io
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,7 +51,7 @@ def main(bench_dir: str) -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
     new = re.sub(r"<!-- bench:start -->.*<!-- bench:end -->", lambda _: section, text, flags=re.S)
-    readme.write_text(new)
+    io.atomic_write_text(readme, new)
     print(f"README updated from {bench}")
 
 

@@ -3,6 +3,7 @@ import http.server
 import struct
 import threading
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +193,53 @@ def test_verify_reports_checksums(tiny_root):
     rows = dict((name, status) for name, _, status in sources.verify("fashion_mnist"))
     # the fixture's random pixels are not the real data set: a mismatch, reported, not hidden
     assert all(s.startswith("MISMATCH") for s in rows.values()) and len(rows) == 4
+
+
+FM_DEB = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not FM_DEB.is_dir(), reason="needs Debian's dataset-fashion-mnist files")
+def test_download_fashion_mnist_end_to_end_from_a_mirror(tmp_path, monkeypatch, capsys):
+    """`bnnkit data --download fashion_mnist` against a local HTTP server serving the real
+    gzip idx files (re-gzipped, as mirrors do): verified on content, stored, then found."""
+    import gzip
+    import shutil
+
+    from bnnkit.cli import main
+
+    served = tmp_path / "served" / "fashion-mnist"
+    served.mkdir(parents=True)
+    for f in FM_DEB.glob("*.gz"):
+        with gzip.open(f, "rb") as src, gzip.open(served / f.name, "wb", compresslevel=1) as dst:
+            shutil.copyfileobj(src, dst)  # other gzip bytes, same content
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = partial(Quiet, directory=str(tmp_path / "served"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    store = tmp_path / "store"
+    monkeypatch.setenv("BNNKIT_DATA", str(store))
+    monkeypatch.setenv("BNNKIT_DATA_MIRROR", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setattr(sources, "search_roots", lambda: [store])
+    monkeypatch.setattr(sources, "_CACHE", {})
+    try:
+        assert main(["data", "--download", "fashion_mnist", "--no-verify"]) == 0
+        assert "downloaded 4 file(s)" in capsys.readouterr().out
+        assert sorted(p.name for p in (store / "fashion-mnist").iterdir()) == sorted(
+            p.name for p in FM_DEB.glob("*.gz")
+        )
+        assert main(["data", "--download", "fashion_mnist", "--no-verify"]) == 0
+        assert "already present" in capsys.readouterr().out
+        # a damaged file on the mirror: refused, nothing kept
+        (store / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
+        with gzip.open(served / "t10k-labels-idx1-ubyte.gz", "wb") as dst:
+            dst.write(b"\x00\x00\x08\x01" + b"\x00" * 20)
+        assert main(["data", "--download", "fashion_mnist", "--no-verify"]) == 2
+        err = capsys.readouterr().err
+        assert "checksum mismatch" in err and err.count("\n") == 1
+        assert not (store / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz").exists()
+        assert [p.name for p in (store / "fashion-mnist").iterdir() if p.name.startswith(".")] == []
+    finally:
+        server.shutdown()

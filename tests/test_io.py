@@ -82,3 +82,49 @@ def test_uqmodel_mismatched_weights(tmp_path):
     io.save(blob, tmp_path / "m.safetensors", kind="uqmodel")
     with pytest.raises(CheckpointError, match="does not match"):
         UQModel.load(tmp_path / "m.safetensors")
+
+
+MARKERS = ["__tensor__", "__tuple__", "__float__", "__dtype__", "__dict__"]
+
+
+@pytest.mark.parametrize("marker", MARKERS)
+def test_user_dicts_with_marker_keys_round_trip(tmp_path, marker):
+    """A user's dict may use any key, the encoder's own markers included."""
+    values = ["t0", ["a", 1], "inf", "float32", [[1, 2]], torch.arange(3), (1, 2), float("nan")]
+    for v in values:
+        obj = {"user": {marker: v, "other": 1}, "alone": {marker: v}}
+        path = tmp_path / "m.safetensors"
+        io.save(obj, path)
+        back = io.load(path)
+        for key in ("user", "alone"):
+            got = back[key][marker]
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(got, v)
+            elif isinstance(v, float):
+                assert got != got  # nan
+            else:
+                assert got == v and type(got) is type(v)
+        assert back["user"]["other"] == 1
+
+
+def test_atomic_write_keeps_the_old_file_on_failure_and_respects_umask(tmp_path):
+    import os
+
+    path = tmp_path / "f.txt"
+    io.atomic_write_text(path, "old")
+
+    def broken(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        io.atomic_write(path, broken)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temporary left behind
+    old = os.umask(0o027)
+    try:
+        io.atomic_write_text(tmp_path / "g.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "g.txt").stat().st_mode & 0o777 == 0o640

@@ -43,9 +43,13 @@ def test_training_learns_and_writes_a_run_directory(bundle, tmp_path):
     torch.testing.assert_close(again.predict(x).probs, model.predict(x).probs)
     with pytest.raises(ConfigError, match="already holds a finished run"):
         train_run(cfg(epochs=2), run, bundle=bundle)
-    # resuming with another config would silently mix results: refused
-    with pytest.raises(ConfigError, match=r"different config \(train.epochs: 2 -> 5\)"):
-        train_run(cfg(epochs=5), run, bundle=bundle, resume=True)
+    # resuming with another config would silently mix results: refused (only epochs may grow)
+    changed = cfg(epochs=2)
+    changed.train.lr = 1e-2
+    with pytest.raises(ConfigError, match=r"different config \(train.lr: 0.003 -> 0.01\)"):
+        train_run(changed, run, bundle=bundle, resume=True)
+    with pytest.raises(ConfigError, match="trained for 2 epochs; --epochs 1 cannot undo"):
+        train_run(cfg(epochs=1), run, bundle=bundle, resume=True)
 
 
 class _Crash(L.Callback):

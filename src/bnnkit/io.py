@@ -4,7 +4,9 @@ A nested structure (dicts, lists, tuples, numbers, strings, None, tensors) is sp
 flat ``{key: tensor}`` table and a JSON skeleton that refers to the tensors by key. Both go
 into one ``.safetensors`` file (the JSON as its metadata). Loading never unpickles: the
 decoder only rebuilds those types, so a foreign or hostile file cannot run code.
-Writes are atomic: a temporary file in the same folder, then ``os.replace``.
+Writes are atomic and durable: a temporary file in the same folder, written, fsynced, then moved
+over the target with ``os.replace`` and the folder fsynced; a crash leaves the old file or the new
+one, never a torn one.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +24,12 @@ from safetensors.torch import save_file
 
 from .errors import CheckpointError
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
 FORMAT = "bnnkit-checkpoint"
 VERSION = 1
+
+
+#: keys that mark an encoded value; a user dict with any of them is stored as a key/value list
+_MARKERS = frozenset({"__tensor__", "__tuple__", "__float__", "__dtype__", "__dict__"})
 
 
 def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str):
@@ -44,7 +47,7 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str):
         items = [_encode(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]
         return {"__tuple__": items} if isinstance(obj, tuple) else items
     if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj) and "__tensor__" not in obj:
+        if all(isinstance(k, str) for k in obj) and not _MARKERS.intersection(obj):
             return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
         return {
             "__dict__": [
@@ -87,16 +90,31 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]):
     return obj
 
 
+def _fsync_path(path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a directory
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then move the result over ``path`` in one step."""
+    """Call ``write(tmp_path)``, fsync, then move the result over ``path`` in one step.
+
+    The temporary file is created with mode 0o666 so that the process umask applies, as for
+    any file the user's programs create (no global umask is read or changed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        write(str(tmp))
+        _fsync_path(tmp)
         os.replace(tmp, path)
+        _fsync_path(path.parent, directory=True)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

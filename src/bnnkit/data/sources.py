@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import os
 import struct
-import tempfile
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
@@ -43,39 +42,64 @@ def download_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "bnnkit"
 
 
-def sha256_file(path: Path, decompress: bool = False) -> str:
+def sha256_file(path: Path, decompress: bool = False, gzipped: bool | None = None) -> str:
+    """sha256 of a file, or of its gzip-decompressed content (``decompress``; a ``.gz`` name
+    or ``gzipped=True`` says it is gzip)."""
     h = hashlib.sha256()
-    opener = gzip.open if decompress and str(path).endswith(".gz") else open
+    if gzipped is None:
+        gzipped = str(path).endswith(".gz")
+    opener = gzip.open if decompress and gzipped else open
     with opener(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-def download(url: str, dest: Path, sha256: str, timeout: float = 60.0) -> Path:
-    """Fetch ``url`` to ``dest`` atomically; raise :class:`DataError` on a checksum mismatch."""
+def download(
+    url: str,
+    dest: Path,
+    sha256: str | None = None,
+    timeout: float = 60.0,
+    decompressed_sha256: tuple[str, ...] | None = None,
+) -> Path:
+    """Fetch ``url`` to ``dest`` atomically and durably (a temporary file in ``dest``'s folder,
+    fsynced, then renamed); raise :class:`DataError` on a checksum mismatch, keeping nothing.
+
+    ``sha256``: digest of the bytes as served. ``decompressed_sha256``: accepted digests of the
+    gzip-decompressed bytes instead (mirrors re-gzip idx files, so only their content is
+    stable)."""
+    from .. import io
+
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    h = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+
+    def fetch_into(tmp: str) -> None:
+        h = hashlib.sha256()
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
             for chunk in iter(lambda: resp.read(1 << 20), b""):
                 h.update(chunk)
                 out.write(chunk)
-        if h.hexdigest() != sha256:
+        if sha256 is not None and h.hexdigest() != sha256:
             raise DataError(
                 f"checksum mismatch for {url}: expected sha256 {sha256}, got {h.hexdigest()}; "
                 "the file was not kept. Retry, or fetch it by hand and check it."
             )
-        os.replace(tmp, dest)
+        if decompressed_sha256 is not None:
+            try:
+                digest = sha256_file(Path(tmp), decompress=True, gzipped=True)
+            except (OSError, EOFError) as e:
+                raise DataError(f"{url} is not a gzip file ({e}); the file was not kept") from e
+            if digest not in decompressed_sha256:
+                raise DataError(
+                    f"checksum mismatch for {url} (decompressed): got sha256 {digest}, expected "
+                    f"{' or '.join(decompressed_sha256)}; the file was not kept"
+                )
+
+    try:
+        io.atomic_write(dest, fetch_into)
+    except DataError:
+        raise
     except OSError as e:
-        if isinstance(e, DataError):
-            raise
         raise DataError(f"download of {url} failed: {e}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return dest
 
 
@@ -378,7 +402,10 @@ def verify(name: str) -> list[tuple[str, str, str]]:
 
 
 def fetch(name: str) -> list[Path]:
-    """Download a data set's files that are missing (needs internet; verified by sha256)."""
+    """Download a data set's files that are missing (needs internet; verified by sha256).
+
+    ``$BNNKIT_DATA_MIRROR``: a base URL laid out like the data folder (``fashion-mnist/...``,
+    ``mnist.npz``) to download from instead of the original sources."""
     ds = get_spec(name)
     got = []
     for files in ds.files.values():
@@ -388,27 +415,15 @@ def fetch(name: str) -> list[Path]:
             if f.url is None:
                 raise DataError(f"{name!r} has no download source; {ds.hint}")
             dest = download_root() / f.name
-            if f.url_sha256 is not None:
-                download(f.url, dest, f.url_sha256)
+            mirror = os.environ.get("BNNKIT_DATA_MIRROR")
+            url = f"{mirror.rstrip('/')}/{f.name}" if mirror else f.url
+            if f.url_sha256 is not None and not mirror:
+                download(url, dest, f.url_sha256)
             else:
-                # idx .gz files: the gzip wrapper varies between mirrors, so the check is on
-                # the decompressed bytes, done after the (atomic) download
-                tmp = dest.with_suffix(".unverified")
-                _download_unchecked(f.url, tmp)
-                digest = sha256_file(tmp, decompress=True)
-                if digest not in f.sha256:
-                    tmp.unlink()
-                    raise DataError(f"checksum mismatch for {f.url} (decompressed): {digest}")
-                os.replace(tmp, dest)
+                # a mirror, or idx .gz files whose gzip wrapper varies between mirrors: the
+                # check is on the content (decompressed if gzip)
+                gz = f.name.endswith(".gz")
+                download(url, dest, None if gz else f.sha256[0], decompressed_sha256=(
+                    tuple(f.sha256) if gz else None))  # fmt: skip
             got.append(dest)
     return got
-
-
-def _download_unchecked(url: str, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as resp, open(dest, "wb") as out:
-            for chunk in iter(lambda: resp.read(1 << 20), b""):
-                out.write(chunk)
-    except OSError as e:
-        raise DataError(f"download of {url} failed: {e}") from e

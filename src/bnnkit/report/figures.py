@@ -5,19 +5,18 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from ..metrics import reliability  # noqa: E402
+from ..metrics import reliability
 
 
 def _grid(n: int):
     cols = min(4, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    # matplotlib's object API: no pyplot, no global backend or figure registry touched
+    fig = Figure(figsize=(3.2 * cols, 3.0 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[n:]:
         ax.axis("off")
     return fig, list(axes.flat)
@@ -41,8 +40,7 @@ def reliability_diagrams(arts: dict[str, dict], path: Path, n_bins: int = 15) ->
         ax.set_ylim(0, 1)
     fig.suptitle("Reliability diagrams (test set)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -65,8 +63,7 @@ def ood_histograms(arts: dict[str, dict], path: Path, score: str = "entropy") ->
         ax.legend(fontsize=7)
     fig.suptitle(f"OOD detection: {score} of the predictive")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -84,7 +81,8 @@ def _curves(rows, prefix):
 
 def _plot_curves(rows, prefix, path, xlabel, title, methods):
     curves = _curves(rows, prefix)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3)
     for ax, metric in zip(axes, ["accuracy", "nll", "ece"]):
         for m in methods:
             if m not in curves:
@@ -98,8 +96,7 @@ def _plot_curves(rows, prefix, path, xlabel, title, methods):
     axes[0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -113,3 +110,13 @@ def rotation_curves(rows, path: Path, methods: list[str]) -> Path:
     return _plot_curves(
         rows, "rotate:", path, "rotation angle (degrees)", "Test set rotated by an angle", methods
     )
+
+
+def _save(fig, path) -> None:
+    """Atomic figure write: a temporary file in the same folder, then a rename."""
+    from pathlib import Path
+
+    from .. import io
+
+    path = Path(path)
+    io.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix[1:] or "png"))

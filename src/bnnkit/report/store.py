@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
+
+from .. import io as files
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -76,10 +79,12 @@ class ResultStore:
         return [dict(zip(cols, r)) for r in cur.fetchall()]
 
     def to_csv(self, path: str | Path) -> None:
+        """All rows as CSV, written atomically (the SQLite file itself is transactional)."""
         rows = self.rows()
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(
-                f, fieldnames=["method", "dataset", "model", "seed", "split", "metric", "value"]
-            )
-            w.writeheader()
-            w.writerows(rows)
+        buf = io.StringIO()
+        w = csv.DictWriter(
+            buf, fieldnames=["method", "dataset", "model", "seed", "split", "metric", "value"]
+        )
+        w.writeheader()
+        w.writerows(rows)
+        files.atomic_write_text(Path(path), buf.getvalue())

@@ -11,14 +11,17 @@ Run directory::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import random
 import time
 import warnings
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -33,10 +36,52 @@ from .checkpoint import SafeCheckpointIO
 from .config import RunConfig
 from .lit import LitUQ
 
-for _name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
-warnings.filterwarnings("ignore", ".*does not have many workers.*")
-warnings.filterwarnings("ignore", ".*LeafSpec.*")
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """Lightning's info logs and its data-loader hints silenced for one call, restored after
+    (nothing global is changed at import)."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        for lg in loggers:
+            lg.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+class RNGState(L.Callback):
+    """Random number generator states in every checkpoint, restored on resume: with the
+    optimiser, scheduler, loop counters and weights that Lightning restores, a resumed run
+    draws exactly the numbers (data order, dropout masks, weight samples, augmentation) the
+    uninterrupted run draws, and ends with bitwise the same weights on CPU."""
+
+    def state_dict(self) -> dict:
+        np_state = np.random.get_state()
+        py_state = random.getstate()
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                      int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": [py_state[0], list(py_state[1]), py_state[2]],
+        }  # fmt: skip
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def check_writable(path: Path) -> None:
@@ -64,6 +109,12 @@ def model_spec(cfg: RunConfig, bundle: DataBundle) -> ModelSpec:
     )
 
 
+def _is_worker() -> bool:
+    """A process launched for a distributed run (rank > 0): it joins the run that rank 0
+    started in the same directory."""
+    return any(int(os.environ.get(k, "0") or 0) != 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
 def is_complete(run_dir: Path) -> bool:
     return (run_dir / "meta.json").is_file() and (run_dir / "model.safetensors").is_file()
 
@@ -85,8 +136,9 @@ def _config_diff(old: dict, new: dict, prefix=()) -> list[str]:
     return diffs
 
 
-def check_same_config(path: Path, cfg: RunConfig) -> None:
-    """A run directory belongs to one config: reusing it with another would mix results."""
+def check_same_config(path: Path, cfg: RunConfig, may_change: tuple = ()) -> None:
+    """A run directory belongs to one config: reusing it with another would mix results.
+    ``may_change``: dotted keys that may differ (``train.epochs`` when extending a run)."""
     if not path.is_file():
         return
     try:
@@ -95,7 +147,7 @@ def check_same_config(path: Path, cfg: RunConfig) -> None:
         old = RunConfig.from_dict(json.loads(path.read_text())).to_dict()
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path} is unreadable ({e}); remove the run directory") from e
-    diffs = _config_diff(old, cfg.to_dict())
+    diffs = [d for d in _config_diff(old, cfg.to_dict()) if d.split(":")[0] not in may_change]
     if diffs:
         raise ConfigError(
             f"{path.parent} was made with a different config ({'; '.join(diffs)}); "
@@ -134,14 +186,26 @@ def train_run(
     cfg.validate()
     method = get_method(cfg.method)
     check_writable(run_dir)
-    check_same_config(run_dir / "config.json", cfg)
+    last = run_dir / "checkpoints" / "last.safetensors"
+    if (run_dir / "config.json").is_file() and not resume and not _is_worker():
+        state = "a finished run" if is_complete(run_dir) else "an interrupted run"
+        raise ConfigError(
+            f"{run_dir} already holds {state}; continue it with --resume (a finished run: "
+            "--resume --epochs N trains on to N epochs), or choose another output directory"
+        )
+    trains = method.posthoc_of is None
+    check_same_config(run_dir / "config.json", cfg, may_change=("train.epochs",) if trains else ())
     if is_complete(run_dir):
-        if not resume:
+        done = int(json.loads((run_dir / "meta.json").read_text()).get("epochs", 0))
+        if not trains or cfg.train.epochs == done:
+            return UQModel.load(run_dir / "model.safetensors")
+        if cfg.train.epochs < done:
             raise ConfigError(
-                f"{run_dir} already holds a finished run; use --resume to reuse it or "
-                "choose another output directory"
+                f"{run_dir} was trained for {done} epochs; --epochs {cfg.train.epochs} cannot "
+                "undo that (give more epochs to extend it)"
             )
-        return UQModel.load(run_dir / "model.safetensors")
+        if not last.is_file():
+            raise ConfigError(f"{run_dir} has no training checkpoint to extend from")
     if bundle is None:
         d = cfg.data
         bundle = load_bundle(
@@ -197,26 +261,34 @@ def _fit(cfg: RunConfig, run_dir: Path, model: UQModel, bundle: DataBundle, resu
         enable_version_counter=False,
     )
     checkpoint.FILE_EXTENSION = ".safetensors"
-    trainer = L.Trainer(
-        max_epochs=t.epochs,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=t.strategy,
-        num_nodes=t.num_nodes,
-        precision=t.precision,
-        callbacks=[checkpoint, *callbacks],
-        logger=CSVLogger(str(run_dir), name="logs"),  # logs/version_N: resumes append
-        plugins=[SafeCheckpointIO()],
-        enable_progress_bar=t.progress,
-        enable_model_summary=False,
-        log_every_n_steps=max(1, min(50, len(bundle.train) // t.batch_size)),
-        num_sanity_val_steps=0,
-        deterministic=False,
-    )
+    with quiet_lightning():
+        try:
+            trainer = L.Trainer(
+                max_epochs=t.epochs,
+                accelerator=t.accelerator,
+                devices=t.devices,
+                strategy=t.strategy,
+                num_nodes=t.num_nodes,
+                precision=t.precision,
+                callbacks=[checkpoint, RNGState(), *callbacks],
+                logger=CSVLogger(str(run_dir), name="logs"),  # logs/version_N: resumes append
+                plugins=[SafeCheckpointIO()],
+                enable_progress_bar=t.progress,
+                enable_model_summary=False,
+                log_every_n_steps=max(1, min(50, len(bundle.train) // t.batch_size)),
+                num_sanity_val_steps=0,
+                deterministic=False,
+            )
+        except (ValueError, TypeError, RuntimeError) as e:  # Lightning's misconfigurations
+            raise ConfigError(
+                f"Lightning refused the training set-up (accelerator={t.accelerator!r}, "
+                f"devices={t.devices!r}, strategy={t.strategy!r}, precision={t.precision!r}): {e}"
+            ) from e
     last = ckpt_dir / "last.safetensors"
     ckpt_path = str(last) if resume and last.is_file() else None
     train_loader, val_loader = _loaders(cfg, bundle)
     os.environ.setdefault("PL_DISABLE_FORK", "1")
-    trainer.fit(lit, train_loader, val_loader, ckpt_path=ckpt_path)
+    with quiet_lightning():
+        trainer.fit(lit, train_loader, val_loader, ckpt_path=ckpt_path)
     model.cpu()
     return trainer.is_global_zero, trainer.current_epoch
