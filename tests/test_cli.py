@@ -111,6 +111,15 @@ def test_bench_end_to_end_and_resume(tmp_path, ood_root):
         "SELECT COUNT(*) FROM results WHERE method='deep_ensemble' AND split='test'"
     ).fetchone()
     assert n == 2 * 4  # two seeds x (accuracy, nll, ece, brier)
+
+    # mutual information: an ensemble's OOD score; a single network has none (not 50%)
+    def mi_rows(method):
+        q = "SELECT COUNT(*) FROM results WHERE method=? AND metric='auroc_mutual_info'"
+        return db.execute(q, (method,)).fetchone()[0]
+
+    assert mi_rows("deep_ensemble") > 0 and mi_rows("temperature_scaling") == 0
+    ts_line = next(line for line in table.splitlines() if line.startswith("temperature_scaling"))
+    assert "–" in ts_line
     (seeds,) = db.execute("SELECT COUNT(DISTINCT seed) FROM runs").fetchone()
     assert seeds == 2
     # deterministic was trained once per seed as the base of temperature scaling, not reported

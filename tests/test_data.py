@@ -212,6 +212,7 @@ def test_download_fashion_mnist_end_to_end_from_a_mirror(tmp_path, monkeypatch, 
     for f in FM_DEB.glob("*.gz"):
         with gzip.open(f, "rb") as src, gzip.open(served / f.name, "wb", compresslevel=1) as dst:
             shutil.copyfileobj(src, dst)  # other gzip bytes, same content
+
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass

@@ -103,3 +103,27 @@ def test_peak_memory_counts_new_storage_only():
         assert mem.live == 4096
     assert mem.peak == 8192 + 4096
     assert view.shape == (10, 4) and c.numel() == 1024
+
+
+def test_latency_times_the_same_call_for_every_method():
+    """ms/batch is the time of predict(x) for every method, a posterior's predictive included."""
+    from bnnkit.evaluate import measure_cost
+    from bnnkit.predictive import Predictive
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+            self.calls = 0
+
+        def predict(self, x, batch_size=None):
+            self.calls += 1
+            return Predictive(torch.softmax(self.fc(x.flatten(1)), -1)[None])
+
+    for model in (Counting(), build_method("deterministic", SPEC)):
+        calls: list = []
+        original = model.predict
+        model.predict = lambda x, *a, _o=original, _c=calls, **k: _c.append(1) or _o(x, *a, **k)
+        x = torch.rand(8, 4) if isinstance(model, Counting) else torch.rand(8, 1, 28, 28)
+        measure_cost(model, x, repeats=4)
+        assert len(calls) == 3 + 4 + 1  # warm-up, timed repeats, the memory pass: all predict

@@ -82,18 +82,76 @@ def test_resume_continues_after_the_last_finished_epoch(bundle, tmp_path):
     assert sorted(p.name for p in (run / "logs").iterdir()) == ["version_0", "version_1"]
 
 
-def test_variational_training_uses_kl(bundle, tmp_path):
-    model = train_run(cfg("mfvi", samples=4, kl_weight=1.0), tmp_path / "vi", bundle=bundle)
-    assert model.kl().item() > 0
-    log = (tmp_path / "vi" / "logs" / "version_0" / "metrics.csv").read_text()
-    assert "train_kl" in log
+def _independent_gaussian_kl(net, prior_sigma):
+    """KL(q || N(0, prior_sigma^2)) summed over every variational weight and bias, from
+    torch.distributions (not bnnkit's formula)."""
+    total = torch.zeros((), dtype=torch.float64)
+    prior_sigma = torch.tensor(prior_sigma, dtype=torch.float64)
+    for name, p in net.named_parameters():
+        if name.endswith("_mu"):
+            rho = dict(net.named_parameters())[name[:-3] + "_rho"]
+            q = torch.distributions.Normal(p.double(), torch.nn.functional.softplus(rho.double()))
+            prior = torch.distributions.Normal(
+                torch.zeros_like(p, dtype=torch.float64), prior_sigma
+            )
+            total = total + torch.distributions.kl_divergence(q, prior).sum()
+    return total
 
 
-def test_temperature_scaling_fits_on_validation(bundle, tmp_path):
+@pytest.mark.parametrize("kl_weight, anneal, epoch, factor", [(1.0, 0, 0, 1.0), (0.3, 4, 1, 0.5)])
+def test_variational_loss_is_nll_plus_scaled_kl(kl_weight, anneal, epoch, factor):
+    """The training loss is mean CE + kl_weight * anneal(epoch) * KL / N, KL recomputed with
+    torch.distributions: removing or mis-scaling the KL term fails this."""
+    from bnnkit.methods import ModelSpec, build_method
+    from bnnkit.train.lit import LitUQ
+
+    spec = ModelSpec("lenet5", (1, 28, 28), 10)
+    model = build_method("mfvi", spec, {"samples": 2, "kl_weight": kl_weight, "prior_sigma": 0.5})
+    t = TrainConfig(epochs=5, kl_anneal_epochs=anneal, progress=False)
+    lit = LitUQ(model, t, n_train=1234, augment=False)
+    lit.log = lambda *a, **k: None  # no trainer attached
+    type(lit).current_epoch = property(lambda self: epoch)
+    try:
+        x, y = torch.rand(6, 1, 28, 28), torch.randint(0, 10, (6,))
+        torch.manual_seed(5)
+        loss = lit.training_step((x, y), 0)
+        torch.manual_seed(5)
+        logits = model(x, 1)
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 10), y.repeat(len(logits)))
+        kl = _independent_gaussian_kl(model.net, 0.5)
+        expected = ce.double() + kl_weight * factor * kl / 1234
+        assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+        assert float((kl_weight * factor * kl / 1234).detach()) > 0.01 * float(ce.detach())
+    finally:
+        del type(lit).current_epoch
+
+
+def test_temperature_scaling_recovers_a_known_temperature_on_validation(bundle, tmp_path):
+    """Validation labels drawn from softmax(logits / 2.5) of the trained network's own logits:
+    the fitted temperature is 2.5 (within sampling error) and predictions use it."""
+    from bnnkit.methods import get_method
+
     model = train_run(cfg("temperature_scaling"), tmp_path / "ts", bundle=bundle)
-    t = float(model.temperature)
-    assert t > 0 and t != 1.0
-    assert json.loads((tmp_path / "ts" / "meta.json").read_text())["temperature"] == t
+    assert json.loads((tmp_path / "ts" / "meta.json").read_text())["temperature"] == float(
+        model.temperature
+    )
+    g = torch.Generator().manual_seed(0)
+    x = bundle.train.float()[:600].repeat(10, 1, 1, 1)
+    logits = 3.0 * model.logits(x)[0]  # sharpen: a clearly non-trivial temperature to find
+    y = torch.multinomial(torch.softmax(logits / 2.5, -1), 1, generator=g).squeeze(1)
+
+    class Val:
+        def float(self):
+            return x
+
+    Val.y = y
+    model.logits = lambda _x, *a, **k: logits[None]
+    get_method("temperature_scaling").fit(model, type("B", (), {"val": Val()})())
+    assert float(model.temperature) == pytest.approx(2.5, rel=0.05)
+    del model.logits
+    xt = bundle.test.float()[:20]
+    expected = torch.softmax(model.logits(xt)[0] / model.temperature, -1)
+    torch.testing.assert_close(model.predict(xt).mean(), expected)
 
 
 def test_corrupt_checkpoint_gives_clear_error(bundle, tmp_path):

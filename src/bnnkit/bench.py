@@ -332,11 +332,12 @@ def _shift_tables(rows: list[dict], cfg: BenchConfig) -> str:
 COLUMN_NOTE = (
     "Columns: test accuracy, NLL, Brier, ECE (15 bins); OOD AUROC / AUPR / FPR@95%TPR with "
     "the predictive entropy as score (OOD = positive); AUROC-MI: AUROC with the mutual "
-    "information (epistemic part; 50% for a single deterministic network); cAcc / cNLL: "
-    "mean over the corruption types and severities 1-5; ms/batch: median forward time of "
-    "one batch of 128 with all members and samples; Mem MB: peak tensor memory of that "
-    "forward pass (CUDA: allocator peak; CPU: live tensors created by torch ops); Params: "
-    "parameter count. mean ± std over seeds."
+    "information (epistemic part; – for single-sample predictives, whose mutual information "
+    "is 0); cAcc / cNLL: mean over the corruption types and severities 1-5; ms/batch: median "
+    "time of predict() on one batch of 128, from images to the predictive, with all members "
+    "and samples (for Laplace rows the linearised predictive, Jacobians included); Mem MB: "
+    "peak tensor memory of that call (CUDA: allocator peak; CPU: new storage created by "
+    "torch ops); Params: parameter count. mean ± std over seeds."
 )
 
 __all__ = ["BenchConfig", "run_bench", "DEFAULT_METHODS", "METHODS"]

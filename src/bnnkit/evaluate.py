@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 from . import metrics
 from .data import CORRUPTIONS, DataBundle, corrupt, rotate_by
 from .errors import ConfigError
-from .methods import UQModel
 from .predictive import Predictive
 
 
@@ -110,10 +109,8 @@ class _PeakMemory(TorchDispatchMode):
 
 
 def _forward_fn(model, xb: torch.Tensor):
-    """The timed call: a UQModel's raw folded forward, else any ``predict(x)``."""
-    if isinstance(model, UQModel) and model.posterior is None:
-        S = model.eval_samples
-        return lambda: model.net(xb, S)
+    """The timed call, the same for every method: ``predict(x)`` from images to the
+    Predictive (all members and samples, a post-hoc posterior's predictive included)."""
     return lambda: model.predict(xb)
 
 
@@ -121,7 +118,7 @@ def _forward_fn(model, xb: torch.Tensor):
 def measure_cost(model, x: torch.Tensor, repeats: int = 20) -> dict[str, float]:
     """Median latency of one batch's prediction (after warm-up), peak memory, parameters.
 
-    ``model``: a :class:`UQModel` (its folded forward with all members and samples is timed)
+    ``model``: a :class:`UQModel` (its ``predict`` with all members and samples is timed)
     or any module with ``predict(x)``.
     """
     if isinstance(model, torch.nn.Module):
@@ -191,14 +188,21 @@ def evaluate(model, bundle: DataBundle, cfg: EvalConfig | None = None):
     pred = model.predict(xt, bs)
     rows += classification_rows(pred, yt, "test")
     art = {"test_probs": pred.mean(), "test_labels": yt}
-    scores_in = {name: fn(pred) for name, fn in metrics.SCORES.items()}
+    # the mutual information of a single-sample predictive is 0 everywhere: no score at all
+    # (reported as "-"), rather than an AUROC of 50% that reads like a measurement
+    scores = {
+        name: fn
+        for name, fn in metrics.SCORES.items()
+        if not (name == "mutual_info" and pred.probs.shape[0] == 1)
+    }
+    scores_in = {name: fn(pred) for name, fn in scores.items()}
     for name, s in scores_in.items():
         art[f"score_in:{name}"] = s
     bar.update()
 
     for ood_name, split in bundle.ood.items():
         pred_out = model.predict(split.float(), bs)
-        for sname, fn in metrics.SCORES.items():
+        for sname, fn in scores.items():
             s_out = fn(pred_out)
             art[f"score_out:{ood_name}:{sname}"] = s_out
             s_in = scores_in[sname]

@@ -51,7 +51,7 @@ def summary(rows: list[dict], methods: list[str] | None = None):
             vals = [_value(by_key, m, s, split, metric) for s in sorted(seeds[m])]
             vals = [v * scale for v in vals if v is not None]
             if not vals:
-                line.append("-")
+                line.append("–")
             elif len(vals) == 1 or metric in ("parameters", "peak_mem_mb"):
                 line.append(fmt.format(vals[0]))
             else:
