@@ -291,7 +291,7 @@ def test_largest_variance_avoids_uninformed_weights():
     x[:, 0] = 0.0
     n = 4
     naive = select_subnetwork(model, "largest_variance_naive", n, (x, y))
-    informed = select_subnetwork(model, "largest_variance", n, (x, y))
+    informed = select_subnetwork(model, "largest_variance_informed", n, (x, y))
     dead = set(range(0, 20, 4))  # W1[:, 0] entries in the flat vector (W1 is [5, 4])
     assert set(naive.tolist()) <= dead
     assert not set(informed.tolist()) & dead
@@ -306,6 +306,23 @@ def test_largest_variance_avoids_uninformed_weights():
     assert (p_inf - map_p).abs().max() > 1e-4
     pv = select_subnetwork(model, "predictive_variance", n, (x, y))
     assert not set(pv.tolist()) & dead
+
+
+def test_largest_variance_reads_per_parameter_prior_precisions():
+    """The paper's rule: the k largest 1 / (h_i + delta_i) of the diagonal posterior, brute
+    force from the explicit GGN diagonal; a per-layer prior moves the choice between layers."""
+    model, (x, y) = _mlp(seed=12), _data(40, seed=17)
+    J, _, _ = _full_jacobian(model, x)
+    h = torch.diagonal(_ggn(J, model(x).detach()))
+    layer = torch.cat([torch.full((n,), i) for i, n in enumerate([20, 5, 15, 3])])
+    for per_layer in ([1.0, 1.0, 1.0, 1.0], [50.0, 50.0, 0.01, 0.01], [0.01, 0.01, 50.0, 50.0]):
+        delta = torch.tensor(per_layer, dtype=torch.float64)[layer]
+        idx = select_subnetwork(model, "largest_variance", 6, (x, y), prior_precision=delta)
+        expected = torch.topk(1.0 / (h + delta), 6).indices
+        assert set(idx.tolist()) == set(expected.tolist())
+    assert set(idx.tolist()) <= set(range(20)) | set(range(20, 25))  # the weakly-regularised
+    with pytest.raises(InputError, match="scalar prior_precision"):
+        select_subnetwork(model, "predictive_variance", 6, (x, y), prior_precision=delta)
 
 
 def test_other_strategies():

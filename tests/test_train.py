@@ -254,15 +254,20 @@ def test_diagonal_fit_is_shared_only_for_the_same_weights_and_data(bundle, tmp_p
 
     base = train_run(cfg(), tmp_path / "det", bundle=bundle).eval()
     data = (bundle.train.float()[:64], bundle.train.y[:64])
-    a = _diagonal_fit(base, data, "1GB")
-    b = _diagonal_fit(base, data, "1GB")  # reused, rebound to the model it is asked for
+    a = _diagonal_fit(base, data, "1GB", bundle)
+    b = _diagonal_fit(base, data, "1GB", bundle)  # reused, rebound to the model it is asked for
     assert b is not a and torch.equal(a.h, b.h)
     torch.testing.assert_close(b.jacobian_energy, a.jacobian_energy)
     other = (data[0], (data[1] + 1) % 10)  # same images, other labels: a new fit (the GGN
-    assert _diagonal_fit(base, other, "1GB").loss != a.loss  # is label-free, the loss is not)
+    assert _diagonal_fit(base, other, "1GB", bundle).loss != a.loss  # is label-free, loss not)
     with torch.no_grad():
         next(base.net.parameters()).mul_(1.5)  # other weights: a new fit, equal to a fresh one
-    c = _diagonal_fit(base, data, "1GB")
-    fresh = DiagLaplace(base, memory_budget="1GB").fit(data)
+    c = _diagonal_fit(base, data, "1GB", bundle)
+    fresh = DiagLaplace(base, memory_budget="1GB").fit(data, n_total=len(bundle.train))
     assert not torch.equal(c.h, a.h)
     torch.testing.assert_close(c.h, fresh.h)
+    # 64 of the 600 training images: curvature and loss are those of the whole set
+    plain = DiagLaplace(base, memory_budget="1GB").fit(data)
+    torch.testing.assert_close(c.h, plain.h * len(bundle.train) / 64)
+    assert c.loss == pytest.approx(plain.loss * len(bundle.train) / 64)
+    assert c.n_data == len(bundle.train)

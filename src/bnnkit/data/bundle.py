@@ -49,6 +49,9 @@ class DataBundle:
     test: Split
     ood: dict[str, Split] = field(default_factory=dict)
     missing_ood: dict[str, str] = field(default_factory=dict)
+    #: results derived from this data that methods share while the bundle lives (a diagonal
+    #: Laplace fit keyed on a fingerprint of the weights and data): scoped, never global
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def train_val_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from .posterior import (
 )
 from .subnet import (
     STRATEGIES,
+    VARIANCE_RULES,
     diagonal_statistics,
     last_layer_indices,
     name_indices,
@@ -34,4 +35,5 @@ __all__ = [
     "laplace_from_state",
     "probit_probs",
     "STRATEGIES",
+    "VARIANCE_RULES",
 ]

@@ -278,8 +278,19 @@ class _Laplace(abc.ABC):
 
     # ---------------------------------------------------------------- what subclasses define
     @abc.abstractmethod
-    def fit(self, data, batch_size: int = 256, progress=None):
-        """Accumulate the curvature over training data."""
+    def fit(self, data, batch_size: int = 256, progress=None, n_total: int | None = None):
+        """Accumulate the curvature over training data. ``n_total``: the size of the whole
+        training set when ``data`` is a subset of it; curvature and loss are then rescaled by
+        ``n_total / len(data)`` (the posterior of the whole set, estimated from a subset)."""
+
+    def _rescale(self, n: int, n_total: int | None) -> float:
+        if n == 0:
+            raise InputError("no training data: the Laplace fit needs at least one example")
+        if n_total is None:
+            return 1.0
+        if n_total < n:
+            raise InputError(f"n_total={n_total} is smaller than the {n} examples fitted on")
+        return n_total / n
 
     @abc.abstractmethod
     def _mean_cov(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -516,8 +527,11 @@ class SubnetLaplace(_Laplace):
         return self.jac.rows_per_chunk(self.num_classes or 10)
 
     # ---------------------------------------------------------------- fit
-    def fit(self, data, batch_size: int = 256, progress=None) -> SubnetLaplace:
-        """Accumulate the GGN over the training data (``DataLoader`` or ``(x, y)``)."""
+    def fit(
+        self, data, batch_size: int = 256, progress=None, n_total: int | None = None
+    ) -> SubnetLaplace:
+        """Accumulate the GGN over the training data (``DataLoader`` or ``(x, y)``); see
+        :meth:`_Laplace.fit` for ``n_total``."""
         device, dtype = self._params_device()
         S = self.n_params
         ggn = torch.zeros(S, S, dtype=torch.float64)
@@ -552,12 +566,11 @@ class SubnetLaplace(_Laplace):
                 progress(len(xb))
         _flush_(ggn, acc)
         del acc
-        if n == 0:
-            raise InputError("no training data: the Laplace fit needs at least one example")
+        scale = self._rescale(n, n_total)
         _symmetrise_(ggn)
-        self.ggn = ggn
+        self.ggn = ggn.mul_(scale) if scale != 1.0 else ggn
         self.mean = self._snapshot().double().cpu()  # the weights the GGN was computed at
-        self.loss, self.n_data = loss, n
+        self.loss, self.n_data = loss * scale, n_total or n
         self._mark_fitted()
         return self
 
@@ -764,7 +777,9 @@ class DiagLaplace(_Laplace):
     def _rows(self) -> int:
         return min(j.rows_per_chunk(self.num_classes) for j in self._jac)
 
-    def fit(self, data, batch_size: int = 256, progress=None) -> DiagLaplace:
+    def fit(
+        self, data, batch_size: int = 256, progress=None, n_total: int | None = None
+    ) -> DiagLaplace:
         """Accumulate the GGN diagonal ``h`` over the training data; on the way also the
         Jacobian energy ``jacobian_energy = sum_n sum_c J_nc**2`` (what the predictive-variance
         subnetwork rule needs), at the cost of one more reduction."""
@@ -790,11 +805,10 @@ class DiagLaplace(_Laplace):
                 n += len(x)
             if progress is not None:
                 progress(len(xb))
-        if n == 0:
-            raise InputError("no training data: the Laplace fit needs at least one example")
-        self.h, self.loss, self.n_data = h.clamp_min(0.0), loss, n
+        scale = self._rescale(n, n_total)
+        self.h, self.loss, self.n_data = h.clamp_min(0.0) * scale, loss * scale, n_total or n
         self.mean = self._flat().double().cpu()  # the weights the curvature was computed at
-        self.jacobian_energy = q
+        self.jacobian_energy = q * scale
         self._mark_fitted()
         return self
 

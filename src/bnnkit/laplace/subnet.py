@@ -3,12 +3,19 @@
 Every strategy returns sorted flat indices into the model's trainable parameters (the order of
 ``torch.nn.utils.parameters_to_vector``), ``n_params`` of them.
 
-* ``largest_variance``: largest marginal variance ``1 / (h_i + delta)`` of a diagonal Laplace
-  (``h`` = GGN diagonal, ``delta`` = prior precision), the choice of Daxberger et al. (2021),
-  **among informed weights** ``h_i > informed_tol * delta``. Without that restriction
-  (``largest_variance_naive``, laplace-torch's rule) every weight the data never inform (a dead
-  unit, an unused input pixel) has the maximal variance ``1/delta``; a mask of such weights has
-  no curvature and no predictive influence, and its predictive equals the MAP's.
+* ``largest_variance`` (the rule of Daxberger et al., 2021): largest marginal variance
+  ``1 / (h_i + delta_i)`` of a diagonal Laplace posterior with a tuned prior (``h`` = GGN
+  diagonal; ``delta`` = the prior precision, a scalar or one value per parameter; the
+  ``laplace_subnetwork`` method tunes it per layer by the diagonal posterior's marginal
+  likelihood). With a scalar prior the ranking is that of the smallest curvatures, so weights
+  the data never inform (a dead unit, an unused input pixel: ``h_i = 0``) come first.
+* ``largest_variance_naive``: the same with a scalar prior (laplace-torch's rule). A mask of
+  uninformed weights has no curvature and no predictive influence: its predictive equals the
+  MAP's.
+* ``largest_variance_informed`` (a bnnkit modification): the largest variances among
+  *informed* weights ``h_i > informed_tol * delta``, which excludes the uninformed ones; with a
+  scalar prior it picks the smallest curvatures just above the threshold, so ``informed_tol``
+  decides the subnetwork.
 * ``predictive_variance``: largest predictive variance a weight induces alone,
   ``q_i / (h_i + delta)`` with ``q_i = sum_n ||d f(x_n) / d theta_i||^2``.
 * ``swag``: largest SWAG variance (diagonal moments of SGD iterates started at the MAP).
@@ -37,12 +44,22 @@ from .posterior import DiagLaplace, _batches, as_logits_model
 STRATEGIES = (
     "largest_variance",
     "largest_variance_naive",
+    "largest_variance_informed",
     "predictive_variance",
     "swag",
     "magnitude",
     "random",
     "names",
     "last_layer",
+)
+
+
+#: the rules that read a diagonal Laplace's curvature
+VARIANCE_RULES = (
+    "largest_variance",
+    "largest_variance_naive",
+    "largest_variance_informed",
+    "predictive_variance",
 )
 
 
@@ -141,7 +158,7 @@ def select_subnetwork(
     n_params: int | None = None,
     data=None,
     *,
-    prior_precision: float = 1.0,
+    prior_precision: float | torch.Tensor = 1.0,
     informed_tol: float = 0.01,
     names: list[str] | None = None,
     seed: int = 0,
@@ -153,7 +170,9 @@ def select_subnetwork(
     """Sorted flat indices of the chosen subnetwork (see the module docstring).
 
     ``data`` (training data, a DataLoader or ``(x, y)``) is needed by the variance-based
-    strategies; ``stats`` may pass precomputed ``diagonal_statistics`` to avoid recomputing."""
+    strategies; ``stats`` may pass precomputed ``diagonal_statistics`` to avoid recomputing.
+    ``prior_precision``: a scalar, or one value per parameter (``largest_variance`` with a
+    per-layer prior)."""
     model = as_logits_model(model)
     if strategy not in STRATEGIES:
         raise InputError(
@@ -184,12 +203,20 @@ def select_subnetwork(
     if strategy == "swag":
         return _top(swag_variance(model, data, swag_epochs, swag_lr, seed=seed), n_params)
     h, q = stats if stats is not None else diagonal_statistics(model, data, memory_budget)
-    var = 1.0 / (h + prior_precision)
-    if strategy == "largest_variance_naive":
+    delta = torch.as_tensor(prior_precision, dtype=torch.float64)
+    if delta.numel() not in (1, total) or not bool((delta > 0).all()):
+        raise InputError(
+            f"prior_precision must be positive: a scalar or one value per parameter ({total}), "
+            f"got {delta.numel()} values"
+        )
+    if strategy != "largest_variance" and delta.numel() > 1:
+        raise InputError(f"strategy {strategy!r} takes a scalar prior_precision")
+    var = 1.0 / (h + delta)
+    if strategy in ("largest_variance", "largest_variance_naive"):
         return _top(var, n_params)
     if strategy == "predictive_variance":
         return _top(q * var, n_params)
-    informed = h > informed_tol * prior_precision
+    informed = h > informed_tol * delta
     n_inf = int(informed.sum())
     if n_inf < n_params:
         raise InputError(
