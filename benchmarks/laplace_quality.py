@@ -30,7 +30,7 @@ from bnnkit.laplace import (
     diagonal_statistics,
     select_subnetwork,
 )
-from bnnkit.laplace.posterior import _scalar_marglik_optimum
+from bnnkit.laplace.base import _scalar_marglik_optimum
 from bnnkit.methods import UQModel
 
 

@@ -1,24 +1,20 @@
 """Post-hoc linearised Laplace approximations: subnetwork (full covariance), last layer,
 diagonal. Plain PyTorch: works on any classifier ``x -> logits [B, C]`` and on bnnkit models."""
 
+from .base import LINKS, as_logits_model, probit_probs
+from .diagonal import DiagLaplace
 from .jacobians import SubnetJacobian, param_slots
-from .posterior import (
-    DiagLaplace,
-    LastLayerLaplace,
-    SubnetLaplace,
-    as_logits_model,
-    laplace_from_state,
-    probit_probs,
-)
-from .subnet import (
+from .last_layer import LastLayerLaplace, last_layer_indices
+from .selection import (
     STRATEGIES,
     VARIANCE_RULES,
     diagonal_statistics,
-    last_layer_indices,
     name_indices,
     select_subnetwork,
     swag_variance,
 )
+from .state import check_subnetwork, laplace_from_state
+from .subnetwork import SubnetLaplace
 
 __all__ = [
     "SubnetLaplace",
@@ -33,7 +29,9 @@ __all__ = [
     "param_slots",
     "as_logits_model",
     "laplace_from_state",
+    "check_subnetwork",
     "probit_probs",
+    "LINKS",
     "STRATEGIES",
     "VARIANCE_RULES",
 ]

@@ -163,6 +163,17 @@ def check_eval(model: nn.Module) -> None:
         )
 
 
+def flat_params(model_or_params) -> torch.Tensor:
+    """The trainable parameters as one detached vector (``parameters_to_vector`` order), from
+    a model or an iterable of parameters."""
+    params = (
+        model_or_params.parameters()
+        if isinstance(model_or_params, nn.Module)
+        else (model_or_params)
+    )
+    return torch.cat([p.detach().reshape(-1) for p in params if p.requires_grad])
+
+
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

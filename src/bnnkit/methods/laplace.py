@@ -15,6 +15,7 @@ import hashlib
 import torch
 
 from ..laplace import (
+    LINKS,
     STRATEGIES,
     VARIANCE_RULES,
     DiagLaplace,
@@ -22,7 +23,6 @@ from ..laplace import (
     SubnetLaplace,
     select_subnetwork,
 )
-from ..laplace.posterior import LINKS
 from ..options import Option, OptionTable
 from .base import Method, UQModel, register
 

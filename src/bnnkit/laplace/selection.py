@@ -33,13 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, InputError
+from ..errors import InputError
+from .base import _batches, as_logits_model
+from .diagonal import DiagLaplace
 from .jacobians import (
     check_indices,
+    flat_params,
     logits_of,
     param_slots,
 )
-from .posterior import DiagLaplace, _batches, as_logits_model
+from .last_layer import last_layer_indices
 
 STRATEGIES = (
     "largest_variance",
@@ -61,22 +64,6 @@ VARIANCE_RULES = (
     "largest_variance_informed",
     "predictive_variance",
 )
-
-
-def last_layer_indices(model: nn.Module) -> torch.Tensor:
-    """Flat indices of the last ``nn.Linear`` layer's parameters."""
-    model = as_logits_model(model)
-    last = None
-    for mod in model.modules():
-        if isinstance(mod, nn.Linear):
-            last = mod
-    if last is None:
-        raise ConfigError("the model has no nn.Linear layer: no last layer for last-layer Laplace")
-    ids = {id(p) for p in last.parameters() if p.requires_grad}
-    idx = [
-        torch.arange(s.offset, s.offset + s.numel) for s in param_slots(model) if id(s.param) in ids
-    ]
-    return torch.cat(idx)
 
 
 def name_indices(model: nn.Module, names: list[str]) -> torch.Tensor:
@@ -143,7 +130,7 @@ def swag_variance(
             loss.backward()
             opt.step()
             with torch.no_grad():
-                v = torch.cat([p.detach().flatten() for p in params]).double().cpu()
+                v = flat_params(params).double().cpu()
                 k += 1
                 mean += (v - mean) / k
                 sq += (v * v - sq) / k
@@ -196,7 +183,7 @@ def select_subnetwork(
         g = torch.Generator().manual_seed(seed)
         return torch.sort(torch.randperm(total, generator=g)[:n_params]).values
     if strategy == "magnitude":
-        theta = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+        theta = flat_params(model)
         return _top(theta.abs().double().cpu(), n_params)
     if data is None and stats is None:
         raise InputError(f"strategy {strategy!r} needs training data: data=(x, y) or a DataLoader")
