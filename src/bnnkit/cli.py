@@ -202,9 +202,10 @@ def cmd_methods(a) -> int:
     from .methods import METHODS
 
     for m in METHODS.values():
-        opts = ", ".join(f"{k}={v}" for k, v in m.defaults.items()) or "-"
         extra = f" (post hoc on {m.posthoc_of})" if m.posthoc_of else ""
-        print(f"{m.name:<20} {m.summary}{extra}\n{'':<20} options: {opts}")
+        print(f"{m.name}: {m.summary}{extra}")
+        for o in m.options:
+            print(f"    {o.name}={json.dumps(o.default)}  {o.help} [{o.describe()}]")
     return 0
 
 

@@ -337,7 +337,15 @@ register(
         _build_mc_dropout,
         OptionTable(
             _M + "'mc_dropout'",
-            [_default(MC_DROPOUT_OPTIONS["p"], 0.25), SAMPLES],
+            [
+                dataclasses.replace(
+                    MC_DROPOUT_OPTIONS["p"],
+                    default=0.25,
+                    nullable=False,
+                    help="drop probability before every Linear layer",
+                ),
+                SAMPLES,
+            ],
         ),
         "dropout before every Linear layer, kept on at test time (Gal & Ghahramani, 2016)",
     )
