@@ -273,3 +273,34 @@ def test_unusable_outputs_are_refused():
 
     with pytest.raises(InputError, match="'logits' entry"):
         SubnetJacobian(Weird().eval(), torch.arange(5)).logits_and_jacobian(torch.randn(2, 4))
+
+
+class _Square(torch.autograd.Function):
+    """A custom op with a backward but no forward-mode formula."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class CustomOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc2(_Square.apply(self.fc1(x)))
+
+
+def test_custom_autograd_functions_are_checked_by_reverse_mode():
+    torch.manual_seed(0)
+    model = CustomOp().double().eval()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    _, J = SubnetJacobian(model, torch.arange(43)).logits_and_jacobian(x)
+    torch.testing.assert_close(J, _brute_jacobian(model, x), rtol=1e-9, atol=1e-11)

@@ -446,9 +446,14 @@ class SubnetJacobian:
             def f(theta, name=grp.slot.name):
                 return logits_of(functional_call(self.model, {name: theta}, (x,)))
 
-            with torch.no_grad():
-                _, df = jvp(f, (p.detach(),), (tangent.view_as(p),))
-            ref = (w.to(df.device)[:, None] * df.double()).sum(0)  # [C]
+            try:
+                with torch.no_grad():
+                    _, df = jvp(f, (p.detach(),), (tangent.view_as(p),))
+                ref = (w.to(df.device)[:, None] * df.double()).sum(0)  # [C]
+            except (RuntimeError, NotImplementedError):
+                # an op without a forward-mode formula (e.g. a custom autograd.Function): the
+                # same directional derivative by reverse mode, one backward per class
+                ref = self._reverse_directional(x, w, grp, v)
             Jv = J[:, :, grp.cols_ix].double() @ v.to(J.device)  # [n, C]
             ours = (w.to(J.device)[:, None] * Jv).sum(0)
             scale = max(
@@ -466,6 +471,25 @@ class SubnetJacobian:
                     "interact); call the layer module itself, or leave its parameters out of "
                     "the subnetwork"
                 )
+
+    def _reverse_directional(self, x, w, grp: _Group, v) -> torch.Tensor:
+        p = grp.slot.param
+        flag = p.requires_grad
+        p.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                f = logits_of(self.model(x))
+                out = []
+                for c in range(f.shape[1]):
+                    (g,) = torch.autograd.grad(
+                        (f[:, c] * w.to(f.device, f.dtype)).sum(), p,
+                        retain_graph=c < f.shape[1] - 1, allow_unused=True,
+                    )  # fmt: skip
+                    g = torch.zeros_like(p) if g is None else g
+                    out.append(g.reshape(-1)[grp.local.to(p.device)].double().cpu() @ v)
+        finally:
+            p.requires_grad_(flag)
+        return torch.stack(out)
 
     def _zeros(self, like: torch.Tensor, n: int, C: int) -> torch.Tensor:
         return self.workspace.zeros(like, (n, C, self.size))
