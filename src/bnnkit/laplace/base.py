@@ -234,6 +234,22 @@ class _Laplace(abc.ABC):
         self._fits = getattr(self, "_fits", 0) + 1  # curvature-only caches key on this
         self._bump()
 
+    def _load_common(self, state: dict[str, Any]):
+        """What every structure's ``load_state`` restores once its curvature is set: the mean
+        (which must be the model's current weights), loss, sizes and prior."""
+        mean = state["mean"].double()
+        if not torch.allclose(mean, self._snapshot().double().cpu(), rtol=1e-6, atol=1e-7):
+            raise ConfigError(
+                "the saved Laplace state was fitted at other weights than the model's; load "
+                "the weights saved with it"
+            )
+        self.mean = mean
+        self.loss, self.n_data = float(state["loss"]), int(state["n_data"])
+        self.num_classes = int(state["num_classes"])
+        self.prior_precision = state["prior_precision"]
+        self._mark_fitted()
+        return self
+
     def _check_weights(self) -> None:
         """The linearised predictive uses the model's current weights with the fitted
         posterior: refuse if they are no longer the weights it was fitted at."""

@@ -171,17 +171,7 @@ class DiagLaplace(_Laplace):
             raise ConfigError(
                 f"saved diagonal has {state['h'].numel()} entries, model {self.total}"
             )
-        mean = state["mean"].double()
-        if not torch.allclose(mean, self._flat().double().cpu(), rtol=1e-6, atol=1e-7):
-            raise ConfigError(
-                "the saved Laplace state was fitted at other weights than the model's; load "
-                "the weights saved with it"
-            )
         self.h = state["h"].double()
-        self.mean = mean
-        self.loss, self.n_data = float(state["loss"]), int(state["n_data"])
-        self.num_classes = int(state["num_classes"])
-        self._jac = full_jacobians(self.model, self.budget, self.num_classes)
-        self.prior_precision = state["prior_precision"]
-        self._mark_fitted()
+        self._jac = full_jacobians(self.model, self.budget, int(state["num_classes"]))
+        return self._load_common(state)
         return self

@@ -260,16 +260,5 @@ class SubnetLaplace(_Laplace):
         S = self.n_params
         if tuple(state["ggn"].shape) != (S, S):
             raise ConfigError(f"saved GGN has shape {tuple(state['ggn'].shape)}, expected {(S, S)}")
-        mean = state["mean"].double()
-        if not torch.allclose(mean, self._snapshot(), rtol=1e-6, atol=1e-7):
-            raise ConfigError(
-                "the saved Laplace state was fitted at other weights than the model's; load "
-                "the weights saved with it"
-            )
         self.ggn = state["ggn"].double()
-        self.mean = mean
-        self.loss, self.n_data = float(state["loss"]), int(state["n_data"])
-        self.num_classes = int(state["num_classes"])
-        self.prior_precision = state["prior_precision"]
-        self._mark_fitted()
-        return self
+        return self._load_common(state)
