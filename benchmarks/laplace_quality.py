@@ -27,7 +27,6 @@ from bnnkit.laplace import (
     DiagLaplace,
     LastLayerLaplace,
     SubnetLaplace,
-    diagonal_statistics,
     select_subnetwork,
 )
 from bnnkit.laplace.base import _scalar_marglik_optimum
@@ -41,7 +40,8 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=2000)
     ap.add_argument("--sizes", default="1000,5000")
     ap.add_argument("--prior", choices=("marglik", "gridsearch"), default="marglik")
-    ap.add_argument("--strategies", default="largest_variance,largest_variance_naive,"
+    ap.add_argument("--strategies", default="largest_variance,largest_variance_informed,"
+                    "largest_variance_naive,"
                     "predictive_variance,random,magnitude")  # fmt: skip
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -93,16 +93,21 @@ def main() -> None:
     laplace("diag LA", lambda: DiagLaplace(model), sum(p.numel() for p in model.parameters()))
     laplace("last-layer LA", lambda: LastLayerLaplace(model), 850)
     t0 = time.perf_counter()
-    h, q = diagonal_statistics(model, train)
+    diag = DiagLaplace(model).fit(train)
+    h, q = diag.h, diag.jacobian_energy
     theta = torch.cat([p.detach().flatten() for p in model.parameters()]).double()
     prior = _scalar_marglik_optimum(h, float((theta**2).sum()), theta.numel())
+    # the paper's rule reads the diagonal posterior with its prior tuned per layer
+    diag.optimize_prior_precision("marglik", per_layer=True)
+    per_layer = diag._prior_diag(diag.prior_precision)
     stats_s = time.perf_counter() - t0
     print(f"diagonal statistics: {stats_s:.1f} s, diag prior precision {prior:.3g}, informed "
           f"weights {(h > 0.01 * prior).sum().item()} of {h.numel()}", flush=True)  # fmt: skip
     for S in [int(s) for s in a.sizes.split(",")]:
         for strat in a.strategies.split(","):
             try:
-                idx = select_subnetwork(model, strat, S, train, prior_precision=prior,
+                delta = per_layer if strat == "largest_variance" else prior
+                idx = select_subnetwork(model, strat, S, train, prior_precision=delta,
                                         stats=(h, q))  # fmt: skip
             except Exception as e:  # noqa: BLE001 - report and go on
                 print(f"{strat} S={S}: {e}")
