@@ -393,7 +393,7 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(InputError, match="prior precision must be positive"):
         SubnetLaplace(model, torch.arange(3), prior_precision=0.0)
     la = SubnetLaplace(model, torch.arange(10)).fit((x, y))
-    with pytest.raises(InputError, match="unknown link"):
+    with pytest.raises(ConfigError, match="option 'link' of Laplace predictive must be one of"):
         la.predict(x, link="logit")
     with pytest.raises(InputError, match="NaN"):
         la.predict(torch.full((2, 4), float("nan"), dtype=torch.float64))

@@ -108,6 +108,28 @@ def test_bench_options(section, name, value):
     _refused(cfg.validate, name, value)
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda la, x: la.predictive(x, link="probitt"),
+        lambda la, x: la.predictive(x, link="mc", n_samples=0),
+        lambda la, x: la.predictive(x, link="mc", n_samples="x"),
+        lambda la, x: la.optimize_prior_precision("margilk"),
+        lambda la, x: la.optimize_prior_precision("marglik", per_layer=True, steps=0),
+        lambda la, x: la.optimize_prior_precision("marglik", per_layer=True, lr=-1.0),
+    ],
+)
+def test_laplace_call_options(call):
+    from bnnkit.laplace import SubnetLaplace
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(20, 3), torch.randint(0, 3, (20,))
+    la = SubnetLaplace(net, torch.arange(10)).fit((x, y))
+    with pytest.raises(ConfigError, match="option '"):
+        call(la, x)
+
+
 def test_defaults_are_valid_and_typos_are_named():
     for m in METHODS.values():
         assert m.options.resolve() == m.defaults

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import ConfigError, InputError
 from ..metrics._checks import check_labels
+from ..options import Option, OptionTable
 from ..predictive import Predictive
 from .jacobians import (
     logits_of,
@@ -38,6 +39,27 @@ from .jacobians import (
 )
 
 LINKS = ("probit", "mc", "sample_weights")
+
+PREDICTIVE_OPTIONS = OptionTable(
+    "Laplace predictive",
+    [
+        Option("link", "choice", "probit", "linearised probit, linearised Monte Carlo, or the "
+               "network with sampled weights", choices=LINKS),
+        Option("n_samples", "int", 100, "samples for link mc / sample_weights", low=1),
+        Option("seed", "int", 0, "seed of the samples", low=0),
+    ],
+)  # fmt: skip
+TUNING_OPTIONS = OptionTable(
+    "optimize_prior_precision",
+    [
+        Option("method", "choice", "marglik", "marginal likelihood or validation grid search",
+               choices=("marglik", "gridsearch")),
+        Option("per_layer", "bool", False, "one prior precision per layer (marglik)"),
+        Option("steps", "int", 100, "Adam steps of the per-layer marglik", low=1),
+        Option("lr", "float", 0.1, "Adam learning rate of the per-layer marglik", low=0.0,
+               low_open=True),
+    ],
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -352,10 +374,7 @@ class _Laplace(abc.ABC):
         ``link='sample_weights'``: the network itself with ``n_samples`` sampled weight vectors.
         """
         self._check_fitted()
-        if link not in LINKS:
-            raise InputError(f"unknown link {link!r}; use one of {', '.join(LINKS)}")
-        if n_samples < 1:
-            raise InputError(f"n_samples must be >= 1, got {n_samples}")
+        PREDICTIVE_OPTIONS.resolve({"link": link, "n_samples": n_samples, "seed": seed})
         _check_inputs(x)
         self._check_weights()
         device, dtype = self._params_device()
@@ -415,6 +434,7 @@ class _Laplace(abc.ABC):
         """Tune the prior precision: ``'marglik'`` (log evidence, scalar or per layer) or
         ``'gridsearch'`` (validation NLL of the probit predictive; ``val=(x, y)``)."""
         self._check_fitted()
+        TUNING_OPTIONS.resolve({"method": method, "per_layer": per_layer, "steps": steps, "lr": lr})
         if method == "marglik":
             if per_layer and self.n_prior_groups > 1:
                 self._marglik_per_layer(steps, lr)
