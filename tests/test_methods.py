@@ -45,6 +45,8 @@ def test_registry_errors():
         (torch.rand(2, 1, 32, 32), "shape"),
         (torch.zeros(2, 1, 28, 28, dtype=torch.uint8), "float"),
         (torch.rand(0, 1, 28, 28), "empty"),
+        (torch.rand(2, 1, 28, 28) * 255, r"\[0, 1\].*divide by 255"),
+        (torch.randn(2, 1, 28, 28) * 3, r"in \[0, 1\]"),
     ],
 )
 def test_bad_inputs(x, match):

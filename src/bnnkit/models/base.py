@@ -54,6 +54,13 @@ def check_images(x: torch.Tensor, input_shape: tuple[int, ...] | None, finite: b
         )
     if finite and not torch.isfinite(x).all():
         raise InputError("input contains NaN or inf values; clean the data before predicting")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -0.01 or hi > 1.01:  # the models normalise [0, 1] images themselves
+        hint = "; divide by 255" if hi > 1.01 and lo >= 0 else ""
+        raise InputError(
+            f"expected images in [0, 1] (the model normalises them itself), got values in "
+            f"[{lo:.3g}, {hi:.3g}]{hint}"
+        )
 
 
 def fold(x: torch.Tensor, repeats: int) -> torch.Tensor:
