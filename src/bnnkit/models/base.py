@@ -7,6 +7,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..nn.ensemble import EnsembleModule, _split, member_pass
+from .placement import PrefixSplit, run_prefix, split_prefix
 
 
 class Normalize(nn.Module):
@@ -94,13 +95,17 @@ class Folded(nn.Module):
       layers (more than 65,536 weights), where the member loop measured slower (BENCHMARKS.md).
     """
 
-    def __init__(self, body: nn.Module, members: int = 1, schedule: str = "auto") -> None:
+    def __init__(
+        self, body: nn.Module, members: int = 1, schedule: str = "auto", prefix_once: bool = True
+    ) -> None:
         super().__init__()
         if members < 1:
             raise InputError(f"members must be >= 1, got {members}")
         self.body = body
         self.members = members
         self.schedule = schedule
+        #: in eval mode, run the deterministic prefix once per input (models/placement.py)
+        self.prefix_once = prefix_once
         self.input_shape = getattr(body, "input_shape", None)
         self.num_classes = getattr(body, "num_classes", None)
 
@@ -127,9 +132,44 @@ class Folded(nn.Module):
             return False
         return True
 
+    def _prefix_split(self) -> PrefixSplit | None:
+        """The body's prefix/tail split, rebuilt whenever a module, parameter or buffer object
+        of the body is replaced (conversion, ``.to()``); values are read live."""
+        key = (
+            tuple((n, id(m)) for n, m in self.body.named_modules()),
+            tuple(id(t) for t in self.body.parameters()),
+            tuple(id(t) for t in self.body.buffers()),
+        )
+        hit = self.__dict__.get("_split_cache")
+        if hit is None or hit[0] != key:
+            hit = (key, split_prefix(self.body))
+            self.__dict__["_split_cache"] = hit
+        return hit[1]
+
+    def _forward_prefix_once(self, x: torch.Tensor, samples: int) -> torch.Tensor | None:
+        split = self._prefix_split()
+        if split is None or split.n_prefix_ops == 0:
+            return None
+        values = run_prefix(split, x)
+        if values is None:
+            return None
+        if self._by_member(x):
+            folded = [fold(v, samples) for v in values]
+            outs = []
+            with member_pass(self.body) as select:
+                for m in range(self.members):
+                    select(m)
+                    outs.append(split.tail(*folded))
+            return torch.cat(outs)
+        return split.tail(*[fold(v, self.members * samples) for v in values])
+
     def forward(self, x: torch.Tensor, samples: int = 1) -> torch.Tensor:
         B = x.shape[0]
         R = self.members * samples
+        if self.prefix_once and not self.training and R > 1:
+            out = self._forward_prefix_once(x, samples)
+            if out is not None:
+                return out.reshape(R, B, *out.shape[1:])
         if self._by_member(x):
             xk = fold(x, samples)
             outs = []
