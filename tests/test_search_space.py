@@ -128,3 +128,30 @@ def test_space_options_are_checked():
         SearchSpace(model, dropout=(1.5,))
     with pytest.raises(ConfigError, match="matches no"):
         SearchSpace(model, units=["layer9.*"])
+
+
+def test_train_and_bench_accept_a_plan_file(tmp_path, capsys, ood_root):
+    from bnnkit.bench import BenchConfig, run_bench
+    from bnnkit.cli import main
+    from bnnkit.methods import UQModel
+
+    plan = PlacementPlan({"fc2": "mc_dropout", "fc3": "batch_ensemble"}, members=2, samples=2)
+    plan.save(tmp_path / "plan.json")
+    out = tmp_path / "run"
+    args = ["train", "--plan", str(tmp_path / "plan.json"), "--subset", "256", "--epochs", "1",
+            "--batch-size", "64", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    model = UQModel.load(out / "model.safetensors")
+    assert model.method == "placement" and model.members == 2 and model.eval_samples == 2
+    assert PlacementPlan.from_dict(model.options["plan"]) == plan
+    assert model.predict(torch.rand(3, 1, 28, 28)).probs.shape == (4, 3, 10)
+    assert main([*args[:1], "--method", "mfvi", *args[1:]]) == 2
+    assert "--plan trains the plan itself" in capsys.readouterr().err
+    cfg = BenchConfig(
+        methods=["my-plan"], variants={"my-plan": {"method": "placement", "plan": str(
+            tmp_path / "plan.json")}},
+        epochs=1, seeds=1, subset=256, val_size=200, test_size=100, out=str(tmp_path / "b"),
+        corruptions=["gaussian_noise"], n_corrupt=50, n_rotate=50, angles=[0], progress=False,
+    )  # fmt: skip
+    table = run_bench(cfg, log=lambda *_: None)
+    assert "my-plan" in table

@@ -83,6 +83,13 @@ def cmd_train(a) -> int:
         cfg.train.accelerator = "gpu" if a.device == "cuda" else a.device
     cfg.train.progress = not a.quiet
     cfg.method_options.update(_options(a.option))
+    if a.plan:
+        if a.method not in (None, "placement"):
+            raise ConfigError(f"--plan trains the plan itself; drop --method {a.method}")
+        from .plan import PlacementPlan
+
+        cfg.method = "placement"
+        cfg.method_options["plan"] = PlacementPlan.load(a.plan).to_dict()
     model = train_run(cfg, a.out, resume=a.resume)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         print(f"trained {cfg.method} ({model.num_parameters():,} parameters) -> {a.out}")
@@ -231,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--strategy", help="Lightning strategy: auto, ddp, ...")
     t.add_argument("--precision", help="e.g. 32-true, bf16-mixed, 16-mixed")
     t.add_argument("--option", action="append", help="method option key=value (repeatable)")
+    t.add_argument("--plan", help="plan.json of a placement plan (from bnnkit search)")
     t.add_argument("--config", help="YAML file with a RunConfig")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")

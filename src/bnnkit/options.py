@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-KINDS = ("int", "float", "bool", "str", "choice", "size", "int_list")
+KINDS = ("int", "float", "bool", "str", "choice", "size", "int_list", "json")
 
 
 def parse_size(value) -> int:
@@ -55,6 +55,8 @@ class Option:
     high_open: bool = False
     nullable: bool = False  # None is a valid value (meaning "all" / "automatic")
     log: bool = False  # a search over this option samples it on a log scale
+    #: kind "json": a function that returns the checked value or raises ConfigError
+    validator: Callable[[Any], Any] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -70,6 +72,8 @@ class Option:
             text = "a positive size like '512MB' or '2GB'"
         elif self.kind == "str":
             text = "a string"
+        elif self.kind == "json":
+            text = "a valid " + self.name
         else:
             what = {"int": "an int", "float": "a number", "int_list": "a list of ints"}[self.kind]
             lo = "" if self.low is None else ("(" if self.low_open else "[") + f"{self.low:g}"
@@ -103,6 +107,14 @@ class Option:
             )
 
         k = self.kind
+        if k == "json":
+            if value is None or self.validator is None:
+                raise bad()
+            try:
+                return self.validator(value)
+            except ConfigError as e:
+                owner = f" of {where}" if where else ""
+                raise ConfigError(f"option {self.name!r}{owner}: {e}") from e
         if k == "bool":
             if not isinstance(value, bool):
                 raise bad()

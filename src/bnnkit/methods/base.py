@@ -385,6 +385,43 @@ register(
         "(Franchi et al., 2020)",
     )
 )
+
+
+def _build_placement(spec, opts):
+    from ..plan import PlacementPlan
+
+    plan = PlacementPlan.from_dict(opts["plan"])
+    return UQModel(plan.apply(spec.build()), "placement", opts, spec, eval_samples=plan.samples)
+
+
+def _plan_option(value):
+    from ..plan import PlacementPlan
+
+    return PlacementPlan.coerce(value).to_dict()
+
+
+register(
+    Method(
+        "placement",
+        _build_placement,
+        OptionTable(
+            _M + "'placement'",
+            [
+                Option(
+                    "plan",
+                    "json",
+                    None,
+                    "placement plan: a dict or the path of a plan.json "
+                    "({layers: {name: kind}, members, samples, options})",
+                    validator=_plan_option,
+                ),
+                KL_WEIGHT,
+            ],
+        ),  # fmt: skip
+        "any placement plan (bnnkit search's plan.json): chosen layers Bayesian, of chosen kinds",
+        train_options=("kl_weight",),
+    )
+)
 register(
     Method(
         "mfvi",

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..convert import CONVERTIBLE, KINDS
 from ..errors import ConfigError, unknown_name
-from .plan import PlacementPlan, convertible_layers
+from ..plan import PlacementPlan, convertible_layers
 
 DEFAULT_KINDS = ("deterministic", "mc_dropout", "batch_ensemble", "rank1", "variational", "lpbnn")
 NOT_SAMPLED = ("deterministic", "batch_ensemble")

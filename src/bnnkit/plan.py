@@ -22,11 +22,11 @@ from typing import Any
 
 from torch import nn
 
-from .. import io
-from ..convert import CONVERTIBLE, KINDS, bayesify, kind_options
-from ..errors import ConfigError, unknown_name
-from ..models import Folded
-from ..options import Option
+from . import io
+from .convert import CONVERTIBLE, KINDS, bayesify, kind_options
+from .errors import ConfigError, unknown_name
+from .models import Folded
+from .options import Option
 
 MEMBERS = Option("members", "int", 1, "ensemble members (>= 2 with an ensemble kind)", low=1)
 SAMPLES = Option("samples", "int", 1, "stochastic passes per member at prediction", low=1)
@@ -125,7 +125,7 @@ class PlacementPlan:
     @classmethod
     def from_dict(cls, d: Any) -> PlacementPlan:
         if not isinstance(d, dict):
-            raise ConfigError(f"a placement plan must be a JSON object, got {type(d).__name__}")
+            raise ConfigError(f"a placement plan must be a JSON object, got {d!r}")
         unknown = set(d) - {"layers", "members", "samples", "options"}
         if unknown:
             raise ConfigError(
@@ -143,6 +143,15 @@ class PlacementPlan:
 
     def save(self, path: str | Path) -> None:
         io.atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def coerce(cls, value) -> PlacementPlan:
+        """A plan from a plan, its dict form, or the path of a ``plan.json``."""
+        if isinstance(value, PlacementPlan):
+            return value.check()
+        if isinstance(value, (str, Path)):
+            return cls.load(value)
+        return cls.from_dict(value)
 
     @classmethod
     def load(cls, path: str | Path) -> PlacementPlan:
