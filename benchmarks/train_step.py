@@ -29,7 +29,7 @@ def main() -> None:
     ds = get_spec(a.dataset)
     spec = ModelSpec(a.model, ds.input_shape, ds.num_classes, ds.mean, ds.std)
     torch.manual_seed(0)
-    names = [m for m in METHODS if METHODS[m].posthoc_of is None]
+    names = [m for m in METHODS if METHODS[m].posthoc_of is None and m != "placement"]
     models = {m: build_method(m, spec) for m in names}
     opts = {m: torch.optim.Adam(models[m].parameters(), 1e-3) for m in names}
     x = torch.rand(a.batch, *ds.input_shape)
