@@ -1,0 +1,46 @@
+"""Search objectives: FLOPs against the closed form of a placement-aware forward, the
+search-time OOD set, and the objective bundle on a trained candidate."""
+
+import pytest
+import torch
+
+from bnnkit.methods import ModelSpec, build_method
+from bnnkit.search.objectives import evaluate_candidate, forward_flops, search_ood_images
+
+SPEC = ModelSpec("mlp", (1, 4, 4), 3, arch_options={"hidden": [8, 6]})
+LAYER_FLOPS = [2 * 16 * 8, 2 * 8 * 6, 2 * 6 * 3]  # 2 * in * out per image, in forward order
+NAMES = ["features.1", "features.3", "fc"]
+
+
+@pytest.mark.parametrize("first", [0, 1, 2])
+@pytest.mark.parametrize("samples", [1, 4])
+def test_flops_follow_the_number_and_position_of_stochastic_layers(first, samples):
+    """Stochastic from layer `first` on: the prefix counts once, the tail once per sample."""
+    layers = {n: "mc_dropout" for n in NAMES[first:]}
+    model = build_method("placement", SPEC, {"plan": {"layers": layers, "samples": samples}})
+    expected = sum(LAYER_FLOPS[:first]) + samples * sum(LAYER_FLOPS[first:])
+    assert forward_flops(model, torch.rand(1, 1, 4, 4)) == expected
+
+
+def test_search_ood_images_are_a_fixed_synthetic_family():
+    a = search_ood_images((3, 8, 8), 10, seed=1)
+    assert a.shape == (10, 3, 8, 8) and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, search_ood_images((3, 8, 8), 10, seed=1))
+    assert not torch.equal(a, search_ood_images((3, 8, 8), 10, seed=2))
+    # blobs are smooth: neighbouring pixels differ far less than in the noise half
+    noise, blobs = a[:5], a[5:]
+    rough = lambda t: (t[..., 1:] - t[..., :-1]).abs().mean()  # noqa: E731
+    assert rough(blobs) < 0.3 * rough(noise)
+
+
+def test_objectives_of_a_candidate():
+    torch.manual_seed(0)
+    model = build_method(
+        "placement", SPEC, {"plan": {"layers": {"fc": "mc_dropout"}, "samples": 4}}
+    )
+    x, y = torch.rand(30, 1, 4, 4), torch.randint(0, 3, (30,))
+    obj = evaluate_candidate(model, (x, y), search_ood_images((1, 4, 4), 30), latency_batch=16,
+                             repeats=3)  # fmt: skip
+    assert 0 < obj.val_nll < 10 and 0 <= obj.ood_auroc <= 1 and obj.latency_ms > 0
+    assert obj.flops_per_image == 2 * 16 * 8 + 2 * 8 * 6 + 4 * 2 * 6 * 3
+    assert obj.parameters == sum(p.numel() for p in model.parameters())
