@@ -44,3 +44,16 @@ def test_objectives_of_a_candidate():
     assert 0 < obj.val_nll < 10 and 0 <= obj.ood_auroc <= 1 and obj.latency_ms > 0
     assert obj.flops_per_image == 2 * 16 * 8 + 2 * 8 * 6 + 4 * 2 * 6 * 3
     assert obj.parameters == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind", ["lpbnn", "rank1", "variational", "batch_ensemble"])
+def test_flops_of_every_kind_under_no_grad(kind):
+    """The counter's module tracker failed on LP-BNN's VAE under no_grad."""
+    ensemble = kind in ("lpbnn", "rank1", "batch_ensemble")
+    plan = {"layers": {"features.3": kind, "fc": kind}, "members": 2 if ensemble else 1,
+            "samples": 1 if kind == "batch_ensemble" else 2}  # fmt: skip
+    model = build_method("placement", SPEC, {"plan": plan})
+    with torch.no_grad():
+        flops = forward_flops(model, torch.rand(1, 1, 4, 4))
+    R = plan["members"] * plan["samples"]
+    assert flops >= LAYER_FLOPS[0] + R * (LAYER_FLOPS[1] + LAYER_FLOPS[2])

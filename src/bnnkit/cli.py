@@ -1,4 +1,4 @@
-"""Command line: ``bnnkit train | evaluate | bench | data | methods``."""
+"""Command line: ``bnnkit train | evaluate | bench | search | data | methods``."""
 
 from __future__ import annotations
 
@@ -171,6 +171,26 @@ def cmd_bench(a) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ search
+
+
+def cmd_search(a) -> int:
+    from .search.study import PlacementSearch, SearchConfig
+
+    cfg = SearchConfig()
+    for name in ("out", "dataset", "model", "epochs", "seed", "trials", "storage", "study",
+                 "sampler", "lr", "batch_size"):  # fmt: skip
+        v = getattr(a, name)
+        if v is not None:
+            setattr(cfg, name, v)
+    if a.subset is not None:
+        cfg.subset = _subset(a.subset)
+    cfg.progress = not a.quiet
+    out = PlacementSearch(cfg).run()
+    print(f"Pareto front -> {out / 'pareto.csv'}; chosen plan -> {out / 'plan.json'}")
+    return 0
+
+
 # ------------------------------------------------------------------ data
 
 
@@ -269,6 +289,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", help="YAML file with BenchConfig fields")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("search", help="search where the Bayesian layers go (Optuna, NSGA-II)")
+    s.add_argument("--out", help="output directory (default runs/search)")
+    s.add_argument("--dataset")
+    s.add_argument("--model")
+    s.add_argument("--epochs", type=_count, help="training epochs per candidate")
+    s.add_argument("--subset", help="training examples per candidate ('all' for every one)")
+    s.add_argument("--batch-size", type=_count)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--trials", type=_count, help="completed trials in the study (all workers)")
+    s.add_argument("--storage", help="Optuna storage URL (default: SQLite file in --out)")
+    s.add_argument("--study", help="study name (workers on one storage share it)")
+    s.add_argument("--sampler", choices=["nsga2", "tpe"])
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_search)
 
     d = sub.add_parser("data", help="list data sets, where they are, counts, sha256 checks")
     d.add_argument("--no-verify", action="store_true", help="skip the sha256 check of files")

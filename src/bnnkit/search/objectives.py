@@ -32,11 +32,13 @@ def search_ood_images(shape: tuple[int, int, int], n: int, seed: int = 0) -> tor
     return torch.cat([noise, blobs]).clamp_(0.0, 1.0)
 
 
-@torch.no_grad()
 def forward_flops(model, x: torch.Tensor) -> float:
-    """FLOPs of one prediction forward for the batch ``x`` (all members and samples)."""
+    """FLOPs of one prediction forward for the batch ``x`` (all members and samples).
+
+    Counted with gradients enabled: the counter's module tracker hooks the autograd graph and
+    fails on some layers (LP-BNN's VAE) under ``no_grad``; nothing is kept."""
     model.eval()
-    with FlopCounterMode(display=False) as counter:
+    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
         model.net(x, model.eval_samples)
     return float(counter.get_total_flops())
 
@@ -71,7 +73,8 @@ def evaluate_candidate(
     if len(xb) < latency_batch:  # a fixed batch size, whatever the validation size
         xb = xb.repeat((latency_batch + len(xb) - 1) // len(xb), 1, 1, 1)[:latency_batch]
     cost = measure_cost(model, xb, repeats=repeats)
-    flops = forward_flops(model, xb[:1])
+    with torch.enable_grad():
+        flops = forward_flops(model, xb[:1])
     return Objectives(
         float(metrics.nll(pred, y_val)), float(auroc), cost["latency_ms"], flops,
         cost["parameters"],

@@ -1,0 +1,179 @@
+"""The placement search as an Optuna study: NSGA-II over placement plans, three objectives
+(validation NLL down, search-time OOD AUROC up, predict latency down), a storage URL so that a
+stopped search continues and several workers can share one study.
+
+Each trial samples a plan from the :class:`~bnnkit.search.space.SearchSpace` through
+``trial.suggest_categorical`` and trains it with the ``placement`` method into a run directory
+named by the plan's hash (``OUT/candidates/<hash>``): a plan already evaluated by any trial (the
+sampler proposes duplicates in small spaces) is read back, not trained again, and a candidate
+whose worker was killed resumes from its last epoch. The objective is a plain function of a
+trial; orchestration (study, storage, budget) stays outside it.
+
+Default sampler: NSGA-II, Optuna's default for several objectives; TPE (``sampler='tpe'``) is
+the alternative. Multi-objective trials cannot be pruned: every candidate trains to the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io as stdio
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import optuna
+
+from .. import io
+from ..data import load_bundle
+from ..errors import ConfigError
+from ..plan import PlacementPlan
+from ..train import DataConfig, RunConfig, TrainConfig, train_run
+from .objectives import evaluate_candidate, search_ood_images
+from .space import DEFAULT_KINDS, SearchSpace
+
+DIRECTIONS = ("minimize", "maximize", "minimize")  # val NLL, OOD AUROC, latency
+OBJECTIVES = ("val_nll", "ood_auroc", "latency_ms")
+
+
+@dataclass
+class SearchConfig:
+    out: str = "runs/search"
+    dataset: str = "fashion_mnist"
+    model: str = "lenet5"
+    epochs: int = 2
+    subset: int | None = 8000
+    val_size: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    trials: int = 20  # completed trials in the study, across workers
+    storage: str | None = None  # default: sqlite in OUT
+    study: str = "bnnkit-search"
+    sampler: str = "nsga2"
+    kinds: list[str] = field(default_factory=lambda: list(DEFAULT_KINDS))
+    members: list[int] = field(default_factory=lambda: [2, 4])
+    samples: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    n_ood: int = 1000
+    latency_batch: int = 128
+    progress: bool = True
+
+    def storage_url(self) -> str:
+        if self.storage:
+            return self.storage
+        Path(self.out).mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{Path(self.out).resolve() / 'search.sqlite3'}"
+
+
+def _sampler(cfg: SearchConfig):
+    if cfg.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=cfg.seed)
+    if cfg.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=cfg.seed)
+    raise ConfigError(f"unknown sampler {cfg.sampler!r}; use nsga2 or tpe")
+
+
+def plan_hash(plan: PlacementPlan) -> str:
+    return hashlib.sha256(plan.key().encode()).hexdigest()[:16]
+
+
+class PlacementSearch:
+    """One worker of a placement search (start several on one storage URL for more)."""
+
+    def __init__(self, cfg: SearchConfig) -> None:
+        self.cfg = cfg
+        if cfg.trials < 1:
+            raise ConfigError(f"trials must be >= 1, got {cfg.trials}")
+        self.bundle = load_bundle(
+            cfg.dataset, val_size=cfg.val_size, subset=cfg.subset, split_seed=cfg.seed, ood=[]
+        )
+        from ..models import build_model
+
+        backbone = build_model(cfg.model, self.bundle.input_shape, self.bundle.num_classes)
+        self.space = SearchSpace(
+            backbone, kinds=cfg.kinds, members=cfg.members, samples=cfg.samples
+        )
+        self.val = (self.bundle.val.float(), self.bundle.val.y)
+        self.ood = search_ood_images(self.bundle.input_shape, cfg.n_ood, seed=cfg.seed)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.study = optuna.create_study(
+            storage=cfg.storage_url(),
+            study_name=cfg.study,
+            directions=list(DIRECTIONS),
+            sampler=_sampler(cfg),
+            load_if_exists=True,
+        )
+
+    # ------------------------------------------------------------------ one trial
+    def run_config(self, plan: PlacementPlan) -> RunConfig:
+        c = self.cfg
+        return RunConfig(
+            method="placement",
+            method_options={"plan": plan.to_dict()},
+            model=c.model,
+            seed=c.seed,
+            data=DataConfig(c.dataset, c.val_size, c.subset, c.seed),
+            train=TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, progress=False),
+        )
+
+    def evaluate(self, plan: PlacementPlan) -> dict[str, float]:
+        """Train (or resume, or reuse) the candidate and measure its objectives."""
+        run = Path(self.cfg.out) / "candidates" / plan_hash(plan)
+        done = run / "objectives.json"
+        if done.is_file():
+            return json.loads(done.read_text())
+        model = train_run(self.run_config(plan), run, resume=True, bundle=self.bundle)
+        obj = evaluate_candidate(model, self.val, self.ood, self.cfg.latency_batch).as_dict()
+        io.atomic_write_text(done, json.dumps(obj, indent=1))
+        return obj
+
+    def objective(self, trial: optuna.Trial) -> tuple[float, float, float]:
+        plan = self.space.sample(lambda name, choices: trial.suggest_categorical(name, choices))
+        trial.set_user_attr("plan", plan.key())
+        obj = self.evaluate(plan)
+        trial.set_user_attr("objectives", obj)
+        return tuple(obj[k] for k in OBJECTIVES)
+
+    # ------------------------------------------------------------------ the loop
+    def completed(self) -> list[optuna.trial.FrozenTrial]:
+        return self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+    def run(self) -> Path:
+        remaining = self.cfg.trials - len(self.completed())
+        if remaining > 0:
+            budget = optuna.study.MaxTrialsCallback(
+                self.cfg.trials, states=(optuna.trial.TrialState.COMPLETE,)
+            )
+            self.study.optimize(
+                self.objective, n_trials=remaining, callbacks=[budget],
+                show_progress_bar=self.cfg.progress,
+            )  # fmt: skip
+        return self.write_outputs()
+
+    def write_outputs(self) -> Path:
+        out = Path(self.cfg.out)
+        front = self.study.best_trials
+        if not front:
+            raise ConfigError("no completed trial yet: nothing to report")
+        rows = []
+        for t in sorted(front, key=lambda t: t.values[2]):
+            rows.append(
+                {"trial": t.number, **t.user_attrs["objectives"], "plan": t.user_attrs["plan"]}
+            )
+        buf = stdio.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        io.atomic_write_text(out / "pareto.csv", buf.getvalue())
+        chosen = choose(rows)
+        PlacementPlan.from_dict(json.loads(chosen["plan"])).save(out / "plan.json")
+        io.atomic_write_text(out / "search_config.json", json.dumps(asdict(self.cfg), indent=2))
+        return out
+
+
+def choose(rows: list[dict], nll_tolerance: float = 0.02) -> dict:
+    """The Pareto plan to deploy: the fastest whose validation NLL is within ``nll_tolerance``
+    (relative) of the front's best."""
+    best = min(r["val_nll"] for r in rows)
+    ok = [r for r in rows if r["val_nll"] <= best * (1 + nll_tolerance)]
+    return min(ok, key=lambda r: r["latency_ms"])
