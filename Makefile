@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: venv data test lint bench bench-quick clean
+.PHONY: venv data services test lint bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,11 +31,22 @@ data:
 		echo "or put the four idx .gz files in \$$BNNKIT_DATA/fashion-mnist/"; exit 1; \
 	fi
 
+# PostgreSQL for the distributed placement search; the tests start their own throw-away cluster.
+services:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "PostgreSQL found"; \
+	elif [ "$$(id -u)" = "0" ]; then \
+		(apt-get update -qq && apt-get install -y -qq postgresql) >/dev/null; \
+	else \
+		echo "PostgreSQL is missing (the distributed-search tests will be skipped). Install it with:"; \
+		echo "    sudo apt-get install -y postgresql"; \
+	fi
+
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-test: venv data lint
+test: venv data services lint
 	$(VENV)/bin/pytest
 
 # glibc's default allocator returns large tensors to the OS on free and page-faults them in on

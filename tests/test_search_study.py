@@ -59,3 +59,62 @@ def test_choice_is_the_fastest_plan_near_the_best_nll():
         {"val_nll": 0.60, "latency_ms": 1.0, "plan": "c"},
     ]
     assert choose(rows)["plan"] == "b"
+
+
+def _worker(out, storage, study, trials, *extra):
+    import sys
+
+    return [sys.executable, "-m", "bnnkit.cli", "search", "--out", str(out), "--storage", storage,
+            "--study", study, "--trials", str(trials), "--model", "mlp", "--epochs", "1",
+            "--subset", "256", "--batch-size", "64", "--quiet", *extra]  # fmt: skip
+
+
+def test_two_workers_on_postgresql_share_one_study(tmp_path, postgres_url):
+    import subprocess
+
+    out = tmp_path / "shared"
+    procs = [subprocess.Popen(_worker(out, postgres_url, "two", 5)) for _ in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    study = optuna.load_study(study_name="two", storage=postgres_url)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 5  # the budget is global, not per worker
+    for cand in (out / "candidates").iterdir():  # each plan trained once, by one worker
+        assert (cand / "objectives.json").is_file()
+        assert [p.name for p in (cand / "logs").iterdir()] == ["version_0"]
+
+
+def test_a_killed_workers_trial_is_retried(tmp_path, postgres_url):
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "killed"
+    slow = ["--heartbeat", "1", "--epochs", "3", "--subset", "4096"]
+    a = subprocess.Popen(_worker(out, postgres_url, "kill", 3, *slow))
+    deadline = time.time() + 120
+    running = []
+    while time.time() < deadline and not running:
+        time.sleep(0.3)
+        try:
+            study = optuna.load_study(study_name="kill", storage=postgres_url)
+            running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+        except KeyError:  # the study is not created yet
+            continue
+    assert running, "worker never started a trial"
+    time.sleep(1.0)
+    a.send_signal(signal.SIGKILL)
+    a.wait(timeout=30)
+    b = subprocess.run(_worker(out, postgres_url, "kill", 3, *slow), timeout=300)
+    assert b.returncode == 0
+    study = optuna.load_study(study_name="kill", storage=postgres_url)
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3
+    killed = study.trials[running[0].number]
+    assert killed.state == optuna.trial.TrialState.FAIL
+    retried = [
+        t
+        for t in study.trials
+        if optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) == killed.number
+    ]
+    assert retried and retried[0].state == optuna.trial.TrialState.COMPLETE  # fmt: skip
+    assert retried[0].params == killed.params

@@ -179,14 +179,20 @@ def cmd_search(a) -> int:
 
     cfg = SearchConfig()
     for name in ("out", "dataset", "model", "epochs", "seed", "trials", "storage", "study",
-                 "sampler", "lr", "batch_size"):  # fmt: skip
+                 "sampler", "lr", "batch_size", "heartbeat"):  # fmt: skip
         v = getattr(a, name)
         if v is not None:
             setattr(cfg, name, v)
     if a.subset is not None:
         cfg.subset = _subset(a.subset)
     cfg.progress = not a.quiet
-    out = PlacementSearch(cfg).run()
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():  # heartbeats and stale-trial retries are "experimental"
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        out = PlacementSearch(cfg).run()
     print(f"Pareto front -> {out / 'pareto.csv'}; chosen plan -> {out / 'plan.json'}")
     return 0
 
@@ -303,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help="Optuna storage URL (default: SQLite file in --out)")
     s.add_argument("--study", help="study name (workers on one storage share it)")
     s.add_argument("--sampler", choices=["nsga2", "tpe"])
+    s.add_argument("--heartbeat", type=_count, help="seconds between trial heartbeats")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_search)
 

@@ -16,13 +16,18 @@ the alternative. Multi-objective trials cannot be pruned: every candidate trains
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import io as stdio
 import json
+import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import optuna
+from optuna.storages._heartbeat import get_heartbeat_thread
+from tqdm.auto import tqdm
 
 from .. import io
 from ..data import load_bundle
@@ -56,6 +61,7 @@ class SearchConfig:
     samples: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     n_ood: int = 1000
     latency_batch: int = 128
+    heartbeat: int = 30  # seconds; a trial silent for 2 heartbeats is failed and retried
     progress: bool = True
 
     def storage_url(self) -> str:
@@ -71,6 +77,40 @@ def _sampler(cfg: SearchConfig):
     if cfg.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=cfg.seed)
     raise ConfigError(f"unknown sampler {cfg.sampler!r}; use nsga2 or tpe")
+
+
+def _open_study(cfg: SearchConfig, attempts: int = 10) -> optuna.Study:
+    """Create or load the study. Workers started together on a fresh database race to create
+    its schema and the study: the loser of such a race retries."""
+    import sqlalchemy.exc
+
+    for attempt in range(attempts):
+        try:
+            storage = optuna.storages.RDBStorage(
+                cfg.storage_url(),
+                heartbeat_interval=cfg.heartbeat,
+                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+            )
+            return optuna.create_study(
+                storage=storage,
+                study_name=cfg.study,
+                directions=list(DIRECTIONS),
+                sampler=_sampler(cfg),
+                load_if_exists=True,
+            )
+        except (
+            sqlalchemy.exc.IntegrityError,
+            sqlalchemy.exc.OperationalError,
+            optuna.exceptions.DuplicatedStudyError,
+            optuna.exceptions.StorageInternalError,
+        ) as e:
+            if attempt == attempts - 1:
+                raise ConfigError(
+                    f"cannot open the Optuna study {cfg.study!r} at {cfg.storage_url()}: "
+                    f"{str(e).splitlines()[0]}; check the storage URL and that the database runs"
+                ) from e
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def plan_hash(plan: PlacementPlan) -> str:
@@ -96,13 +136,7 @@ class PlacementSearch:
         self.val = (self.bundle.val.float(), self.bundle.val.y)
         self.ood = search_ood_images(self.bundle.input_shape, cfg.n_ood, seed=cfg.seed)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.study = optuna.create_study(
-            storage=cfg.storage_url(),
-            study_name=cfg.study,
-            directions=list(DIRECTIONS),
-            sampler=_sampler(cfg),
-            load_if_exists=True,
-        )
+        self.study = _open_study(cfg)
 
     # ------------------------------------------------------------------ one trial
     def run_config(self, plan: PlacementPlan) -> RunConfig:
@@ -117,15 +151,19 @@ class PlacementSearch:
         )
 
     def evaluate(self, plan: PlacementPlan) -> dict[str, float]:
-        """Train (or resume, or reuse) the candidate and measure its objectives."""
+        """Train (or resume, or reuse) the candidate and measure its objectives. A lock file
+        per candidate makes a second worker that drew the same plan wait and read it back."""
         run = Path(self.cfg.out) / "candidates" / plan_hash(plan)
+        run.mkdir(parents=True, exist_ok=True)
         done = run / "objectives.json"
-        if done.is_file():
-            return json.loads(done.read_text())
-        model = train_run(self.run_config(plan), run, resume=True, bundle=self.bundle)
-        obj = evaluate_candidate(model, self.val, self.ood, self.cfg.latency_batch).as_dict()
-        io.atomic_write_text(done, json.dumps(obj, indent=1))
-        return obj
+        with open(run / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if done.is_file():
+                return json.loads(done.read_text())
+            model = train_run(self.run_config(plan), run, resume=True, bundle=self.bundle)
+            obj = evaluate_candidate(model, self.val, self.ood, self.cfg.latency_batch)
+            io.atomic_write_text(done, json.dumps(obj.as_dict(), indent=1))
+            return obj.as_dict()
 
     def objective(self, trial: optuna.Trial) -> tuple[float, float, float]:
         plan = self.space.sample(lambda name, choices: trial.suggest_categorical(name, choices))
@@ -138,16 +176,48 @@ class PlacementSearch:
     def completed(self) -> list[optuna.trial.FrozenTrial]:
         return self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
+    def _over_budget(self, trial: optuna.Trial) -> bool:
+        """Whether ``cfg.trials`` live trials (complete, running or waiting) were created
+        before this one: trial numbers are assigned in the database, so workers racing for
+        the last slots agree on who is over budget."""
+        live = (
+            optuna.trial.TrialState.COMPLETE,
+            optuna.trial.TrialState.RUNNING,
+            optuna.trial.TrialState.WAITING,
+        )
+        before = [t for t in self.study.get_trials(deepcopy=False, states=live)
+                  if t.number < trial.number]  # fmt: skip
+        return len(before) >= self.cfg.trials
+
     def run(self) -> Path:
-        remaining = self.cfg.trials - len(self.completed())
-        if remaining > 0:
-            budget = optuna.study.MaxTrialsCallback(
-                self.cfg.trials, states=(optuna.trial.TrialState.COMPLETE,)
-            )
-            self.study.optimize(
-                self.objective, n_trials=remaining, callbacks=[budget],
-                show_progress_bar=self.cfg.progress,
-            )  # fmt: skip
+        """Ask, evaluate and tell until the study holds ``cfg.trials`` completed trials."""
+        bar = tqdm(total=self.cfg.trials, disable=not self.cfg.progress, desc="search")
+        while True:
+            done = len(self.completed())
+            bar.n = min(done, self.cfg.trials)
+            bar.refresh()
+            if done >= self.cfg.trials:
+                break
+            optuna.storages.fail_stale_trials(self.study)  # trials of killed workers: retried
+            with warnings.catch_warnings():  # heartbeats are run below, around the trial
+                warnings.filterwarnings("ignore", ".*Heartbeat of storage.*")
+                trial = self.study.ask()
+            if self._over_budget(trial):
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                if len(self.completed()) >= self.cfg.trials:
+                    break
+                time.sleep(1.0)  # other workers hold the last slots; wait for them
+                continue
+            try:
+                # heartbeats while the trial runs: if this worker dies, another fails the
+                # trial after the grace period and the retry callback re-queues its plan
+                with get_heartbeat_thread(trial._trial_id, self.study._storage):
+                    values = self.objective(trial)
+            except BaseException:
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise
+            self.study.tell(trial, values)
+        bar.close()
         return self.write_outputs()
 
     def write_outputs(self) -> Path:
