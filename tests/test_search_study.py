@@ -114,7 +114,7 @@ def test_a_killed_workers_trial_is_retried(tmp_path, postgres_url):
     retried = [
         t
         for t in study.trials
-        if optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) == killed.number
+        if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == killed.number
     ]
     assert retried and retried[0].state == optuna.trial.TrialState.COMPLETE  # fmt: skip
     assert retried[0].params == killed.params

@@ -89,7 +89,9 @@ def _open_study(cfg: SearchConfig, attempts: int = 10) -> optuna.Study:
             storage = optuna.storages.RDBStorage(
                 cfg.storage_url(),
                 heartbeat_interval=cfg.heartbeat,
-                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=3
+                ),
             )
             return optuna.create_study(
                 storage=storage,
