@@ -48,6 +48,11 @@ def test_search_is_resumable_reports_a_front_and_evaluates_each_plan_once(tmp_pa
         )  # fmt: skip
     plan = PlacementPlan.load(out / "plan.json")
     assert plan.key() in keys
+    assert (out / "pareto.png").stat().st_size > 5000
+    base = {r["name"]: r for r in csv.DictReader((out / "baselines.csv").open())}
+    assert set(base) == {"deterministic", "mc_dropout", "deep_ensemble"}
+    for name in base:  # trained once although both runs wrote the outputs
+        assert [p.name for p in (out / "baselines" / name / "logs").iterdir()] == ["version_0"]
     study = optuna.load_study(study_name="bnnkit-search", storage=again.cfg.storage_url())
     assert len(study.trials) >= 6
 

@@ -120,3 +120,31 @@ def _save(fig, path) -> None:
 
     path = Path(path)
     io.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix[1:] or "png"))
+
+
+def pareto_plot(trials: list[dict], front: list[dict], baselines: list[dict], path: Path) -> Path:
+    """Validation NLL and search OOD AUROC against predict latency: every completed trial, the
+    Pareto front joined, the baselines (``name`` key) marked."""
+    fig = Figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 2)
+    panels = (
+        (axes[0], "val_nll", "validation NLL (lower is better)"),
+        (axes[1], "ood_auroc", "search OOD AUROC (higher is better)"),
+    )
+    for ax, key, label in panels:
+        ax.scatter([t["latency_ms"] for t in trials], [t[key] for t in trials], s=14,
+                   color="0.7", label="trials")  # fmt: skip
+        # markers only: a front over three objectives is not monotone in a 2-D projection
+        ax.scatter([t["latency_ms"] for t in front], [t[key] for t in front], s=30, color="C0",
+                   label="Pareto front (3 objectives)")  # fmt: skip
+        for k, b in enumerate(baselines):
+            ax.scatter([b["latency_ms"]], [b[key]], marker="*", s=120, color=f"C{k + 1}",
+                       label=b["name"], zorder=3)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("predict latency, ms per batch (log)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle("Placement search")
+    fig.tight_layout()
+    _save(fig, path)
+    return path

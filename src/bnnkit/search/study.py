@@ -33,6 +33,7 @@ from .. import io
 from ..data import load_bundle
 from ..errors import ConfigError
 from ..plan import PlacementPlan
+from ..report.figures import pareto_plot
 from ..train import DataConfig, RunConfig, TrainConfig, train_run
 from .objectives import evaluate_candidate, search_ood_images
 from .space import DEFAULT_KINDS, SearchSpace
@@ -62,6 +63,10 @@ class SearchConfig:
     n_ood: int = 1000
     latency_batch: int = 128
     heartbeat: int = 30  # seconds; a trial silent for 2 heartbeats is failed and retried
+    #: methods trained and scored with the same proxy, marked on the Pareto plot
+    baselines: list[str] = field(
+        default_factory=lambda: ["deterministic", "mc_dropout", "deep_ensemble"]
+    )
     progress: bool = True
 
     def storage_url(self) -> str:
@@ -156,13 +161,21 @@ class PlacementSearch:
         """Train (or resume, or reuse) the candidate and measure its objectives. A lock file
         per candidate makes a second worker that drew the same plan wait and read it back."""
         run = Path(self.cfg.out) / "candidates" / plan_hash(plan)
+        return self._evaluate_run(self.run_config(plan), run)
+
+    def evaluate_baseline(self, method: str) -> dict[str, float]:
+        cfg = self.run_config(PlacementPlan({self.space.units[0]: "deterministic"}))
+        cfg.method, cfg.method_options = method, {}
+        return self._evaluate_run(cfg, Path(self.cfg.out) / "baselines" / method)
+
+    def _evaluate_run(self, cfg: RunConfig, run: Path) -> dict[str, float]:
         run.mkdir(parents=True, exist_ok=True)
         done = run / "objectives.json"
         with open(run / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if done.is_file():
                 return json.loads(done.read_text())
-            model = train_run(self.run_config(plan), run, resume=True, bundle=self.bundle)
+            model = train_run(cfg, run, resume=True, bundle=self.bundle)
             obj = evaluate_candidate(model, self.val, self.ood, self.cfg.latency_batch)
             io.atomic_write_text(done, json.dumps(obj.as_dict(), indent=1))
             return obj.as_dict()
@@ -232,15 +245,24 @@ class PlacementSearch:
             rows.append(
                 {"trial": t.number, **t.user_attrs["objectives"], "plan": t.user_attrs["plan"]}
             )
-        buf = stdio.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-        io.atomic_write_text(out / "pareto.csv", buf.getvalue())
+        _write_csv(out / "pareto.csv", rows)
+        base = [{"name": m, **self.evaluate_baseline(m)} for m in self.cfg.baselines]
+        if base:
+            _write_csv(out / "baselines.csv", base)
+        trials = [t.user_attrs["objectives"] for t in self.completed()]
+        pareto_plot(trials, rows, base, out / "pareto.png")
         chosen = choose(rows)
         PlacementPlan.from_dict(json.loads(chosen["plan"])).save(out / "plan.json")
         io.atomic_write_text(out / "search_config.json", json.dumps(asdict(self.cfg), indent=2))
         return out
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    buf = stdio.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    io.atomic_write_text(path, buf.getvalue())
 
 
 def choose(rows: list[dict], nll_tolerance: float = 0.02) -> dict:
