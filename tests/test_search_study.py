@@ -123,3 +123,24 @@ def test_a_killed_workers_trial_is_retried(tmp_path, postgres_url):
     ]
     assert retried and retried[0].state == optuna.trial.TrialState.COMPLETE  # fmt: skip
     assert retried[0].params == killed.params
+
+
+def test_constraints_restrict_the_reported_front(tmp_path):
+    cfg = _cfg(tmp_path, trials=5)
+    cfg.baselines = []
+    search = PlacementSearch(cfg)
+    search.run()
+    params = sorted(t.user_attrs["objectives"]["parameters"] for t in search.completed())
+    cfg.max_parameters = int(params[0])  # only the smallest plan(s) are feasible
+    constrained = PlacementSearch(cfg)
+    out = constrained.run()
+    rows = list(csv.DictReader((out / "pareto.csv").open()))
+    assert rows and all(float(r["parameters"]) <= params[0] for r in rows)
+    assert constrained.violations({"latency_ms": 1.0, "parameters": params[0] + 1})[1] == 1
+    cfg.max_parameters = 1
+    import pytest
+
+    from bnnkit import ConfigError
+
+    with pytest.raises(ConfigError, match="no completed trial satisfies the constraints"):
+        PlacementSearch(cfg).run()

@@ -63,6 +63,9 @@ class SearchConfig:
     n_ood: int = 1000
     latency_batch: int = 128
     heartbeat: int = 30  # seconds; a trial silent for 2 heartbeats is failed and retried
+    #: optional constraints: plans above them are infeasible (NSGA-II's constrained domination)
+    max_latency_ms: float | None = None
+    max_parameters: int | None = None
     #: methods trained and scored with the same proxy, marked on the Pareto plot
     baselines: list[str] = field(
         default_factory=lambda: ["deterministic", "mc_dropout", "deep_ensemble"]
@@ -185,7 +188,19 @@ class PlacementSearch:
         trial.set_user_attr("plan", plan.key())
         obj = self.evaluate(plan)
         trial.set_user_attr("objectives", obj)
+        # feasible when every value is <= 0: the samplers then prefer feasible plans
+        latency, params = self.violations(obj)
+        trial.set_constraint("latency_ms", latency)
+        trial.set_constraint("parameters", params)
         return tuple(obj[k] for k in OBJECTIVES)
+
+    def violations(self, obj: dict[str, float]) -> list[float]:
+        """Amounts by which ``obj`` exceeds the constraints (<= 0: satisfied)."""
+        c = self.cfg
+        return [
+            obj["latency_ms"] - c.max_latency_ms if c.max_latency_ms is not None else 0.0,
+            obj["parameters"] - c.max_parameters if c.max_parameters is not None else 0.0,
+        ]
 
     # ------------------------------------------------------------------ the loop
     def completed(self) -> list[optuna.trial.FrozenTrial]:
@@ -237,9 +252,14 @@ class PlacementSearch:
 
     def write_outputs(self) -> Path:
         out = Path(self.cfg.out)
-        front = self.study.best_trials
+        front = [t for t in self.study.best_trials
+                 if all(v <= 0 for v in self.violations(t.user_attrs["objectives"]))]  # fmt: skip
         if not front:
-            raise ConfigError("no completed trial yet: nothing to report")
+            raise ConfigError(
+                "no completed trial satisfies the constraints (max_latency_ms="
+                f"{self.cfg.max_latency_ms}, max_parameters={self.cfg.max_parameters}); relax "
+                "them or run more trials"
+            )
         rows = []
         for t in sorted(front, key=lambda t: t.values[2]):
             rows.append(
