@@ -204,11 +204,12 @@ class _Laplace(abc.ABC):
         self.loss = 0.0  # summed NLL of the training data at the MAP
         self._prior = self._as_prior(prior_precision)
         self._fitted = False
-        # everything derived from (fit, prior) is cached under the generation it was made in;
-        # every write (fit, load_state, a new prior) bumps the generation
-        self._generation = 0
-        self._cache: dict = {}
-        self._cache_generation = -1
+        # derived quantities are cached with the generations they were made in: the fit
+        # generation (bumped by fit / load_state) and the prior generation (bumped by every new
+        # prior precision); see :meth:`_cached`
+        self._fit_generation = 0
+        self._prior_generation = 0
+        self._cache: dict = {}  # key -> (stamp, value)
         self._fingerprint: tuple[float, float] | None = None
 
     # ---------------------------------------------------------------- prior
@@ -234,27 +235,31 @@ class _Laplace(abc.ABC):
     @prior_precision.setter
     def prior_precision(self, value) -> None:
         self._prior = self._as_prior(value)
-        self._bump()
+        self._prior_generation += 1
 
-    def _bump(self) -> None:
-        """Invalidate everything derived from the fit or the prior."""
-        self._generation += 1
+    def _stamp(self, uses_prior: bool) -> tuple:
+        fit = self._fit_generation
+        return (fit, self._prior_generation) if uses_prior else (fit,)
 
-    def _cached(self, key, build: Callable):
-        """``build()`` once per generation and key."""
-        if self._cache_generation != self._generation:
-            self._cache.clear()
-            self._cache_generation = self._generation
-        if key not in self._cache:
-            self._cache[key] = build()
-        return self._cache[key]
+    def _cached(self, key, build: Callable, uses_prior: bool = True):
+        """``build()`` once per key and generation: a quantity of the curvature alone
+        (``uses_prior=False``, e.g. the GGN's eigenbasis) survives a new prior, one that uses the
+        prior (Cholesky factor, covariance root) does not; stale entries are dropped."""
+        self._cache = {
+            k: (stamp, v)
+            for k, (stamp, v) in self._cache.items()
+            if stamp == self._stamp(len(stamp) == 2)
+        }
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = (self._stamp(uses_prior), build())
+        return hit[1]
 
     def _mark_fitted(self) -> None:
         """Record the weights the posterior belongs to (see :meth:`_check_weights`)."""
         self._fitted = True
         self._fingerprint = param_fingerprint(self.model)
-        self._fits = getattr(self, "_fits", 0) + 1  # curvature-only caches key on this
-        self._bump()
+        self._fit_generation += 1
 
     def _load_common(self, state: dict[str, Any]):
         """What every structure's ``load_state`` restores once its curvature is set: the mean

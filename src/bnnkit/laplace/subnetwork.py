@@ -170,13 +170,11 @@ class SubnetLaplace(_Laplace):
 
     def _eigh(self, vectors: bool):
         """Eigen-decomposition of the GGN (independent of the prior: kept across priors)."""
-        key = (self._fits, vectors)
-        if getattr(self, "_eig_key", None) != key:
-            self._eig = (
-                torch.linalg.eigh(self.ggn) if vectors else (torch.linalg.eigvalsh(self.ggn), None)
-            )
-            self._eig_key = key
-        return self._eig
+        if vectors:
+            return self._cached("eigh", lambda: torch.linalg.eigh(self.ggn), uses_prior=False)
+        return self._cached(
+            "eigvalsh", lambda: (torch.linalg.eigvalsh(self.ggn), None), uses_prior=False
+        )
 
     def _marglik_scalar(self) -> float:
         lam, _ = self._eigh(vectors=False)
