@@ -144,3 +144,33 @@ def test_constraints_restrict_the_reported_front(tmp_path):
 
     with pytest.raises(ConfigError, match="no completed trial satisfies the constraints"):
         PlacementSearch(cfg).run()
+
+
+def _open_after(barrier, url, study):
+    from bnnkit.search.study import SearchConfig, _open_study
+
+    barrier.wait()
+    _open_study(SearchConfig(out="unused", storage=url, study=study), attempts=1)
+
+
+def test_workers_started_together_on_a_fresh_database_all_open_the_study(postgres_url):
+    """Many workers creating the schema of a fresh database at the same instant: none may lose
+    the CREATE TABLE race (attempts=1 leaves no retry to hide behind)."""
+    import multiprocessing as mp
+
+    import sqlalchemy
+
+    admin = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text("CREATE DATABASE fresh_race"))
+    admin.dispose()
+    url = postgres_url.replace("/bnnkit?", "/fresh_race?")
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(6)
+    procs = [ctx.Process(target=_open_after, args=(barrier, url, "race")) for _ in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * 6
+    assert len(optuna.get_all_study_names(storage=url)) == 1

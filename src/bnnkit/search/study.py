@@ -22,6 +22,7 @@ import io as stdio
 import json
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -87,40 +88,84 @@ def _sampler(cfg: SearchConfig):
     raise ConfigError(f"unknown sampler {cfg.sampler!r}; use nsga2 or tpe")
 
 
+#: the advisory-lock key that serialises schema and study creation on PostgreSQL
+_SCHEMA_LOCK_KEY = int.from_bytes(hashlib.sha256(b"bnnkit.search schema").digest()[:7], "big")
+
+
+@contextmanager
+def _schema_lock(url: str):
+    """Hold a PostgreSQL session-level advisory lock while the schema and the study are created:
+    workers started together on a fresh database otherwise race in ``CREATE TABLE`` and a loser
+    sees DuplicateTable / DuplicateObject or a unique violation in the catalogue. Other databases
+    get no lock (SQLite serialises writers itself; the retries below cover the rest)."""
+    import sqlalchemy
+
+    if not url.startswith("postgresql"):
+        yield
+        return
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(
+                    sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _SCHEMA_LOCK_KEY}
+                )
+    finally:
+        engine.dispose()
+
+
 def _open_study(cfg: SearchConfig, attempts: int = 10) -> optuna.Study:
-    """Create or load the study. Workers started together on a fresh database race to create
-    its schema and the study: the loser of such a race retries."""
+    """Create or load the study. Workers started together on a fresh database would race to
+    create its schema and the study: on PostgreSQL an advisory lock serialises them; elsewhere
+    the loser of such a race retries."""
     import sqlalchemy.exc
 
     for attempt in range(attempts):
         try:
-            storage = optuna.storages.RDBStorage(
-                cfg.storage_url(),
-                heartbeat_interval=cfg.heartbeat,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=3
-                ),
-            )
-            return optuna.create_study(
-                storage=storage,
-                study_name=cfg.study,
-                directions=list(DIRECTIONS),
-                sampler=_sampler(cfg),
-                load_if_exists=True,
-            )
+            with _schema_lock(cfg.storage_url()):
+                return _create_or_load(cfg)
         except (
             sqlalchemy.exc.IntegrityError,
             sqlalchemy.exc.OperationalError,
+            sqlalchemy.exc.ProgrammingError,
             optuna.exceptions.DuplicatedStudyError,
             optuna.exceptions.StorageInternalError,
         ) as e:
-            if attempt == attempts - 1:
+            # PostgreSQL reports a lost CREATE TABLE race as DuplicateTable / DuplicateObject
+            # (SQLSTATE 42P07 / 42710, a ProgrammingError); any other ProgrammingError (no
+            # permission, wrong database) is not a race and is not retried.
+            sqlstate = getattr(getattr(e, "orig", None), "sqlstate", None)
+            racing = not isinstance(e, sqlalchemy.exc.ProgrammingError) or sqlstate in (
+                "42P07",
+                "42710",
+            )
+            if not racing or attempt == attempts - 1:
                 raise ConfigError(
                     f"cannot open the Optuna study {cfg.study!r} at {cfg.storage_url()}: "
                     f"{str(e).splitlines()[0]}; check the storage URL and that the database runs"
                 ) from e
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _create_or_load(cfg: SearchConfig) -> optuna.Study:
+    storage = optuna.storages.RDBStorage(
+        cfg.storage_url(),
+        heartbeat_interval=cfg.heartbeat,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=3
+        ),
+    )
+    return optuna.create_study(
+        storage=storage,
+        study_name=cfg.study,
+        directions=list(DIRECTIONS),
+        sampler=_sampler(cfg),
+        load_if_exists=True,
+    )
 
 
 def plan_hash(plan: PlacementPlan) -> str:
