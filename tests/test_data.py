@@ -61,6 +61,35 @@ def test_bnnkit_data_is_searched_first(tiny_root):
     assert b.input_shape == (1, 28, 28) and b.num_classes == 10
 
 
+def test_grey_cifar10_matches_pillow_and_is_a_fashion_mnist_ood_partner(tiny_root):
+    """cifar10_grey = PIL's convert("L") (BT.601 luma) then an antialiased bilinear resize to
+    28x28: the independent reference is Pillow itself, within one grey level of rounding."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    # smooth-ish images (a random field upsampled) plus noise: both regimes of the resize
+    base = rng.integers(0, 256, (30, 8, 8, 3)).repeat(4, 1).repeat(4, 2)
+    imgs = np.clip(base + rng.integers(-20, 21, base.shape), 0, 255).astype(np.uint8)
+    np.savez(tiny_root / "cifar10_test.npz", x_test=imgs, y_test=np.arange(30) % 10)
+    x, y = sources.load_split("cifar10_grey", "test")
+    assert x.shape == (30, 1, 28, 28) and x.dtype == torch.uint8
+    assert torch.equal(y, torch.arange(30) % 10)
+    for i in range(30):
+        ref = np.asarray(Image.fromarray(imgs[i]).convert("L").resize((28, 28), Image.BILINEAR))
+        assert np.abs(x[i, 0].numpy().astype(int) - ref.astype(int)).max() <= 1
+    b = load_bundle("fashion_mnist", val_size=50)
+    assert torch.equal(b.ood["cifar10_grey"].x, x)
+
+
+def test_grey_resize_refuses_non_rgb_uint8():
+    from bnnkit.data.transforms import grey_resize
+
+    with pytest.raises(ValueError, match=r"uint8 \[N, 3, H, W\]"):
+        grey_resize(torch.zeros(2, 1, 32, 32, dtype=torch.uint8), (28, 28))
+    with pytest.raises(ValueError, match="uint8"):
+        grey_resize(torch.zeros(2, 3, 32, 32), (28, 28))
+
+
 def test_subset_and_split_are_deterministic_and_disjoint():
     tr, va = train_val_indices(1000, 100, seed=3)
     tr2, va2 = train_val_indices(1000, 100, seed=3)

@@ -51,3 +51,23 @@ def test_summary_mean_and_std_over_seeds():
     headers, lines = summary(_rows(), ["m"])
     nll = lines[0][headers.index("NLL")]
     assert nll == "0.600 ± 0.141"
+
+
+def test_ood_table_has_one_column_per_ood_set_and_the_main_table_their_mean():
+    from bnnkit.report import ood_summary
+
+    rows = []
+    for seed, (a, b) in enumerate([(0.9, 0.6), (0.7, 0.8)]):
+        rows += [
+            {"method": "m", "seed": seed, "split": "ood:mnist", "metric": "auroc_entropy",
+             "value": a},
+            {"method": "m", "seed": seed, "split": "ood:cifar10_grey", "metric": "auroc_entropy",
+             "value": b},
+            {"method": "m", "seed": seed, "split": "test", "metric": "auroc_entropy",
+             "value": 0.0},
+        ]  # fmt: skip
+    headers, lines = ood_summary(rows, "auroc_entropy")
+    assert headers == ["Method", "cifar10_grey", "mnist"]
+    assert lines == [["m", "70.00 ± 14.14", "80.00 ± 14.14"]]
+    h, main = summary(rows)
+    assert main[0][h.index("AUROC %")] == "75.00 ± 0.00"  # per seed: (0.9+0.6)/2 = (0.7+0.8)/2

@@ -23,7 +23,7 @@ from .evaluate import EvalConfig, evaluate
 from .methods import METHODS, UQModel, get_method, method_options
 from .models import MODELS
 from .options import Option, OptionTable
-from .report import ResultStore, markdown, plain, shift_summary, summary
+from .report import ResultStore, markdown, ood_summary, plain, shift_summary, summary
 from .report import figures as figs
 from .train import DataConfig, RunConfig, TrainConfig, check_writable, train_run
 from .train.config import DATA_OPTIONS, TRAIN_OPTIONS
@@ -318,9 +318,14 @@ def run_bench(cfg: BenchConfig, log=print) -> str:
 
 
 def _shift_tables(rows: list[dict], cfg: BenchConfig) -> str:
-    """Accuracy / NLL / ECE per rotation angle and per corruption severity (mean over seeds
-    and, for corruptions, over types): the numbers behind the shift figures."""
+    """OOD AUROC per OOD set; accuracy / NLL / ECE per rotation angle and per corruption
+    severity (mean over seeds and, for corruptions, over types): the numbers behind the main
+    table's means and the shift figures."""
     out = []
+    for metric, name in (("auroc_entropy", "entropy"), ("auroc_mutual_info", "mutual information")):
+        headers, lines = ood_summary(rows, metric, cfg.methods)
+        if lines and len(headers) > 1:
+            out.append(f"### OOD AUROC % ({name}) per OOD set\n\n" + markdown(headers, lines))
     for kind, title in (("rotate", "rotated test images"), ("corrupt", "corruption severity")):
         for metric, name in (("accuracy", "Accuracy %"), ("nll", "NLL"), ("ece", "ECE %")):
             headers, lines = shift_summary(rows, kind, metric, cfg.methods)
@@ -331,7 +336,8 @@ def _shift_tables(rows: list[dict], cfg: BenchConfig) -> str:
 
 COLUMN_NOTE = (
     "Columns: test accuracy, NLL, Brier, ECE (15 bins); OOD AUROC / AUPR / FPR@95%TPR with "
-    "the predictive entropy as score (OOD = positive); AUROC-MI: AUROC with the mutual "
+    "the predictive entropy as score (OOD = positive), mean over the OOD sets (per set in "
+    "results.md); AUROC-MI: AUROC with the mutual "
     "information (epistemic part; – for single-sample predictives, whose mutual information "
     "is 0); cAcc / cNLL: mean over the corruption types and severities 1-5; ms/batch: median "
     "time of predict() on one batch of 128, from images to the predictive, with all members "

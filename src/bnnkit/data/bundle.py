@@ -11,7 +11,7 @@ from .sources import get_spec, load_split
 
 #: default OOD partners of each in-distribution set (first available ones are used)
 OOD_PAIRS: dict[str, list[str]] = {
-    "fashion_mnist": ["mnist"],
+    "fashion_mnist": ["mnist", "cifar10_grey"],
     "mnist": ["fashion_mnist"],
     "cifar10": ["cifar100", "svhn"],
 }

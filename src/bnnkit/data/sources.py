@@ -15,6 +15,7 @@ import os
 import struct
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError, unknown_name
+from .transforms import grey_resize
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
@@ -164,6 +166,8 @@ class DatasetSpec:
     std: tuple[float, ...]
     hint: str
     classes: list[str] = field(default_factory=list)
+    #: a data set computed from another one's files: (source name, images -> images)
+    derived: tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
 
 
 _FM = "fashion-mnist/"
@@ -191,6 +195,10 @@ _CIFAR10_TRAIN_SHA = [
     "fd9e12036be24c94f6edfb4e954b546fa153e538f12f3429ed7dfc523cc58d55",
 ]
 _NPZ_HINT = "place the .npz files (x_*/y_* arrays, NHWC uint8) in $BNNKIT_DATA or ~/.cache/bnnkit"
+
+_CIFAR10_TEST = FileSpec(
+    "cifar10_test.npz", ("84736cdd9e713ddd8fc4a2070e1c726747f370070cdadd5bf276d408e7b090e2",)
+)
 
 DATASETS: dict[str, DatasetSpec] = {
     "fashion_mnist": DatasetSpec(
@@ -252,12 +260,7 @@ DATASETS: dict[str, DatasetSpec] = {
             "train": [
                 FileSpec(f"cifar10_train_{i}.npz", (s,)) for i, s in enumerate(_CIFAR10_TRAIN_SHA)
             ],
-            "test": [
-                FileSpec(
-                    "cifar10_test.npz",
-                    ("84736cdd9e713ddd8fc4a2070e1c726747f370070cdadd5bf276d408e7b090e2",),
-                )
-            ],
+            "test": [_CIFAR10_TEST],
         },
         (3, 32, 32),
         10,
@@ -292,6 +295,18 @@ DATASETS: dict[str, DatasetSpec] = {
         (0.5071, 0.4865, 0.4409),
         (0.2673, 0.2564, 0.2762),
         _NPZ_HINT,
+    ),
+    # Fashion-MNIST's second OOD partner: CIFAR-10 test images in grey, resized to 28x28
+    "cifar10_grey": DatasetSpec(
+        "cifar10_grey",
+        {"test": [_CIFAR10_TEST]},
+        (1, 28, 28),
+        10,
+        (0.4838,),
+        (0.2313,),
+        _NPZ_HINT + " (cifar10_grey is computed from cifar10_test.npz)",
+        [],
+        derived=("cifar10", lambda x: grey_resize(x, (28, 28))),
     ),
     "svhn": DatasetSpec(
         "svhn",
@@ -346,13 +361,18 @@ def load_split(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     if key in _CACHE:
         return _CACHE[key]
     ds = get_spec(name)
-    paths = locate_split(name, split)
-    if name == "fashion_mnist":
+    if ds.derived is not None:
+        source, derive = ds.derived
+        sx, y = load_split(source, split)
+        x = derive(sx).numpy()
+        y = y.numpy()
+    elif name == "fashion_mnist":
+        paths = locate_split(name, split)
         x = read_idx(paths[0])[:, None]
         y = read_idx(paths[1])
     else:
         xs, ys = [], []
-        for p in paths:
+        for p in locate_split(name, split):
             d = read_npz(p, [f"x_{split}", f"y_{split}"])
             xs.append(d[f"x_{split}"])
             ys.append(d[f"y_{split}"])

@@ -113,3 +113,30 @@ def shift_summary(rows: list[dict], kind: str, metric: str, methods: list[str] |
             line.append(fmt.format(scale * statistics.mean(vals)) if vals else "-")
         lines.append(line)
     return headers, lines
+
+
+def ood_summary(rows: list[dict], metric: str, methods: list[str] | None = None):
+    """One line per method, one column per OOD set (``ood:<name>`` splits): ``metric`` (e.g.
+    ``auroc_entropy``) in %, mean ± std over seeds. The main table's OOD columns are the mean
+    over these sets; this is the per-set view behind them."""
+    cells: dict = defaultdict(lambda: defaultdict(list))  # method -> set -> [values]
+    for r in rows:
+        if r["split"].startswith("ood:") and r["metric"] == metric:
+            cells[r["method"]][r["split"][4:]].append(r["value"])
+    sets = sorted({s for per in cells.values() for s in per})
+    headers = ["Method"] + sets
+    lines = []
+    for m in methods or sorted(cells):
+        if m not in cells:
+            continue
+        line = [m]
+        for s in sets:
+            vals = [100.0 * v for v in cells[m].get(s, [])]
+            if not vals:
+                line.append("–")
+            elif len(vals) == 1:
+                line.append(f"{vals[0]:.2f}")
+            else:
+                line.append(f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}")
+        lines.append(line)
+    return headers, lines
