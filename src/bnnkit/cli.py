@@ -140,21 +140,27 @@ def cmd_evaluate(a) -> int:
 # ------------------------------------------------------------------ bench
 
 
-def cmd_bench(a) -> int:
-    from .bench import BenchConfig, run_bench
+def _bench_config(path: str | None):
+    """A BenchConfig from a YAML file of its fields (defaults where the file is silent)."""
+    from .bench import BenchConfig
     from .train import load_yaml
 
     base = {}
-    if a.config:
-        base = load_yaml(a.config)
+    if path:
+        base = load_yaml(path)
         valid = {f.name for f in fields(BenchConfig)}
         unknown = set(base) - valid
         if unknown:
             raise ConfigError(
-                f"unknown key(s) {sorted(unknown)} in {a.config}; valid: "
-                + ", ".join(sorted(valid))
+                f"unknown key(s) {sorted(unknown)} in {path}; valid: " + ", ".join(sorted(valid))
             )
-    cfg = BenchConfig(**base)
+    return BenchConfig(**base)
+
+
+def cmd_bench(a) -> int:
+    from .bench import run_bench
+
+    cfg = _bench_config(a.config)
     if a.methods:
         cfg.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     for name in ("model", "dataset", "epochs", "seeds", "device", "out", "lr", "batch_size"):
@@ -191,10 +197,17 @@ def cmd_search(a) -> int:
 
     import optuna
 
+    final_bench = _bench_config(a.final_config) if a.final_config else None
     with warnings.catch_warnings():  # heartbeats and stale-trial retries are "experimental"
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         out = PlacementSearch(cfg).run()
     print(f"Pareto front -> {out / 'pareto.csv'}; chosen plan -> {out / 'plan.json'}")
+    if a.final or a.final_config:
+        from .search.final import final_comparison
+
+        bench = final_bench or _bench_config(None)
+        bench.progress = not a.quiet
+        final_comparison(out, bench)
     return 0
 
 
@@ -313,6 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--heartbeat", type=_count, help="seconds between trial heartbeats")
     s.add_argument("--max-latency-ms", type=float, help="constraint: predict latency per batch")
     s.add_argument("--max-parameters", type=_count, help="constraint: parameter count")
+    s.add_argument(
+        "--final",
+        action="store_true",
+        help="then retrain the searched plans from scratch beside the baselines "
+        "with the bench's training and compare them on the test OOD sets",
+    )
+    s.add_argument(
+        "--final-config",
+        metavar="FILE",
+        help="YAML of BenchConfig fields for --final (implies --final)",
+    )
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_search)
 

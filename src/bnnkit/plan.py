@@ -118,6 +118,16 @@ class PlacementPlan:
             "options": {k: dict(v) for k, v in self.options.items()},
         }
 
+    def describe(self) -> str:
+        """One line for tables: ``conv2: rank1, fc3: mc_dropout(p=0.1); 4 members x 2 samples``
+        (layers not named are deterministic)."""
+        parts = []
+        for name, kind in self.layers.items():
+            opts = self.options.get(kind, {})
+            extra = "(" + ", ".join(f"{k}={v}" for k, v in sorted(opts.items())) + ")"
+            parts.append(f"{name}: {kind}{extra if opts else ''}")
+        return f"{', '.join(parts)}; {self.members} members x {self.samples} samples"
+
     def key(self) -> str:
         """Canonical JSON: equal plans have equal keys (evaluation caches, duplicates)."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

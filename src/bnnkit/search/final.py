@@ -1,0 +1,138 @@
+"""The final comparison of a placement search: the searched plans retrained from scratch with
+the bench's training, evaluated beside the baselines on the test set and the test OOD sets (which
+the search never saw), in a bench results store under ``OUT/final``.
+
+Three plans of the Pareto front are retrained (fewer when they coincide): ``searched``, the chosen
+plan of ``plan.json`` (the fastest within 2% of the best validation NLL), ``searched_nll``, the
+front's best validation NLL, and ``searched_ood``, its best search OOD AUROC. The comparison
+(``comparison.md``) gives, for each searched plan against each baseline, the latency ratio
+(baseline ms / searched ms, > 1: the searched plan is faster) and the relative differences in test
+NLL and in OOD AUROC on every test OOD set.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from .. import io
+from ..bench import BenchConfig, run_bench
+from ..errors import ConfigError
+from ..plan import PlacementPlan
+from ..report import ResultStore, markdown
+
+LABELS = ("searched", "searched_nll", "searched_ood")
+
+
+def final_plans(out: str | Path) -> dict[str, PlacementPlan]:
+    """The plans to retrain, by label (duplicates dropped, the chosen plan kept first)."""
+    out = Path(out)
+    for name in ("plan.json", "pareto.csv", "search_config.json"):
+        if not (out / name).is_file():
+            raise ConfigError(
+                f"{out} holds no finished search ({name} missing); run `bnnkit search --out "
+                f"{out}` to the end first"
+            )
+    with open(out / "pareto.csv", newline="") as f:
+        front = list(csv.DictReader(f))
+    if not front:
+        raise ConfigError(f"{out / 'pareto.csv'} is empty; the search has no Pareto front")
+    best_nll = min(front, key=lambda r: float(r["val_nll"]))
+    best_ood = max(front, key=lambda r: float(r["ood_auroc"]))
+    candidates = {
+        "searched": PlacementPlan.load(out / "plan.json"),
+        "searched_nll": PlacementPlan.from_dict(json.loads(best_nll["plan"])),
+        "searched_ood": PlacementPlan.from_dict(json.loads(best_ood["plan"])),
+    }
+    plans, seen = {}, set()
+    for label, plan in candidates.items():
+        if plan.key() not in seen:
+            seen.add(plan.key())
+            plans[label] = plan
+    return plans
+
+
+def final_comparison(
+    out: str | Path,
+    bench: BenchConfig | None = None,
+    baselines: list[str] | None = None,
+    log=print,
+) -> str:
+    """Retrain the searched plans and the baselines with ``bench`` (default: the bench's own
+    defaults) into ``OUT/final``; return and write the comparison (``comparison.md``).
+
+    Resumable like the bench: finished runs are read back, a killed run continues."""
+    out = Path(out)
+    plans = final_plans(out)
+    scfg = json.loads((out / "search_config.json").read_text())
+    cfg = bench if bench is not None else BenchConfig()
+    cfg.dataset, cfg.model = scfg["dataset"], scfg["model"]
+    cfg.out = str(out / "final")
+    base = list(baselines if baselines is not None else scfg.get("baselines", []))
+    cfg.methods = base + list(plans)
+    cfg.variants = {
+        **cfg.variants,
+        **{label: {"method": "placement", "plan": p.to_dict()} for label, p in plans.items()},
+    }
+    table = run_bench(cfg, log=log)
+    with ResultStore(Path(cfg.out) / "results.sqlite") as store:
+        rows = store.rows(dataset=cfg.dataset, model=cfg.model)
+    rows = [r for r in rows if r["method"] in cfg.methods and r["seed"] < cfg.seeds]
+    headers, lines = comparison(rows, list(plans), base)
+    plan_lines = "\n".join(f"- `{label}`: {p.describe()}" for label, p in plans.items())
+    md = (
+        f"# Placement search: final comparison ({cfg.dataset}, {cfg.model})\n\n"
+        f"Retrained from scratch: {cfg.epochs} epochs on {cfg.subset or 'all'} training "
+        f"images, {cfg.seeds} seed(s); test set and test OOD sets never seen by the search.\n\n"
+        f"{plan_lines}\n\n" + markdown(headers, lines) + "\n\n" + COMPARISON_NOTE + "\n"
+    )
+    io.atomic_write_text(out / "final" / "comparison.md", md)
+    log("\n" + markdown(headers, lines))
+    log(f"\nfinal comparison -> {out / 'final' / 'comparison.md'}")
+    return table
+
+
+def _means(rows: list[dict]) -> dict[tuple[str, str, str], float]:
+    vals: dict = defaultdict(list)
+    for r in rows:
+        vals[(r["method"], r["split"], r["metric"])].append(r["value"])
+    return {k: statistics.mean(v) for k, v in vals.items()}
+
+
+def comparison(rows: list[dict], searched: list[str], baselines: list[str]):
+    """``(headers, lines)``: one line per (searched plan, baseline) pair present in ``rows``:
+    the latency ratio, the relative NLL difference, and the relative OOD AUROC difference per
+    OOD set, all from means over seeds."""
+    m = _means(rows)
+    ood_sets = sorted({s[4:] for (_, s, _) in m if s.startswith("ood:")})
+    headers = ["searched", "baseline", "speed-up (x)", "NLL vs baseline %"]
+    headers += [f"AUROC {s} vs baseline %" for s in ood_sets]
+    lines = []
+    for s in searched:
+        for b in baselines:
+            ms_s, ms_b = m.get((s, "cost", "latency_ms")), m.get((b, "cost", "latency_ms"))
+            if ms_s is None or ms_b is None:
+                continue
+            line = [s, b, f"{ms_b / ms_s:.2f}", _rel(m, s, b, "test", "nll")]
+            line += [_rel(m, s, b, f"ood:{o}", "auroc_entropy") for o in ood_sets]
+            lines.append(line)
+    return headers, lines
+
+
+def _rel(m, s: str, b: str, split: str, metric: str) -> str:
+    vs, vb = m.get((s, split, metric)), m.get((b, split, metric))
+    if vs is None or vb is None or vb == 0:
+        return "–"
+    return f"{100.0 * (vs - vb) / abs(vb):+.1f}"
+
+
+COMPARISON_NOTE = (
+    "speed-up: the baseline's predict() latency per batch divided by the searched plan's (> 1: "
+    "the searched plan is faster); NLL vs baseline: relative difference in test NLL (negative: "
+    "the searched plan is better); AUROC vs baseline: relative difference in OOD AUROC with the "
+    "predictive entropy, per test OOD set (positive: better). Means over seeds; the full table "
+    "with spreads is in results.md."
+)
