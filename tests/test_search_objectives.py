@@ -57,3 +57,48 @@ def test_flops_of_every_kind_under_no_grad(kind):
         flops = forward_flops(model, torch.rand(1, 1, 4, 4))
     R = plan["members"] * plan["samples"]
     assert flops >= LAYER_FLOPS[0] + R * (LAYER_FLOPS[1] + LAYER_FLOPS[2])
+
+
+@pytest.mark.parametrize("hw", [(28, 28), (30, 31)])
+def test_scrambled_images_permute_whole_tiles_of_each_image(hw):
+    from bnnkit.search.objectives import scrambled_images
+
+    h, w = hw
+    x = torch.rand(6, 2, h, w, generator=torch.Generator().manual_seed(0))
+    y = scrambled_images(x, seed=3)
+    assert torch.equal(y, scrambled_images(x, seed=3))
+    th, tw = h // 4, w // 4
+    assert torch.equal(y[:, :, 4 * th :], x[:, :, 4 * th :])  # the remainder stays in place
+    assert torch.equal(y[:, :, :, 4 * tw :], x[:, :, :, 4 * tw :])
+    for i in range(6):  # brute force: every output tile is exactly one input tile, each once
+        tiles_in = [x[i, :, r * th : (r + 1) * th, c * tw : (c + 1) * tw]
+                    for r in range(4) for c in range(4)]  # fmt: skip
+        used = []
+        for r in range(4):
+            for c in range(4):
+                t = y[i, :, r * th : (r + 1) * th, c * tw : (c + 1) * tw]
+                used += [k for k, s in enumerate(tiles_in) if torch.equal(s, t)]
+        assert sorted(used) == list(range(16))
+    assert not torch.equal(y, x)
+
+
+def test_search_ood_families_are_deterministic_images_from_validation_data():
+    from bnnkit import ConfigError
+    from bnnkit.data import corrupt
+    from bnnkit.search.objectives import OOD_FAMILIES, SEARCH_CORRUPTIONS, search_ood_set
+
+    x = torch.rand(40, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    for fam in OOD_FAMILIES:
+        o = search_ood_set(fam, x, 60, seed=2)
+        assert o.shape == (60, 1, 28, 28) and 0 <= o.min() and o.max() <= 1
+        assert torch.equal(o, search_ood_set(fam, x, 60, seed=2))
+        assert not torch.equal(o, search_ood_set(fam, x, 60, seed=3))
+    assert torch.equal(search_ood_set("synthetic", x, 60, 2), search_ood_images((1, 28, 28), 60, 2))
+    # corrupted: validation images, each part under its severity-5 corruption
+    g = torch.Generator().manual_seed(2 + 7919)
+    pick = x[torch.randint(40, (60,), generator=g)]
+    parts = torch.tensor_split(pick, len(SEARCH_CORRUPTIONS))
+    ref = torch.cat([corrupt(p, c, 5, 2) for p, c in zip(parts, SEARCH_CORRUPTIONS)])
+    assert torch.allclose(search_ood_set("corrupted", x, 60, 2), ref.clamp(0, 1))
+    with pytest.raises(ConfigError, match="unknown search OOD family 'test'"):
+        search_ood_set("test", x, 10)

@@ -174,3 +174,26 @@ def test_workers_started_together_on_a_fresh_database_all_open_the_study(postgre
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0] * 6
     assert len(optuna.get_all_study_names(storage=url)) == 1
+
+
+def test_a_study_or_output_directory_refuses_other_settings(tmp_path):
+    import pytest
+
+    from bnnkit import ConfigError
+
+    cfg = _cfg(tmp_path, trials=1)
+    cfg.baselines = []
+    PlacementSearch(cfg).run()
+    cfg.epochs = 2  # objectives of 2-epoch candidates are not comparable with 1-epoch ones
+    with pytest.raises(ConfigError, match=r"other settings \(epochs: 1 -> 2\).*another --out"):
+        PlacementSearch(cfg)
+    cfg.storage = cfg.storage_url()  # the same study, from a fresh output directory
+    cfg.out = str(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match=r"study 'bnnkit-search' holds trials .*epochs: 1 -> 2"):
+        PlacementSearch(cfg)
+    cfg.epochs, cfg.trials = 1, 2  # the same settings with a larger budget continue
+    cfg.out = str(tmp_path / "search")
+    assert len(PlacementSearch(cfg).completed()) == 1
+    cfg.ood_family = "nonsense"
+    with pytest.raises(ConfigError, match="unknown search OOD family 'nonsense'"):
+        PlacementSearch(cfg)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .. import metrics
+from ..errors import ConfigError
 from ..evaluate import measure_cost
 
 
@@ -30,6 +31,65 @@ def search_ood_images(shape: tuple[int, int, int], n: int, seed: int = 0) -> tor
     coarse = torch.rand(n // 2, c, 4, 4, generator=g)
     blobs = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
     return torch.cat([noise, blobs]).clamp_(0.0, 1.0)
+
+
+#: severity-5 corruptions used for the ``corrupted`` search-OOD family (the bench's corruption
+#: evaluation runs on test images, never on these validation images)
+SEARCH_CORRUPTIONS = ("gaussian_noise", "impulse_noise", "defocus_blur", "contrast", "pixelate",
+                      "elastic")  # fmt: skip
+
+
+def scrambled_images(x: torch.Tensor, seed: int = 0, grid: int = 4) -> torch.Tensor:
+    """In-distribution images with their semantics destroyed and their pixel statistics kept:
+    each image cut into a ``grid`` x ``grid`` jigsaw whose tiles are shuffled (a fresh
+    permutation per image); sides that do not divide keep their last rows/columns in place."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = x.shape
+    th, tw = h // grid, w // grid
+    core = x[:, :, : th * grid, : tw * grid]
+    tiles = core.reshape(n, c, grid, th, grid, tw).permute(0, 2, 4, 1, 3, 5)
+    tiles = tiles.reshape(n, grid * grid, c, th, tw)
+    perm = torch.stack([torch.randperm(grid * grid, generator=g) for _ in range(n)])
+    tiles = tiles[torch.arange(n)[:, None], perm]
+    tiles = tiles.reshape(n, grid, grid, c, th, tw).permute(0, 3, 1, 4, 2, 5)
+    out = x.clone()
+    out[:, :, : th * grid, : tw * grid] = tiles.reshape(n, c, th * grid, tw * grid)
+    return out
+
+
+def search_ood_set(family: str, x_val: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """The search-time OOD images of ``family``, built from synthetic images or from the
+    validation images ``x_val`` (float, [0, 1]); never from test data.
+
+    ``synthetic``: uniform noise and smooth blobs; ``corrupted``: validation images under the
+    severity-5 corruptions of :data:`SEARCH_CORRUPTIONS`; ``scrambled``: validation images as
+    shuffled 4x4 jigsaws; ``mixed``: a third of each."""
+    from ..data import corrupt
+
+    shape = tuple(x_val.shape[1:])
+    g = torch.Generator().manual_seed(seed + 7919)
+    pick = x_val[torch.randint(len(x_val), (n,), generator=g)]
+    if family == "synthetic":
+        return search_ood_images(shape, n, seed)
+    if family == "corrupted":
+        parts = torch.tensor_split(pick, len(SEARCH_CORRUPTIONS))
+        return torch.cat(
+            [corrupt(p, c, 5, seed) for p, c in zip(parts, SEARCH_CORRUPTIONS) if len(p)]
+        ).clamp_(0.0, 1.0)
+    if family == "scrambled":
+        return scrambled_images(pick, seed)
+    if family == "mixed":
+        k = n // 3
+        sizes = (n - 2 * k, k, k)
+        return torch.cat([
+            search_ood_set("synthetic", x_val, sizes[0], seed),
+            search_ood_set("corrupted", x_val, sizes[1], seed),
+            search_ood_set("scrambled", x_val, sizes[2], seed),
+        ])  # fmt: skip
+    raise ConfigError(f"unknown search OOD family {family!r}; use one of {', '.join(OOD_FAMILIES)}")
+
+
+OOD_FAMILIES = ("synthetic", "corrupted", "scrambled", "mixed")
 
 
 def forward_flops(model, x: torch.Tensor) -> float:

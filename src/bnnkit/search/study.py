@@ -36,7 +36,7 @@ from ..errors import ConfigError
 from ..plan import PlacementPlan
 from ..report.figures import pareto_plot
 from ..train import DataConfig, RunConfig, TrainConfig, train_run
-from .objectives import evaluate_candidate, search_ood_images
+from .objectives import OOD_FAMILIES, evaluate_candidate, search_ood_set
 from .space import DEFAULT_KINDS, SearchSpace
 
 DIRECTIONS = ("minimize", "maximize", "minimize")  # val NLL, OOD AUROC, latency
@@ -62,6 +62,8 @@ class SearchConfig:
     members: list[int] = field(default_factory=lambda: [2, 4])
     samples: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     n_ood: int = 1000
+    #: search-time OOD images (never test data): see objectives.search_ood_set
+    ood_family: str = "synthetic"
     latency_batch: int = 128
     heartbeat: int = 30  # seconds; a trial silent for 2 heartbeats is failed and retried
     #: optional constraints: plans above them are infeasible (NSGA-II's constrained domination)
@@ -168,6 +170,46 @@ def _create_or_load(cfg: SearchConfig) -> optuna.Study:
     )
 
 
+#: the settings that decide a candidate's objectives: a study (and an output directory, which
+#: caches candidates by plan) holds evaluations of one value of them only
+SETTINGS = ("dataset", "model", "epochs", "subset", "val_size", "batch_size", "lr", "seed",
+            "kinds", "members", "samples", "n_ood", "ood_family", "latency_batch")  # fmt: skip
+
+
+def _settings(cfg: SearchConfig) -> dict:
+    return {k: getattr(cfg, k) for k in SETTINGS}
+
+
+def _differences(old: dict, new: dict) -> str:
+    return "; ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v)
+
+
+def _check_out_settings(cfg: SearchConfig) -> None:
+    path = Path(cfg.out) / "search_settings.json"
+    if path.is_file():
+        diff = _differences(json.loads(path.read_text()), _settings(cfg))
+        if diff:
+            raise ConfigError(
+                f"{cfg.out} holds candidates evaluated with other settings ({diff}); their "
+                "objectives are not comparable: use another --out, or the same settings"
+            )
+    else:
+        io.atomic_write_text(path, json.dumps(_settings(cfg), indent=2))
+
+
+def _check_study_settings(study: optuna.Study, cfg: SearchConfig) -> None:
+    old = study.user_attrs.get("settings")
+    if old is None:
+        study.set_user_attr("settings", _settings(cfg))
+        return
+    diff = _differences(old, _settings(cfg))
+    if diff:
+        raise ConfigError(
+            f"the study {cfg.study!r} holds trials evaluated with other settings ({diff}); "
+            "continue it with the same settings, or start another with --study NAME"
+        )
+
+
 def plan_hash(plan: PlacementPlan) -> str:
     return hashlib.sha256(plan.key().encode()).hexdigest()[:16]
 
@@ -188,10 +230,17 @@ class PlacementSearch:
         self.space = SearchSpace(
             backbone, kinds=cfg.kinds, members=cfg.members, samples=cfg.samples
         )
+        if cfg.ood_family not in OOD_FAMILIES:
+            raise ConfigError(
+                f"unknown search OOD family {cfg.ood_family!r}; use one of "
+                + ", ".join(OOD_FAMILIES)
+            )
         self.val = (self.bundle.val.float(), self.bundle.val.y)
-        self.ood = search_ood_images(self.bundle.input_shape, cfg.n_ood, seed=cfg.seed)
+        self.ood = search_ood_set(cfg.ood_family, self.val[0], cfg.n_ood, seed=cfg.seed)
+        _check_out_settings(cfg)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = _open_study(cfg)
+        _check_study_settings(self.study, cfg)
 
     # ------------------------------------------------------------------ one trial
     def run_config(self, plan: PlacementPlan) -> RunConfig:
