@@ -44,6 +44,15 @@ def test_objectives_of_a_candidate():
     assert 0 < obj.val_nll < 10 and 0 <= obj.ood_auroc <= 1 and obj.latency_ms > 0
     assert obj.flops_per_image == 2 * 16 * 8 + 2 * 8 * 6 + 4 * 2 * 6 * 3
     assert obj.parameters == sum(p.numel() for p in model.parameters())
+    # stochastic predictions are seeded: the same objectives again, the caller's RNG untouched
+    state = torch.get_rng_state()
+    again = evaluate_candidate(model, (x, y), search_ood_images((1, 4, 4), 30), latency_batch=16,
+                               repeats=3)  # fmt: skip
+    assert (again.val_nll, again.ood_auroc) == (obj.val_nll, obj.ood_auroc)
+    assert torch.equal(torch.get_rng_state(), state)
+    other = evaluate_candidate(model, (x, y), search_ood_images((1, 4, 4), 30), latency_batch=16,
+                               repeats=3, seed=1)  # fmt: skip
+    assert other.val_nll != obj.val_nll  # the seed reaches the dropout masks
 
 
 @pytest.mark.parametrize("kind", ["lpbnn", "rank1", "variational", "batch_ensemble"])
