@@ -186,7 +186,7 @@ def cmd_search(a) -> int:
     cfg = SearchConfig()
     for name in ("out", "dataset", "model", "epochs", "seed", "trials", "storage", "study",
                  "sampler", "lr", "batch_size", "heartbeat", "max_latency_ms",
-                 "max_parameters", "ood_family"):  # fmt: skip
+                 "max_parameters", "ood_family", "population"):  # fmt: skip
         v = getattr(a, name)
         if v is not None:
             setattr(cfg, name, v)
@@ -323,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help="Optuna storage URL (default: SQLite file in --out)")
     s.add_argument("--study", help="study name (workers on one storage share it)")
     s.add_argument("--sampler", choices=["nsga2", "tpe"])
+    s.add_argument("--population", type=_count, help="NSGA-II generation size (default 16)")
     s.add_argument(
         "--ood-family",
         help="search-time OOD images, never test data: synthetic, corrupted, scrambled or mixed",

@@ -60,6 +60,9 @@ class SearchConfig:
     storage: str | None = None  # default: sqlite in OUT
     study: str = "bnnkit-search"
     sampler: str = "nsga2"
+    #: NSGA-II's generation size: its first generation is random, so a small budget needs a
+    #: small population to evolve at all (Optuna's default, 50, would make 40 trials random)
+    population: int = 16
     kinds: list[str] = field(default_factory=lambda: list(DEFAULT_KINDS))
     members: list[int] = field(default_factory=lambda: [2, 4])
     samples: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
@@ -87,7 +90,9 @@ class SearchConfig:
 
 def _sampler(cfg: SearchConfig):
     if cfg.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=cfg.seed)
+        if cfg.population < 2:
+            raise ConfigError(f"population must be >= 2, got {cfg.population}")
+        return optuna.samplers.NSGAIISampler(population_size=cfg.population, seed=cfg.seed)
     if cfg.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=cfg.seed)
     raise ConfigError(f"unknown sampler {cfg.sampler!r}; use nsga2 or tpe")
