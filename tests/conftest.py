@@ -40,40 +40,9 @@ def ood_root(tmp_path_factory, monkeypatch):
 def postgres_url(tmp_path_factory):
     """A throw-away PostgreSQL cluster on a Unix socket (Debian's postgresql package; initdb
     runs as the postgres user when the tests run as root), stopped and removed afterwards."""
-    import glob
-    import os
-    import pwd
-    import shutil
-    import subprocess
+    from bnnkit.search.localdb import local_postgres, postgres_bindir
 
-    bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-    if not bindirs:
+    if postgres_bindir() is None:
         pytest.skip("PostgreSQL is not installed (make test installs Debian's postgresql)")
-    bindir = bindirs[-1]
-    root = tmp_path_factory.mktemp("postgres")
-    data, sock = root / "data", root / "sock"
-    sock.mkdir()
-    prefix = []
-    if os.geteuid() == 0:
-        pw = pwd.getpwnam("postgres")
-        for p in (root, sock):
-            os.chown(p, pw.pw_uid, pw.pw_gid)
-        os.chmod(root, 0o755)
-        for parent in root.parents:  # the socket path must be reachable for the server user
-            if parent == parent.parent:
-                break
-            os.chmod(parent, os.stat(parent).st_mode | 0o011)
-        prefix = ["runuser", "-u", "postgres", "--"]
-
-    def run(*cmd):
-        subprocess.run([*prefix, *cmd], check=True, capture_output=True, text=True)
-
-    run(f"{bindir}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
-    opts = f"-k {sock} -c listen_addresses='' -c fsync=off -c max_connections=50"
-    run(f"{bindir}/pg_ctl", "-D", str(data), "-w", "-l", str(root / "log"), "-o", opts, "start")
-    try:
-        run(f"{bindir}/createdb", "-h", str(sock), "-U", "postgres", "bnnkit")
-        yield f"postgresql+psycopg://postgres@/bnnkit?host={sock}"
-    finally:
-        run(f"{bindir}/pg_ctl", "-D", str(data), "-w", "-m", "immediate", "stop")
-        shutil.rmtree(root, ignore_errors=True)
+    with local_postgres(tmp_path_factory.mktemp("pg") / "cluster") as url:
+        yield url

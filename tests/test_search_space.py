@@ -155,3 +155,22 @@ def test_train_and_bench_accept_a_plan_file(tmp_path, capsys, ood_root):
     )  # fmt: skip
     table = run_bench(cfg, log=lambda *_: None)
     assert "my-plan" in table
+
+
+def test_sampling_reaches_late_bayesian_plans_as_often_as_early_ones():
+    """The cheap plans (a long deterministic prefix) must not be exponentially rare: with the
+    'first' decision, each unit of LeNet-5 is the first Bayesian one in a fair share of random
+    plans. Choosing each unit's kind uniformly alone gives the last unit (1/6)^4 = 0.08%."""
+    model = build_model("lenet5", (1, 28, 28), 10)
+    space = SearchSpace(model)
+    rng = random.Random(0)
+    firsts = []
+    for _ in range(3000):
+        plan = space.sample(lambda n, c: rng.choice(c))
+        stochastic = [
+            u for u in space.units if plan.layers.get(u, "deterministic") != "deterministic"
+        ]
+        firsts.append(stochastic[0] if stochastic else None)
+    share = {u: firsts.count(u) / len(firsts) for u in space.units}
+    assert min(share.values()) > 0.08, share
+    assert share[space.units[-1]] > 0.1

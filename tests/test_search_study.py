@@ -71,7 +71,8 @@ def _worker(out, storage, study, trials, *extra):
 
     return [sys.executable, "-m", "bnnkit.cli", "search", "--out", str(out), "--storage", storage,
             "--study", study, "--trials", str(trials), "--model", "mlp", "--epochs", "1",
-            "--subset", "256", "--batch-size", "64", "--quiet", *extra]  # fmt: skip
+            "--subset", "256", "--batch-size", "64", "--quiet", "--no-baselines",
+            *extra]  # fmt: skip
 
 
 def test_two_workers_on_postgresql_share_one_study(tmp_path, postgres_url):
@@ -83,6 +84,7 @@ def test_two_workers_on_postgresql_share_one_study(tmp_path, postgres_url):
     study = optuna.load_study(study_name="two", storage=postgres_url)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 5  # the budget is global, not per worker
+    assert not (out / "baselines").exists() and (out / "pareto.csv").is_file()  # --no-baselines
     for cand in (out / "candidates").iterdir():  # each plan trained once, by one worker
         assert (cand / "objectives.json").is_file()
         assert [p.name for p in (cand / "logs").iterdir()] == ["version_0"]

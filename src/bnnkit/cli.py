@@ -193,6 +193,8 @@ def cmd_search(a) -> int:
     if a.subset is not None:
         cfg.subset = _subset(a.subset)
     cfg.progress = not a.quiet
+    if a.no_baselines:
+        cfg.baselines = []
     import warnings
 
     import optuna
@@ -331,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--heartbeat", type=_count, help="seconds between trial heartbeats")
     s.add_argument("--max-latency-ms", type=float, help="constraint: predict latency per batch")
     s.add_argument("--max-parameters", type=_count, help="constraint: parameter count")
+    s.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="skip training the baselines scored beside the front (pareto.png)",
+    )
     s.add_argument(
         "--final",
         action="store_true",

@@ -7,7 +7,9 @@ Units: a residual block (a child of an ``nn.Sequential`` that holds several conv
 e.g. ``layer2.0`` of a ResNet, named by the pattern ``layer2.0.*``) is one unit, so the whole
 block changes kind together; every other ``Linear`` / ``Conv2d`` is a unit of its own.
 
-``sample(choose)`` asks ``choose(name, choices)`` for each decision in a fixed order, so an
+``sample(choose)`` asks ``choose(name, choices)`` for each decision in a fixed order (the
+earliest unit that may be Bayesian, then every unit's kind, then members, samples and the
+dropout rate where they apply), so an
 Optuna trial drives it with ``lambda n, c: trial.suggest_categorical(n, c)`` and a seeded
 ``random.Random`` with ``lambda n, c: rng.choice(c)``; decisions that do not apply (members
 without an ensemble kind) are not asked.
@@ -97,7 +99,16 @@ class SearchSpace:
         return PlacementPlan(layers, members, samples, options).check()
 
     def sample(self, choose: Callable[[str, list], object]) -> PlacementPlan:
+        """One plan from the decisions of ``choose``. The first decision, ``first``, is the
+        earliest unit that may be Bayesian (units before it stay deterministic): without it a
+        uniform choice per unit makes late-Bayesian plans, the cheap ones with a long
+        deterministic prefix, exponentially rare (the last unit alone: (1/k)^(n-1) of the plans
+        for k kinds and n units). Every unit's kind is still asked, so a sampler sees the same
+        decisions in every trial (NSGA-II crosses over only decisions all trials share)."""
+        first = self.units.index(choose("first", list(self.units)))
         assign = {u: choose(f"kind:{u}", list(self.kinds)) for u in self.units}
+        for u in self.units[:first]:
+            assign[u] = "deterministic"
         kinds = set(assign.values())
         members = (
             choose("members", list(self.members)) if any(KINDS[k].ensemble for k in kinds) else 1
