@@ -156,3 +156,24 @@ def test_structure_changes_rebuild_the_split():
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, naive)
     assert F.softmax(after, -1).shape == (2, 3, 10)
+
+
+def test_mc_dropout_run_the_usual_way_is_the_same_function(tmp_path):
+    """``prefix_once=False`` (the whole network every pass, as MC dropout is usually run) is
+    an execution choice only: same predictive for the same seed, kept through save/load."""
+    from bnnkit.methods import ModelSpec, UQModel, build_method
+
+    spec = ModelSpec("lenet5", (1, 28, 28), 10)
+    torch.manual_seed(0)
+    fast = build_method("mc_dropout", spec, {"samples": 4})
+    torch.manual_seed(0)
+    full = build_method("mc_dropout", spec, {"samples": 4, "prefix_once": False})
+    assert fast.net.prefix_once and not full.net.prefix_once
+    x = torch.rand(5, 1, 28, 28)
+    torch.manual_seed(1)
+    a = fast.predict(x).probs
+    torch.manual_seed(1)
+    b = full.predict(x).probs
+    assert torch.allclose(a, b, atol=1e-6)
+    full.save(tmp_path / "m.safetensors")
+    assert not UQModel.load(tmp_path / "m.safetensors").net.prefix_once

@@ -269,6 +269,7 @@ def _build_mc_dropout(spec, opts):
     base = spec.build()
     plan = {name: "mc_dropout" for name in _linear_names(base)}
     net = bayesify(base, plan, options={"mc_dropout": {"p": opts["p"]}})
+    net.prefix_once = opts["prefix_once"]
     return UQModel(net, "mc_dropout", opts, spec, eval_samples=opts["samples"])
 
 
@@ -345,6 +346,14 @@ register(
                     help="drop probability before every Linear layer",
                 ),
                 SAMPLES,
+                Option(
+                    "prefix_once",
+                    "bool",
+                    True,
+                    "at prediction, run the layers before the first dropout once per input "
+                    "(false: every pass runs the whole network, as MC dropout is usually run; "
+                    "same function, more time)",
+                ),
             ],
         ),
         "dropout before every Linear layer, kept on at test time (Gal & Ghahramani, 2016)",
