@@ -37,6 +37,7 @@ def test_search_is_resumable_reports_a_front_and_evaluates_each_plan_once(tmp_pa
     assert rows and {"val_nll", "ood_auroc", "latency_ms", "flops_per_image", "plan"} <= set(
         rows[0]
     )
+    assert len({r["plan"] for r in rows}) == len(rows)  # a plan drawn twice is listed once
     front = {int(r["trial"]) for r in rows}
     for t in done:  # nothing outside the front dominates a front member
         if t.number in front:

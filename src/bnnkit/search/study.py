@@ -364,8 +364,11 @@ class PlacementSearch:
                 f"{self.cfg.max_latency_ms}, max_parameters={self.cfg.max_parameters}); relax "
                 "them or run more trials"
             )
-        rows = []
-        for t in sorted(front, key=lambda t: t.values[2]):
+        rows, seen = [], set()
+        for t in sorted(front, key=lambda t: (t.values[2], t.number)):
+            if t.user_attrs["plan"] in seen:  # a plan drawn twice is one point of the front
+                continue
+            seen.add(t.user_attrs["plan"])
             rows.append(
                 {"trial": t.number, **t.user_attrs["objectives"], "plan": t.user_attrs["plan"]}
             )
