@@ -52,17 +52,22 @@ def test_search_then_final_retrains_the_searched_plans_beside_the_baselines(tmp_
     plans = final_plans(out)
     assert list(plans)[0] == "searched"
     assert plans["searched"].key() == PlacementPlan.load(out / "plan.json").key()
-    methods = ["deterministic", "mc_dropout", "deep_ensemble", *plans]
+    base = ["deterministic", "mc_dropout", "mc_dropout_full", "deep_ensemble"]
+    methods = [*base, *plans]
     with ResultStore(out / "final" / "results.sqlite") as store:
         rows = store.rows(dataset="fashion_mnist", model="mlp")
     assert {r["method"] for r in rows} == set(methods)
+    full = json.loads(
+        (out / "final" / "runs" / "mc_dropout_full-seed0" / "config.json").read_text()
+    )
+    assert full["method"] == "mc_dropout" and full["method_options"]["prefix_once"] is False
     for label, plan in plans.items():  # trained from scratch with the bench's settings
         cfg = json.loads((out / "final" / "runs" / f"{label}-seed0" / "config.json").read_text())
         assert cfg["method"] == "placement" and cfg["train"]["epochs"] == 1
         assert PlacementPlan.from_dict(cfg["method_options"]["plan"]).key() == plan.key()
     md = (out / "final" / "comparison.md").read_text()
-    headers, lines = comparison(rows, list(plans), methods[:3])
-    assert len(lines) == 3 * len(plans)
+    headers, lines = comparison(rows, list(plans), base)
+    assert len(lines) == len(base) * len(plans)
     for line in lines:
         assert "| " + " | ".join(line) + " |" in md
     assert "AUROC mnist vs baseline %" in headers

@@ -88,13 +88,50 @@ class SearchConfig:
         return f"sqlite:///{Path(self.out).resolve() / 'search.sqlite3'}"
 
 
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """A sampler whose random draws for a trial are seeded by ``(seed, trial number)``.
+
+    One sampler seeded once per worker would make every worker started with the same seed
+    propose the same plans (each then trained once, but the trial budget spent twice); seeding
+    per trial number, which the database hands out uniquely, keeps workers apart and a run
+    reproducible. NSGA-II and TPE read their history from the storage, so a fresh inner sampler
+    per trial loses nothing."""
+
+    def __init__(self, make, seed: int) -> None:
+        self._make, self._seed = make, seed
+        self._inner = make(seed)
+
+    def before_trial(self, study, trial) -> None:
+        digest = hashlib.sha256(f"{self._seed}:{trial.number}".encode()).digest()
+        self._inner = self._make(int.from_bytes(digest[:4], "big"))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
+
+
 def _sampler(cfg: SearchConfig):
     if cfg.sampler == "nsga2":
         if cfg.population < 2:
             raise ConfigError(f"population must be >= 2, got {cfg.population}")
-        return optuna.samplers.NSGAIISampler(population_size=cfg.population, seed=cfg.seed)
+        return TrialSeededSampler(
+            lambda s: optuna.samplers.NSGAIISampler(population_size=cfg.population, seed=s),
+            cfg.seed,
+        )
     if cfg.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=cfg.seed)
+        return TrialSeededSampler(lambda s: optuna.samplers.TPESampler(seed=s), cfg.seed)
     raise ConfigError(f"unknown sampler {cfg.sampler!r}; use nsga2 or tpe")
 
 
