@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 from ..metrics import reliability
 
@@ -141,6 +142,10 @@ def pareto_plot(trials: list[dict], front: list[dict], baselines: list[dict], pa
             ax.scatter([b["latency_ms"]], [b[key]], marker="*", s=120, color=f"C{k + 1}",
                        label=b["name"], zorder=3)  # fmt: skip
         ax.set_xscale("log")
+        # plain numbers at 1-2-5 steps: the default labels every minor tick and overlaps
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("predict latency, ms per batch (log)")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
