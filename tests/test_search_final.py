@@ -38,7 +38,7 @@ def test_final_plans_need_a_finished_search(tmp_path):
         final_plans(tmp_path)
 
 
-def test_search_then_final_retrains_the_searched_plans_beside_the_baselines(tmp_path):
+def test_search_then_final_retrains_the_searched_plans_beside_the_baselines(tmp_path, ood_root):
     out = tmp_path / "search"
     bench = {"epochs": 1, "seeds": 1, "subset": 256, "val_size": 200, "test_size": 150,
              "batch_size": 64, "corruptions": ["contrast"], "n_corrupt": 20, "n_rotate": 20,
