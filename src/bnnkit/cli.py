@@ -1,4 +1,4 @@
-"""Command line: ``bnnkit train | evaluate | bench | search | data | methods``."""
+"""Command line: ``bnnkit train | evaluate | bench | search | posterior | data | methods``."""
 
 from __future__ import annotations
 
@@ -213,6 +213,47 @@ def cmd_search(a) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ posterior
+
+
+def cmd_posterior(a) -> int:
+    if a.action == "collect":
+        from .posterior.collect import collect_reference
+
+        col = collect_reference(
+            a.out, model=a.model, dataset=a.dataset, members=a.members, epochs=a.epochs,
+            subset=_subset(a.subset) if a.subset is not None else 16000, chunk=a.chunk,
+            first_seed=a.seed,
+            progress=None if a.quiet else (lambda k, n: print(f"{k}/{n} members", flush=True)),
+        )  # fmt: skip
+        print(f"{len(col)} members -> {a.out}")
+    elif a.action == "canonicalize":
+        from .posterior.tools import canonical_collection
+
+        col = canonical_collection(a.collection, a.out, scaling=not a.no_scaling)
+        print(f"{len(col)} members in canonical form -> {a.out}")
+    elif a.action == "mmd":
+        from .posterior.tools import compare, example_input
+
+        probe = None
+        if a.space == "function":
+            from .data import load_bundle
+            from .posterior.collection import Collection
+
+            arch = Collection.open(a.a).arch
+            bundle = load_bundle(a.dataset, ood=[], test_size=a.probe)
+            probe = bundle.test.float()
+            if tuple(probe.shape[1:]) != tuple(example_input(arch).shape[1:]):
+                raise ConfigError(f"{a.dataset} images do not fit the collection's input shape")
+        r = compare(a.a, a.b, a.space, probe, alpha=a.alpha, seed=a.seed)
+        best = min(r.p_values, key=r.p_values.get)
+        print(f"MMDAgg ({a.space} space, alpha {r.alpha}): "
+              f"{'different' if r.reject else 'no difference detected'}")  # fmt: skip
+        print(f"most sensitive kernel: {best}, MMD^2 {r.statistics[best]:.4g}, "
+              f"single-kernel p {r.p_values[best]:.4f}")  # fmt: skip
+    return 0
+
+
 # ------------------------------------------------------------------ data
 
 
@@ -351,6 +392,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_search)
+
+    po = sub.add_parser("posterior", help="checkpoint collections, symmetries, MMD")
+    pa = po.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    c = pa.add_parser("collect", help="train independent networks into a collection")
+    c.add_argument("--out", required=True, help="collection directory")
+    c.add_argument("--model", default="mlp")
+    c.add_argument("--dataset", default="fashion_mnist")
+    c.add_argument("--members", type=_count, default=128)
+    c.add_argument("--epochs", type=_count, default=5)
+    c.add_argument("--subset", help="training examples ('all' for every one; default 16000)")
+    c.add_argument("--chunk", type=_count, default=32, help="networks trained at once")
+    c.add_argument("--seed", type=int, default=0, help="seed of the first member")
+    c.add_argument("--quiet", action="store_true")
+    k = pa.add_parser("canonicalize", help="remove scaling and permutation symmetries")
+    k.add_argument("collection")
+    k.add_argument("--out", required=True)
+    k.add_argument("--no-scaling", action="store_true", help="remove permutations only")
+    mm = pa.add_parser("mmd", help="MMDAgg test between two collections")
+    mm.add_argument("a")
+    mm.add_argument("b")
+    mm.add_argument("--space", choices=["weight", "function"], default="weight")
+    mm.add_argument("--dataset", default="fashion_mnist", help="probe images (function space)")
+    mm.add_argument("--probe", type=_count, default=500, help="probe images (function space)")
+    mm.add_argument("--alpha", type=float, default=0.05)
+    mm.add_argument("--seed", type=int, default=0)
+    po.set_defaults(func=cmd_posterior)
 
     d = sub.add_parser("data", help="list data sets, where they are, counts, sha256 checks")
     d.add_argument("--no-verify", action="store_true", help="skip the sha256 check of files")

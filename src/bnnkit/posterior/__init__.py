@@ -1,6 +1,9 @@
 """Symmetry-aware exploration of posteriors (Laurent et al., ICLR 2024): permutation and scaling
 symmetries of networks, canonical forms and alignment, and measures between sets of networks."""
 
+from .collect import collect_reference
+from .collection import Collection, Member
+from .independent import train_independent
 from .mmd import MMDAggResult, mmd2, mmd_agg_test
 from .permutation import (
     Axis,
@@ -16,6 +19,7 @@ from .permutation import (
     weight_matching,
 )
 from .scaling import ScalingSpec, balance, balancing_scales, random_scales, rescale, scaling_spec
+from .tools import canonical_collection, compare, function_vectors
 
 __all__ = [
     "Axis",
@@ -38,4 +42,11 @@ __all__ = [
     "mmd2",
     "mmd_agg_test",
     "MMDAggResult",
+    "Collection",
+    "Member",
+    "train_independent",
+    "collect_reference",
+    "canonical_collection",
+    "compare",
+    "function_vectors",
 ]
