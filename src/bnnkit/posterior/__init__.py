@@ -5,6 +5,7 @@ from .collect import collect_reference
 from .collection import Collection, Member
 from .independent import train_independent
 from .mmd import MMDAggResult, mmd2, mmd_agg_test
+from .modes import barrier, count_modes, interpolate, pairwise_mutual_information, path_losses
 from .permutation import (
     Axis,
     PermutationSpec,
@@ -49,4 +50,9 @@ __all__ = [
     "canonical_collection",
     "compare",
     "function_vectors",
+    "interpolate",
+    "path_losses",
+    "barrier",
+    "count_modes",
+    "pairwise_mutual_information",
 ]

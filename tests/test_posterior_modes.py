@@ -1,0 +1,116 @@
+"""Loss barriers, modes and functional diversity against independent truths: a convex model has
+no barrier, a network and its aligned permuted copy are one point, identical members carry no
+mutual information, BatchNorm statistics are re-estimated along paths."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bnnkit import InputError
+from bnnkit.posterior import align, permutation_spec, permute, random_permutation
+from bnnkit.posterior.modes import (
+    barrier,
+    count_modes,
+    interpolate,
+    pairwise_mutual_information,
+    path_losses,
+)
+from posterior_models import _load, _model
+
+
+def _data(shape, n=64, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g, dtype=torch.float64), torch.randint(
+        0, classes, (n,), generator=g
+    )
+
+
+def test_a_convex_model_has_no_barrier():
+    """Softmax regression: the loss is convex in the weights, so it lies below the chord."""
+    torch.manual_seed(0)
+    net = nn.Linear(5, 3).double()
+    a = net.state_dict()
+    b = {k: v + torch.randn_like(v) for k, v in a.items()}
+    x, y = _data((5,))
+    ts, losses, _ = path_losses(net, a, b, x, y, points=21)
+    assert barrier(ts, losses) == pytest.approx(0.0, abs=1e-12)
+    with torch.no_grad():
+        start = float(torch.nn.functional.cross_entropy(net(x), y))
+    assert float(losses[0]) == pytest.approx(start)
+
+
+def test_a_permuted_copy_has_a_barrier_until_aligned():
+    model, _ = _model("mlp")
+    x, y = _data((5,), n=128)
+    spec = permutation_spec(model, x)
+    a = model.state_dict()
+    b = permute(a, spec, random_permutation(spec, torch.Generator().manual_seed(0)))
+    ts, naive, _ = path_losses(model, a, b, x, y)
+    assert torch.isclose(naive[0], naive[-1])  # the same function at both ends
+    assert barrier(ts, naive) > 1e-3  # but not the same point: the path leaves the function
+    ts, aligned, _ = path_losses(model, a, align(a, b, spec), x, y)
+    assert barrier(ts, aligned) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_batchnorm_statistics_are_reestimated_along_the_path():
+    model, x = _model("conv_bn_flatten")
+    y = torch.randint(0, 3, (len(x),))
+    a = model.state_dict()
+    with pytest.raises(InputError, match="bn_data"):
+        path_losses(model, a, a, x, y)
+    bn_data = torch.randn(32, *x.shape[1:], dtype=torch.float64)
+    _, losses, _ = path_losses(model, a, a, x, y, points=3, bn_data=bn_data)
+    # the same network everywhere, with statistics re-estimated on bn_data: equal to a network
+    # whose statistics were estimated the same way by hand
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    ref.train()
+    with torch.no_grad():
+        ref(bn_data)
+    ref.eval()
+    with torch.no_grad():
+        expect = float(torch.nn.functional.cross_entropy(ref(x), y))
+    assert torch.allclose(losses, torch.full_like(losses, expect))
+    assert all(torch.equal(v, a[k]) for k, v in model.state_dict().items())  # caller untouched
+
+
+def test_modes_are_connected_components_of_low_barriers():
+    b = torch.tensor([[0.0, 0.1, 5.0, 5.0], [0.1, 0.0, 5.0, 5.0], [5.0, 5.0, 0.0, 9.0],
+                      [5.0, 5.0, 9.0, 0.0]])  # fmt: skip
+    assert count_modes(b, 1.0) == (3, [0, 0, 1, 2])
+    assert count_modes(b, 6.0) == (1, [0, 0, 0, 0])  # 2-3 joined through 0 (single linkage)
+    with pytest.raises(InputError, match="square"):
+        count_modes(torch.zeros(2, 3), 1.0)
+
+
+def test_pairwise_mutual_information():
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(3, 20, 4, generator=g, dtype=torch.float64), -1)
+    p = torch.cat([p, p[:1]])  # member 3 = member 0
+    mi = pairwise_mutual_information(p)
+    assert mi[0, 3] == 0 and torch.all(mi.diagonal() == 0) and torch.allclose(mi, mi.T)
+    assert mi[0, 1] > 0
+    # brute force: the mutual information of (member in {i, j} uniform, label) per input
+    i, j = 1, 2
+    joint = torch.stack([p[i], p[j]], 1) / 2  # [N, 2, C]
+    pm, pc = joint.sum(2, keepdim=True), joint.sum(1, keepdim=True)
+    brute = (joint * (joint / (pm * pc)).log()).sum((1, 2)).mean()
+    assert float(mi[i, j]) == pytest.approx(float(brute), rel=1e-12)
+    with pytest.raises(InputError, match="members, inputs, classes"):
+        pairwise_mutual_information(p[0])
+
+
+def test_interpolation_endpoints_and_refusals():
+    model, _ = _model("mlp")
+    a = model.state_dict()
+    b = {k: v * 2 for k, v in a.items()}
+    assert all(torch.equal(interpolate(a, b, 0.0)[k], a[k]) for k in a)
+    assert all(torch.allclose(interpolate(a, b, 1.0)[k], b[k]) for k in a)
+    with pytest.raises(InputError, match="different keys"):
+        interpolate(a, {"x": torch.zeros(1)}, 0.5)
+    assert _load  # shared helpers
