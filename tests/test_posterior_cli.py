@@ -53,5 +53,20 @@ def test_collect_killed_and_resumed_then_canonicalize_and_compare(tmp_path):
     r = _bnnkit("posterior", "mmd", str(ref), str(tmp_path / "canon"), "--space", "function",
                 "--probe", "50")  # fmt: skip
     assert r.returncode == 0 and "no difference detected" in r.stdout, r.stdout + r.stderr
+    # a trained bnnkit model's posterior samples join the same format and can be compared
+    r = _bnnkit("train", "--method", "batch_ensemble", "--model", "mlp", "--epochs", "1",
+                "--subset", "300", "--out", str(tmp_path / "be"), "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _bnnkit("posterior", "collect", "--from-run", str(tmp_path / "be"), "--out",
+                str(tmp_path / "be_samples"))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    be = Collection.open(tmp_path / "be_samples")
+    assert (
+        len(be) == 4
+        and be.arch == col.arch
+        and {m.method for m in be.members} == {"batch_ensemble"}
+    )
+    r = _bnnkit("posterior", "mmd", str(ref), str(tmp_path / "be_samples"))
+    assert r.returncode == 0 and "MMDAgg (weight space" in r.stdout, r.stderr[-2000:]
     r = _bnnkit("posterior", "mmd", str(ref), str(tmp_path / "nothing"))
     assert r.returncode != 0 and "not a collection" in r.stderr and "Traceback" not in r.stderr

@@ -217,7 +217,12 @@ def cmd_search(a) -> int:
 
 
 def cmd_posterior(a) -> int:
-    if a.action == "collect":
+    if a.action == "collect" and a.from_run:
+        from .posterior.collect import collect_samples
+
+        col = collect_samples(a.out, a.from_run, samples=a.samples, seed=a.seed)
+        print(f"{len(col)} members -> {a.out}")
+    elif a.action == "collect":
         from .posterior.collect import collect_reference
 
         col = collect_reference(
@@ -403,7 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epochs", type=_count, default=5)
     c.add_argument("--subset", help="training examples ('all' for every one; default 16000)")
     c.add_argument("--chunk", type=_count, default=32, help="networks trained at once")
-    c.add_argument("--seed", type=int, default=0, help="seed of the first member")
+    c.add_argument("--seed", type=int, default=0, help="seed of the first member / of draws")
+    c.add_argument(
+        "--from-run",
+        metavar="RUN_DIR",
+        help="instead: add a trained bnnkit model's posterior samples (plain nets)",
+    )
+    c.add_argument("--samples", type=_count, default=1, help="draws per member (--from-run)")
     c.add_argument("--quiet", action="store_true")
     k = pa.add_parser("canonicalize", help="remove scaling and permutation symmetries")
     k.add_argument("collection")

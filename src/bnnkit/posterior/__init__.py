@@ -1,7 +1,7 @@
 """Symmetry-aware exploration of posteriors (Laurent et al., ICLR 2024): permutation and scaling
 symmetries of networks, canonical forms and alignment, and measures between sets of networks."""
 
-from .collect import collect_reference
+from .collect import collect_reference, collect_samples
 from .collection import Collection, Member
 from .independent import train_independent
 from .mmd import MMDAggResult, mmd2, mmd_agg_test
@@ -19,6 +19,7 @@ from .permutation import (
     random_permutation,
     weight_matching,
 )
+from .samples import network_samples
 from .scaling import ScalingSpec, balance, balancing_scales, random_scales, rescale, scaling_spec
 from .tools import canonical_collection, compare, function_vectors
 
@@ -47,6 +48,8 @@ __all__ = [
     "Member",
     "train_independent",
     "collect_reference",
+    "collect_samples",
+    "network_samples",
     "canonical_collection",
     "compare",
     "function_vectors",

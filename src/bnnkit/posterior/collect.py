@@ -16,21 +16,48 @@ import torch
 import torch.nn.functional as F
 
 from ..data import load_bundle
-from ..errors import ConfigError
-from ..models import build_model
+from ..errors import ConfigError, unknown_name
+from ..methods import ModelSpec
+from ..models import MODELS
 from .collection import Collection
 from .independent import train_independent
 
 
-def architecture(model: str, input_shape, num_classes: int, **options) -> dict:
-    return {"model": model, "input_shape": list(input_shape), "num_classes": int(num_classes),
-            "model_options": dict(options)}  # fmt: skip
+def architecture(spec: ModelSpec) -> dict:
+    """A collection's architecture: the fields of a :class:`~bnnkit.methods.ModelSpec` (model,
+    data geometry and normalisation), so members of every method share one plain network."""
+    return {"model": spec.arch, "input_shape": list(spec.input_shape),
+            "num_classes": int(spec.num_classes), "mean": list(spec.mean),
+            "std": list(spec.std), "model_options": dict(spec.arch_options)}  # fmt: skip
+
+
+def spec_of(arch: dict) -> ModelSpec:
+    return ModelSpec(arch["model"], tuple(arch["input_shape"]), arch["num_classes"],
+                     tuple(arch["mean"]), tuple(arch["std"]),
+                     dict(arch.get("model_options", {})))  # fmt: skip
 
 
 def build_from(arch: dict) -> torch.nn.Module:
-    """A fresh network of a collection's architecture."""
-    return build_model(arch["model"], tuple(arch["input_shape"]), arch["num_classes"],
-                       **arch.get("model_options", {}))  # fmt: skip
+    """A fresh plain network of a collection's architecture."""
+    return spec_of(arch).build()
+
+
+def collect_samples(out: str | Path, run_dir: str | Path, samples: int = 1, seed: int = 0):
+    """Add a trained bnnkit model's posterior samples (every member x ``samples`` draws, as
+    plain networks: :func:`~bnnkit.posterior.samples.network_samples`) to the collection at
+    ``out``, named ``<run name>-m00-s000``...; samples already there are skipped."""
+    from ..methods import UQModel
+    from .samples import network_samples
+
+    run_dir = Path(run_dir)
+    model = UQModel.load(run_dir / "model.safetensors")
+    col = Collection.create(out, architecture(model.spec))
+    for tag, state in network_samples(model, samples, seed):
+        mid = f"{run_dir.name}-{tag}"
+        if not col.has(mid):
+            col.add(mid, state, model.method, info={"run": run_dir.name, "sample": tag,
+                                                     "sample_seed": seed})  # fmt: skip
+    return col
 
 
 def collect_reference(
@@ -51,7 +78,10 @@ def collect_reference(
     if members < 1 or chunk < 1 or epochs < 1:
         raise ConfigError("members, chunk and epochs must be >= 1")
     bundle = load_bundle(dataset, val_size=val_size, subset=subset, ood=[])
-    arch = architecture(model, bundle.input_shape, bundle.num_classes)
+    if model not in MODELS:
+        raise unknown_name("model", model, MODELS)
+    arch = architecture(ModelSpec(model, bundle.input_shape, bundle.num_classes, bundle.mean,
+                                  bundle.std))  # fmt: skip
     col = Collection.create(out, arch)
     ids = [f"ref-{i:04d}" for i in range(members)]
     todo = col.missing(ids)
