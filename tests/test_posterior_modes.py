@@ -114,3 +114,19 @@ def test_interpolation_endpoints_and_refusals():
     with pytest.raises(InputError, match="different keys"):
         interpolate(a, {"x": torch.zeros(1)}, 0.5)
     assert _load  # shared helpers
+
+
+def test_largest_weight_index_is_uniform_over_permutations_and_fixed_after_canonicalising():
+    """Random permutations of one network spread the index of fc1's largest weight over its
+    rows; their canonical forms all put it in one place (the paper's symmetry diagnostic)."""
+    from bnnkit.posterior import canonicalize, largest_weight_index, uniformity_pvalue
+
+    model, x = _model("mlp")
+    spec = permutation_spec(model, x)
+    g = torch.Generator().manual_seed(0)
+    nets = [permute(model.state_dict(), spec, random_permutation(spec, g)) for _ in range(140)]
+    rows = largest_weight_index(nets, "0.weight") // 5  # the hidden unit holding it (7 units)
+    assert uniformity_pvalue(rows, 7) > 0.01
+    canon = largest_weight_index([canonicalize(s, spec) for s in nets[:10]], "0.weight")
+    assert len(set(canon.tolist())) == 1
+    assert uniformity_pvalue(torch.zeros(140, dtype=torch.long), 7) < 1e-10

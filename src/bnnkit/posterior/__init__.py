@@ -5,7 +5,15 @@ from .collect import collect_reference, collect_samples
 from .collection import Collection, Member
 from .independent import train_independent
 from .mmd import MMDAggResult, mmd2, mmd_agg_test
-from .modes import barrier, count_modes, interpolate, pairwise_mutual_information, path_losses
+from .modes import (
+    barrier,
+    count_modes,
+    interpolate,
+    largest_weight_index,
+    pairwise_mutual_information,
+    path_losses,
+    uniformity_pvalue,
+)
 from .permutation import (
     Axis,
     PermutationSpec,
@@ -58,4 +66,6 @@ __all__ = [
     "barrier",
     "count_modes",
     "pairwise_mutual_information",
+    "largest_weight_index",
+    "uniformity_pvalue",
 ]

@@ -128,3 +128,21 @@ def pairwise_mutual_information(probs: torch.Tensor) -> torch.Tensor:
     h = _entropy(p).mean(1)  # [M]
     mix = _entropy((p[:, None] + p[None, :]) / 2).mean(-1)  # [M, M]
     return (mix - (h[:, None] + h[None, :]) / 2).clamp_min(0.0)
+
+
+def largest_weight_index(states: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
+    """Per network, the flat index of the largest-magnitude entry of tensor ``key``
+    (Laurent et al.: across independently trained networks this index is uniform, a symptom of
+    the permutation symmetry; after canonicalisation it concentrates)."""
+    if not states:
+        raise InputError("no networks given")
+    return torch.tensor([int(s[key].abs().argmax()) for s in states])
+
+
+def uniformity_pvalue(indices: torch.Tensor, categories: int) -> float:
+    """Chi-square goodness-of-fit p-value of ``indices`` against the uniform distribution over
+    ``categories`` values (small: not uniform)."""
+    from scipy.stats import chisquare
+
+    counts = torch.bincount(indices, minlength=categories).double()
+    return float(chisquare(counts.numpy()).pvalue)
