@@ -17,6 +17,7 @@ def _alone(seed, x, y, epochs, batch_size, lr):
     torch.manual_seed(seed)
     m = _build()
     opt = torch.optim.Adam(m.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     for epoch in range(epochs):
         order = member_order(seed, epoch, len(x))
         for start in range(0, len(x), batch_size):
@@ -24,6 +25,7 @@ def _alone(seed, x, y, epochs, batch_size, lr):
             opt.zero_grad()
             F.cross_entropy(m(x[idx]), y[idx]).backward()
             opt.step()
+        sched.step()
     return m.state_dict()
 
 
@@ -32,9 +34,9 @@ def test_each_member_follows_its_own_trajectory_exactly():
     x = torch.randn(50, 3, 4, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (50,), generator=g)
     seeds = [3, 7, 11]
-    states = train_independent(_build, seeds, x, y, epochs=2, batch_size=16, lr=0.01)
+    states = train_independent(_build, seeds, x, y, epochs=3, batch_size=16, lr=0.01)
     for s, state in zip(seeds, states):
-        ref = _alone(s, x, y, 2, 16, 0.01)
+        ref = _alone(s, x, y, 3, 16, 0.01)
         for k in ref:
             torch.testing.assert_close(state[k], ref[k], rtol=1e-9, atol=1e-11)
     assert not torch.allclose(states[0]["1.weight"], states[1]["1.weight"])

@@ -39,8 +39,9 @@ def train_independent(
     lr: float = 1e-3,
     weight_decay: float = 0.0,
 ) -> list[dict[str, torch.Tensor]]:
-    """Train one network per seed (``torch.manual_seed(seed); build()``) with Adam on ``(x,
-    y)``; return their state dicts. ``x`` is the model's input (floats), ``y`` class labels."""
+    """Train one network per seed (``torch.manual_seed(seed); build()``) with Adam and a cosine
+    learning-rate schedule (bnnkit's recipe) on ``(x, y)``; return their state dicts. ``x`` is
+    the model's input (floats), ``y`` class labels."""
     if not seeds:
         raise ConfigError("train_independent needs at least one seed")
     if len(set(seeds)) != len(seeds):
@@ -61,6 +62,9 @@ def train_independent(
     for p in leaves:
         p.requires_grad_(True)
     opt = torch.optim.Adam(leaves, lr=lr, weight_decay=weight_decay)
+    # the learning-rate schedule of bnnkit's training (cosine over the epochs, stepped per
+    # epoch), so a reference of independent networks follows the methods' recipe
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
     device = leaves[0].device
     n = len(x)
 
@@ -77,6 +81,7 @@ def train_independent(
             opt.zero_grad(set_to_none=True)
             batched_loss(params, buffers, xb, yb).sum().backward()
             opt.step()
+        sched.step()
     out = []
     for i in range(len(seeds)):
         state = {k: v[i].detach().clone() for k, v in params.items()}
