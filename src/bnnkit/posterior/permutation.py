@@ -123,10 +123,9 @@ class _Groups:
         self.fixed[self.find(g)] = True
 
 
-def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
-    """Derive the permutation groups of ``model`` by tracing it with ``torch.fx`` on
-    ``example_input`` (shapes are needed for ``Flatten``). Refuses, with the reason, a model
-    ``torch.fx`` cannot trace: write a :class:`PermutationSpec` by hand for it."""
+def traced(model: nn.Module, example_input: torch.Tensor, spec_name: str):
+    """``model`` traced by ``torch.fx`` with tensor shapes recorded on ``example_input`` (eval
+    mode, no gradients; the model's mode is restored); a clear error if it cannot be traced."""
     import torch.fx
     from torch.fx.passes.shape_prop import ShapeProp
 
@@ -135,13 +134,23 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> Permutati
     except Exception as e:  # noqa: BLE001 - fx raises many types; the message is what matters
         raise ConfigError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}); write its PermutationSpec by hand"
+            f"{str(e).splitlines()[0][:200]}); write its {spec_name} by hand"
         ) from e
     was = model.training
     gm.eval()
     with torch.no_grad():
         ShapeProp(gm).propagate(example_input)
     gm.train(was)
+    return gm
+
+
+def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
+    """Derive the permutation groups of ``model`` by tracing it with ``torch.fx`` on
+    ``example_input`` (shapes are needed for ``Flatten``). Refuses, with the reason, a model
+    ``torch.fx`` cannot trace: write a :class:`PermutationSpec` by hand for it."""
+    import torch.fx
+
+    gm = traced(model, example_input, "PermutationSpec")
     modules = dict(gm.named_modules())
     G = _Groups()
     val: dict = {}  # node -> (group id, repeat) for tensors whose dim 1 / last dim is tracked

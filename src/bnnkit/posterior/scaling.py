@@ -74,22 +74,10 @@ def scaling_spec(model: nn.Module, example_input: torch.Tensor) -> ScalingSpec:
     """The scale groups of a ReLU-family ``model`` (traced with ``torch.fx``); refuses a model
     with an activation that is not positively homogeneous, naming it."""
     import torch.fx
-    from torch.fx.passes.shape_prop import ShapeProp
 
-    from .permutation import _Groups
+    from .permutation import _flatten, _Groups, traced
 
-    try:
-        gm = torch.fx.symbolic_trace(model)
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}); "
-            "write its ScalingSpec by hand"
-        ) from e
-    was = model.training
-    gm.eval()
-    with torch.no_grad():
-        ShapeProp(gm).propagate(example_input)
-    gm.train(was)
+    gm = traced(model, example_input, "ScalingSpec")
     modules = dict(gm.named_modules())
     G = _Groups()
     val: dict = {}  # node -> (scale group, repeat)
@@ -113,23 +101,6 @@ def scaling_spec(model: nn.Module, example_input: torch.Tensor) -> ScalingSpec:
             f"scaling symmetries need positively homogeneous activations (ReLU family); the "
             f"model applies {what}, whose symmetries differ: remove only permutations for it"
         )
-
-    def flat(first, src, start, end):
-        gid, rep = first
-        if src is None:
-            G.fix(gid)
-            return (G.new("flatten", None, fixed=True), 1)
-        nd = len(src)
-        start, end = start % nd, end % nd
-        if start == end:
-            return first
-        if start != 1 or end != nd - 1:
-            G.fix(gid)
-            return (G.new("flatten", None, fixed=True), 1)
-        spatial = 1
-        for d in src[2:]:
-            spatial *= d
-        return (gid, rep * spatial)
 
     for node in gm.graph.nodes:
         first = val.get(node.args[0]) if node.args and isinstance(node.args[0], torch.fx.Node) \
@@ -162,7 +133,7 @@ def scaling_spec(model: nn.Module, example_input: torch.Tensor) -> ScalingSpec:
                     inc[gid] = [Site(p + "weight", 0), Site(p + "bias", 0)]
                 val[node] = (gid, 1)
             elif isinstance(mod, nn.Flatten) and first is not None:
-                val[node] = flat(first, shape(node.args[0]), mod.start_dim, mod.end_dim)
+                val[node] = _flatten(G, first, shape(node.args[0]), mod.start_dim, mod.end_dim)
             elif isinstance(mod, _HOMOGENEOUS_MODULES) and first is not None:
                 if isinstance(mod, nn.PReLU):
                     pass  # slope per channel: unchanged by positive scaling
@@ -179,7 +150,7 @@ def scaling_spec(model: nn.Module, example_input: torch.Tensor) -> ScalingSpec:
             if fn is torch.flatten and first is not None:
                 start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
                 end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-                val[node] = flat(first, shape(node.args[0]), start, end)
+                val[node] = _flatten(G, first, shape(node.args[0]), start, end)
             elif fn in _HOMOGENEOUS_FUNCTIONS and first is not None:
                 val[node] = first
             elif fn in _ADD:
@@ -207,7 +178,7 @@ def scaling_spec(model: nn.Module, example_input: torch.Tensor) -> ScalingSpec:
             if m in ("view", "reshape", "flatten") and first is not None:
                 src, dst = shape(node.args[0]), shape(node)
                 if m == "flatten" or (dst is not None and src is not None and len(dst) == 2):
-                    val[node] = flat(first, src, 1, -1)
+                    val[node] = _flatten(G, first, src, 1, -1)
                 elif src == dst:
                     val[node] = first
                 else:
