@@ -192,3 +192,31 @@ def test_weight_matching_recovers_a_known_permutation(name):
         assert torch.equal(found[g], invert(perms)[g])
     aligned = align(state, shuffled, spec)
     assert all(torch.equal(aligned[k], state[k]) for k in state)
+
+
+class SizeArithmetic(nn.Module):
+    """Flattening through arithmetic on sizes (``view(n, c * h * w)``), a common idiom."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc1, self.fc2 = nn.Conv2d(2, 3, 3), nn.Linear(3 * 4 * 4, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        h = h.view(h.size(0), h.size(1) * h.size(2) * h.size(3))
+        return self.fc2(F.relu(self.fc1(h)))
+
+
+def test_arithmetic_on_sizes_is_not_a_tensor_op():
+    from bnnkit.posterior import random_scales, rescale, scaling_spec
+
+    torch.manual_seed(0)
+    model = SizeArithmetic().double().eval()
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    spec = permutation_spec(model, x)
+    assert set(spec.groups) == {"conv", "fc1"} and spec.axes["fc1.weight"][1].repeat == 16
+    state = permute(model.state_dict(), spec, random_permutation(spec))
+    sspec = scaling_spec(model, x)
+    state = rescale(state, sspec, random_scales(sspec))
+    with torch.no_grad():
+        torch.testing.assert_close(_load(model, state)(x), model(x), rtol=1e-9, atol=1e-10)

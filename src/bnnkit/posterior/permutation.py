@@ -170,6 +170,20 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> Permutati
             if a in val:
                 G.fix(val[a][0])
 
+    def merge(node, ins):
+        """Elementwise ops of several tensors (a residual add): their groups become one."""
+        tracked = [v for v in ins if v is not None]
+        if not tracked:  # arithmetic on sizes or other non-tensors
+            return
+        if len({v[1] for v in tracked}) > 1:
+            fix_inputs(node)
+            fixed_output(node)
+            return
+        gid = tracked[0][0]
+        for v in tracked[1:]:
+            gid = G.union(gid, v[0])
+        val[node] = (gid, tracked[0][1])
+
     def mark(key, axis, gid, repeat=1):
         key_axes.setdefault(key, []).append((axis, gid, repeat))
 
@@ -230,15 +244,7 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> Permutati
             if fn in _ELEMENTWISE_FUNCTIONS and first is not None:
                 val[node] = first
             elif fn in _MERGING:
-                tracked = [v for v in ins if v is not None]
-                if len({v[1] for v in tracked}) > 1:
-                    fix_inputs(node)
-                    fixed_output(node)
-                    continue
-                gid = tracked[0][0]
-                for v in tracked[1:]:
-                    gid = G.union(gid, v[0])
-                val[node] = (gid, tracked[0][1])
+                merge(node, ins)
             elif fn is torch.flatten and first is not None:
                 start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
                 end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
@@ -254,15 +260,7 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> Permutati
             if m in _ELEMENTWISE_METHODS and first is not None:
                 val[node] = first
             elif m in _MERGING_METHODS:
-                tracked = [v for v in ins if v is not None]
-                gid = tracked[0][0]
-                if len({v[1] for v in tracked}) > 1:
-                    fix_inputs(node)
-                    fixed_output(node)
-                    continue
-                for v in tracked[1:]:
-                    gid = G.union(gid, v[0])
-                val[node] = (gid, tracked[0][1])
+                merge(node, ins)
             elif m in ("view", "reshape", "flatten") and first is not None:
                 src, dst = shape(node.args[0]), shape(node)
                 if m == "flatten":

@@ -186,6 +186,8 @@ def scaling_spec(model: nn.Module, example_input: torch.Tensor) -> ScalingSpec:
                     fixed(node)
             elif m in ("add", "add_"):
                 tracked = [val[a] for a in node.all_input_nodes if a in val]
+                if not tracked:
+                    continue
                 gid = tracked[0][0]
                 for t in tracked[1:]:
                     gid = G.union(gid, t[0])
