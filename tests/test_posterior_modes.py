@@ -130,3 +130,85 @@ def test_largest_weight_index_is_uniform_over_permutations_and_fixed_after_canon
     canon = largest_weight_index([canonicalize(s, spec) for s in nets[:10]], "0.weight")
     assert len(set(canon.tolist())) == 1
     assert uniformity_pvalue(torch.zeros(140, dtype=torch.long), 7) < 1e-10
+
+
+def _relu_mlp(seed):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(5, 9), nn.ReLU(), nn.Linear(9, 8), nn.ReLU(),
+                        nn.Linear(8, 3)).double().eval()  # fmt: skip
+    with torch.no_grad():  # confident logits, so that leaving the function costs loss
+        for p in net.parameters():
+            p.mul_(2.5)
+    return net
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_barrier_matrix_sees_through_permutations_and_rescalings(activation):
+    """A network, a permuted copy and (ReLU only) a permuted and rescaled copy compute one
+    function: aligned barriers between them vanish, naive ones do not; a network of another
+    seed is a matrix entry like any other. Tanh networks have no scaling symmetry: permutations
+    only, no error."""
+    from bnnkit.posterior import random_scales, rescale, scaling_spec
+    from bnnkit.posterior.modes import barrier_matrix
+
+    model = _relu_mlp(0) if activation == "relu" else _model("mlp")[0]
+    x, y = _data((5,), n=128)
+    if activation == "relu":
+        with torch.no_grad():
+            y = model(x).argmax(1)  # labels the network fits: leaving its function costs loss
+    spec = permutation_spec(model, x)
+    g = torch.Generator().manual_seed(1)
+    a = model.state_dict()
+    states = [a, permute(a, spec, random_permutation(spec, g))]
+    if activation == "relu":
+        sspec = scaling_spec(model, x)
+        scaled = rescale(a, sspec, random_scales(sspec, g, spread=1.0))
+        states.append(permute(scaled, spec, random_permutation(spec, g)))
+    other = (_relu_mlp(5) if activation == "relu" else _model("mlp", seed=5)[0]).state_dict()
+    states.append(other)
+    B = barrier_matrix(model, states, x, y, aligned=True)
+    n = len(states)
+    assert B.shape == (n, n) and torch.equal(B, B.T) and torch.all(B.diagonal() == 0)
+    assert float(B[: n - 1, : n - 1].max()) < 1e-9
+    naive = barrier_matrix(model, states, x, y, aligned=False)
+    assert float(naive[0, 1]) > 1e-3
+    _, labels = count_modes(B, 1e-6)
+    assert len(set(labels[: n - 1])) == 1
+
+
+def test_loss_plane_passes_through_the_three_networks():
+    from bnnkit.posterior.modes import loss_plane
+
+    model = _relu_mlp(0)
+    x, y = _data((5,), n=64)
+    a, b = model.state_dict(), _relu_mlp(1).state_dict()
+    keys = list(a)
+    fa = torch.cat([a[k].reshape(-1) for k in keys])
+    d1 = torch.cat([b[k].reshape(-1) for k in keys]) - fa
+    w = torch.randn(fa.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    w = w - (w @ d1) / (d1 @ d1) * d1  # c - a orthogonal to b - a: c sits at u = 0
+    c = dict(zip(keys, [p.view_as(a[k]) for k, p in zip(keys, torch.split(
+        fa + w, [a[k].numel() for k in keys]))]))  # fmt: skip
+    r = loss_plane(model, a, b, c, x, y, grid=5, margin=0.0)
+    torch.testing.assert_close(r["points"], torch.tensor(
+        [[0.0, 0.0], [float(d1.norm()), 0.0], [0.0, float(w.norm())]], dtype=torch.float64))
+    for (i, j), s in (((0, 0), a), ((0, -1), b), ((-1, 0), c)):
+        ref, _ = _loss_of(model, s, x, y)
+        assert float(r["loss"][i, j]) == pytest.approx(ref, rel=1e-10)
+    assert r["loss"].shape == (5, 5) and float(r["accuracy"].max()) <= 1
+    with pytest.raises(InputError, match="same network"):
+        loss_plane(model, a, a, c, x, y)
+    with pytest.raises(InputError, match="collinear"):
+        loss_plane(model, a, b, interpolate(a, b, 2.0), x, y)
+    bn, xb = _model("conv_bn_flatten")
+    s = bn.state_dict()
+    with pytest.raises(InputError, match="bn_data"):
+        loss_plane(bn, s, {k: v * 2 for k, v in s.items()}, {k: v * 3 + 1 for k, v in s.items()},
+                   xb, torch.zeros(len(xb), dtype=torch.long))  # fmt: skip
+
+
+def _loss_of(model, state, x, y):
+    net = _load(model, state)
+    with torch.no_grad():
+        logits = net(x)
+    return float(torch.nn.functional.cross_entropy(logits, y)), logits

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from bnnkit import ConfigError
+from bnnkit.laplace import DiagLaplace, LastLayerLaplace, SubnetLaplace
 from bnnkit.methods import ModelSpec, build_method
 from bnnkit.posterior.samples import network_samples
 
@@ -89,11 +90,66 @@ def test_predictive_of_the_samples_is_the_models():
     assert float(spread.max()) > 0.05  # the check is not vacuous
 
 
+def _fitted_laplace(kind):
+    torch.manual_seed(0)
+    model = build_method("deterministic", SPEC, {}).eval()
+    data = (torch.rand(40, 1, 28, 28), torch.randint(0, 10, (40,)))
+    if kind == "diag":
+        la = DiagLaplace(model, prior_precision=50.0)
+    elif kind == "last_layer":
+        la = LastLayerLaplace(model, prior_precision=50.0)
+    else:
+        la = SubnetLaplace(model, torch.randperm(61706)[:300], prior_precision=50.0)
+    model.posterior = la.fit(data)
+    return model, la
+
+
+@pytest.mark.parametrize("kind", ["diag", "last_layer", "subnetwork"])
+def test_laplace_samples_are_the_sampled_weights_predictive(kind):
+    """Plain networks loaded with the exported draws compute exactly the Laplace
+    ``sample_weights`` predictive with the same seed (the same draws in the same order), only
+    the posterior's weights move, and the model is left exactly as it was."""
+    model, la = _fitted_laplace(kind)
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    x = torch.rand(5, 1, 28, 28)
+    got = _plain_probs(model, 6, x, seed=3)
+    ref = la.predictive(x, link="sample_weights", n_samples=6, seed=3).probs
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert float((got[0] - got[1]).abs().max()) > 1e-4  # draws differ
+    for k, v in model.net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    moved, changed = set(), 0
+    for _, state in network_samples(model, 1, seed=1):
+        for k, v in state.items():
+            diff = int((v != before["body." + k]).sum())
+            changed += diff
+            if diff:
+                moved.add(k.rsplit(".", 1)[0])
+    layers = {"conv1", "conv2", "fc1", "fc2", "fc3"}
+    expect = {"diag": layers, "last_layer": {"fc3"}, "subnetwork": moved & layers}[kind]
+    assert moved == expect and moved
+    if kind == "subnetwork":
+        assert 0 < changed <= 300  # only the subnetwork's weights are drawn
+
+
+def test_diag_laplace_samples_have_the_posterior_moments():
+    model, la = _fitted_laplace("diag")
+    draws = torch.stack([torch.cat([s["fc3.weight"].flatten(), s["fc3.bias"]])
+                         for _, s in network_samples(model, 300)]).double()  # fmt: skip
+    sl = [s for s in la.slots if s.param is model.net.body.fc3.weight][0]
+    sb = [s for s in la.slots if s.param is model.net.body.fc3.bias][0]
+    idx = torch.cat([torch.arange(sl.offset, sl.offset + sl.numel),
+                     torch.arange(sb.offset, sb.offset + sb.numel)])  # fmt: skip
+    mean, std = la.mean[idx], la.posterior_variance.sqrt()[idx]
+    z = (draws.mean(0) - mean) / (std / 300**0.5)
+    assert abs(float(z.mean())) < 0.1 and 0.9 < float(z.std()) < 1.1
+    assert abs(float((draws.std(0) / std).mean()) - 1) < 0.01
+
+
 def test_refusals():
     model = build_method("deterministic", SPEC, {})
     with pytest.raises(ConfigError, match="samples must be >= 1"):
         list(network_samples(model, 0))
-    model.posterior = object()  # a fitted Laplace model carries a posterior
-    model.method = "laplace_diag"
-    with pytest.raises(ConfigError, match="Laplace"):
+    model.posterior = DiagLaplace(model)  # attached but never fitted
+    with pytest.raises(Exception, match="fit"):
         list(network_samples(model, 1))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 
 
 def interpolate(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], t: float):
@@ -71,14 +71,9 @@ def path_losses(
         if has_bn:
             _reestimate_bn(net, bn_data, batch_size)
         net.eval()
-        total, correct = 0.0, 0
-        for start in range(0, len(x), batch_size):
-            logits = net(x[start : start + batch_size]).double()
-            yy = y[start : start + batch_size]
-            total += float(F.cross_entropy(logits, yy, reduction="sum"))
-            correct += int((logits.argmax(1) == yy).sum())
-        losses.append(total / len(x))
-        accs.append(correct / len(x))
+        loss, acc = _loss_acc(net, x, y, batch_size)
+        losses.append(loss)
+        accs.append(acc)
     return ts, torch.tensor(losses, dtype=torch.float64), torch.tensor(accs, dtype=torch.float64)
 
 
@@ -146,3 +141,124 @@ def uniformity_pvalue(indices: torch.Tensor, categories: int) -> float:
 
     counts = torch.bincount(indices, minlength=categories).double()
     return float(chisquare(counts.numpy()).pvalue)
+
+
+@torch.no_grad()
+def _loss_acc(net: nn.Module, x, y, batch_size: int) -> tuple[float, float]:
+    total, correct = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        logits = net(x[start : start + batch_size]).double()
+        yy = y[start : start + batch_size]
+        total += float(F.cross_entropy(logits, yy, reduction="sum"))
+        correct += int((logits.argmax(1) == yy).sum())
+    return total / len(x), correct / len(x)
+
+
+def barrier_matrix(
+    net: nn.Module,
+    states: list[dict[str, torch.Tensor]],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    aligned: bool = True,
+    points: int = 11,
+    bn_data: torch.Tensor | None = None,
+    batch_size: int = 256,
+    example_input: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[n, n]`` symmetric loss barriers between every pair of ``states`` on ``(x, y)``.
+
+    ``aligned=True`` measures barriers modulo symmetries: both networks are first balanced (the
+    minimum-norm representative of their scaling orbits, ReLU-family networks only; skipped for
+    others) and the second is permuted onto the first by weight matching. The matrix is what
+    :func:`count_modes` groups into modes. ``n (n - 1) / 2`` paths of ``points`` evaluations.
+    """
+    from .permutation import align, permutation_spec
+    from .scaling import balance, scaling_spec
+
+    n = len(states)
+    if n < 1:
+        raise InputError("no networks given")
+    if aligned:
+        ex = example_input if example_input is not None else x[:2]
+        pspec = permutation_spec(net, ex)
+        try:
+            sspec = scaling_spec(net, ex)
+        except ConfigError:  # non-homogeneous activations: permutations only
+            sspec = None
+        if sspec is not None:
+            states = [balance(s, sspec) for s in states]
+    out = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i + 1, n):
+            b = align(states[i], states[j], pspec) if aligned else states[j]
+            ts, losses, _ = path_losses(net, states[i], b, x, y, points, bn_data, batch_size)
+            out[i, j] = out[j, i] = barrier(ts, losses)
+    return out
+
+
+@torch.no_grad()
+def loss_plane(
+    net: nn.Module,
+    a: dict[str, torch.Tensor],
+    b: dict[str, torch.Tensor],
+    c: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    grid: int = 21,
+    margin: float = 0.25,
+    bn_data: torch.Tensor | None = None,
+    batch_size: int = 256,
+) -> dict[str, torch.Tensor]:
+    """Loss and accuracy on the plane through three networks (Garipov et al., 2018): origin
+    ``a``, unit axes ``u = (b - a) / |b - a|`` and ``v`` = the part of ``c - a`` orthogonal to
+    ``u``, normalised; every floating-point tensor (weights, biases, BatchNorm affine) takes part.
+    Returns ``{"u", "v"}`` grid coordinates ``[grid]`` (spanning the three points with a
+    ``margin`` fraction on each side), ``"loss"``, ``"accuracy"`` ``[grid, grid]`` (row = v,
+    column = u) and ``"points"`` ``[3, 2]``, the coordinates of ``a, b, c``. BatchNorm
+    statistics are re-estimated at every grid point on ``bn_data``."""
+    if grid < 2:
+        raise InputError(f"grid must be >= 2, got {grid}")
+    if not (set(a) == set(b) == set(c)):
+        raise InputError("the three state dicts hold different keys; not the same architecture")
+    keys = [k for k in a if a[k].is_floating_point() and not k.endswith(("running_mean",
+                                                                         "running_var"))]  # fmt: skip
+    flat = {n: torch.cat([s[k].reshape(-1).double() for k in keys]) for n, s in
+            (("a", a), ("b", b), ("c", c))}  # fmt: skip
+    d1, d2 = flat["b"] - flat["a"], flat["c"] - flat["a"]
+    nu = d1.norm()
+    if nu == 0:
+        raise InputError("a and b are the same network; the plane is undefined")
+    u = d1 / nu
+    w = d2 - (d2 @ u) * u
+    nv = w.norm()
+    if nv <= 1e-12 * nu:
+        raise InputError("the three networks are collinear; the plane is undefined")
+    v = w / nv
+    pts = torch.tensor([[0.0, 0.0], [float(nu), 0.0], [float(d2 @ u), float(nv)]],
+                       dtype=torch.float64)  # fmt: skip
+    lo, hi = pts.min(0).values, pts.max(0).values
+    span = hi - lo
+    gu = torch.linspace(lo[0] - margin * span[0], hi[0] + margin * span[0], grid,
+                        dtype=torch.float64)  # fmt: skip
+    gv = torch.linspace(lo[1] - margin * span[1], hi[1] + margin * span[1], grid,
+                        dtype=torch.float64)  # fmt: skip
+    net = copy.deepcopy(net)
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    if has_bn and bn_data is None:
+        raise InputError("the network has BatchNorm: pass bn_data (training images) so that its "
+                         "statistics are re-estimated on the plane")  # fmt: skip
+    sizes = [a[k].numel() for k in keys]
+    loss = torch.zeros(grid, grid, dtype=torch.float64)
+    acc = torch.zeros(grid, grid, dtype=torch.float64)
+    for i, cv in enumerate(gv.tolist()):
+        for j, cu in enumerate(gu.tolist()):
+            theta = flat["a"] + cu * u + cv * v
+            state = {k: t.clone() for k, t in a.items()}
+            for k, part in zip(keys, torch.split(theta, sizes)):
+                state[k] = part.view_as(a[k]).to(a[k].dtype)
+            net.load_state_dict(state)
+            if has_bn:
+                _reestimate_bn(net, bn_data, batch_size)
+            net.eval()
+            loss[i, j], acc[i, j] = _loss_acc(net, x, y, batch_size)
+    return {"u": gu, "v": gv, "loss": loss, "accuracy": acc, "points": pts}

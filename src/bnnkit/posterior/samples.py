@@ -11,7 +11,10 @@ for that member and draw:
 - MC dropout before a Linear (or channel dropout before a Conv2d): one mask shared by every
   input, folded into the weight's input columns, ``W * m / (1 - p)``;
 - mean-field variational layers: ``mu + sigma * eps`` for weights and biases;
-- per-member BatchNorm: member ``m``'s affine parameters and running statistics.
+- per-member BatchNorm: member ``m``'s affine parameters and running statistics;
+- post-hoc Laplace (subnetwork, last layer, diagonal): a draw from the Gaussian weight posterior
+  ``N(theta_MAP, Sigma)`` written into the MAP network (the weights the ``sample_weights``
+  predictive uses; the linearised predictives are a different function of the same posterior).
 
 A kind without an exact weight-space sample is refused by name. Draws are seeded.
 """
@@ -89,6 +92,23 @@ def _layer_sample(mod: nn.Module, member: int | None, g: torch.Generator) -> dic
     )
 
 
+def _laplace_draw(la, body: nn.Module, plain: nn.Module, g: torch.Generator) -> dict:
+    """One weight-posterior draw of a fitted Laplace approximation as a plain state dict; the
+    model is restored exactly afterwards (the posterior's own snapshot)."""
+    la._check_fitted()
+    saved = la._snapshot()
+    try:
+        la._sample_params(g)
+        state = {k: v.detach().clone() for k, v in body.state_dict().items()}
+    finally:
+        la._restore(saved)
+    extra = set(state) - set(plain.state_dict())
+    if extra:
+        raise ConfigError(f"the Laplace model's network has entries {sorted(extra)} that the "
+                          "plain architecture lacks")  # fmt: skip
+    return state
+
+
 def network_samples(
     model: UQModel, samples: int = 1, seed: int = 0
 ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
@@ -96,11 +116,7 @@ def network_samples(
     per member (``m03-s001``); the state dicts load into ``model.spec.build()``."""
     if samples < 1:
         raise ConfigError(f"samples must be >= 1, got {samples}")
-    if getattr(model, "posterior", None) is not None:
-        raise ConfigError(
-            f"{model.method} is a post-hoc Laplace model: draw its samples with the Laplace "
-            "posterior's own sampler, not from the network's layers"
-        )
+    la = getattr(model, "posterior", None)
     plain = model.spec.build()
     layers = [n for n, m in plain.named_modules()
               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d,
@@ -109,6 +125,9 @@ def network_samples(
     for k, (body, member) in enumerate(_bodies(model)):
         base = {key: v.detach().clone() for key, v in body.state_dict().items()}
         for s in range(samples):
+            if la is not None:
+                yield f"m{k:02d}-s{s:03d}", _laplace_draw(la, body, plain, g)
+                continue
             state = {}
             for key in plain.state_dict():
                 owner = key.rsplit(".", 1)[0]
