@@ -190,8 +190,12 @@ def test_loss_plane_passes_through_the_three_networks():
     c = dict(zip(keys, [p.view_as(a[k]) for k, p in zip(keys, torch.split(
         fa + w, [a[k].numel() for k in keys]))]))  # fmt: skip
     r = loss_plane(model, a, b, c, x, y, grid=5, margin=0.0)
-    torch.testing.assert_close(r["points"], torch.tensor(
-        [[0.0, 0.0], [float(d1.norm()), 0.0], [0.0, float(w.norm())]], dtype=torch.float64))
+    torch.testing.assert_close(
+        r["points"],
+        torch.tensor(
+            [[0.0, 0.0], [float(d1.norm()), 0.0], [0.0, float(w.norm())]], dtype=torch.float64
+        ),
+    )
     for (i, j), s in (((0, 0), a), ((0, -1), b), ((-1, 0), c)):
         ref, _ = _loss_of(model, s, x, y)
         assert float(r["loss"][i, j]) == pytest.approx(ref, rel=1e-10)

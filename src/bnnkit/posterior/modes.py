@@ -220,8 +220,8 @@ def loss_plane(
         raise InputError(f"grid must be >= 2, got {grid}")
     if not (set(a) == set(b) == set(c)):
         raise InputError("the three state dicts hold different keys; not the same architecture")
-    keys = [k for k in a if a[k].is_floating_point() and not k.endswith(("running_mean",
-                                                                         "running_var"))]  # fmt: skip
+    stats = ("running_mean", "running_var")
+    keys = [k for k in a if a[k].is_floating_point() and not k.endswith(stats)]
     flat = {n: torch.cat([s[k].reshape(-1).double() for k in keys]) for n, s in
             (("a", a), ("b", b), ("c", c))}  # fmt: skip
     d1, d2 = flat["b"] - flat["a"], flat["c"] - flat["a"]
