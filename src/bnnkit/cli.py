@@ -51,6 +51,16 @@ def _count(text: str) -> int:
     return n
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return v
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with bnnkit's error format: one ``bnnkit: error: ...`` line, exit status 2."""
 
@@ -256,7 +266,60 @@ def cmd_posterior(a) -> int:
               f"{'different' if r.reject else 'no difference detected'}")  # fmt: skip
         print(f"most sensitive kernel: {best}, MMD^2 {r.statistics[best]:.4g}, "
               f"single-kernel p {r.p_values[best]:.4f}")  # fmt: skip
+    elif a.action == "align":
+        from .posterior.tools import aligned_collection
+
+        col = aligned_collection(a.collection, a.out, to=a.to, scaling=not a.no_scaling)
+        print(f"{len(col)} members aligned -> {a.out}")
+    elif a.action == "modes":
+        _posterior_modes(a)
+    elif a.action == "report":
+        from .report.posterior import PosteriorReportConfig, posterior_report
+
+        named = {}
+        for item in a.collection or []:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"--collection takes NAME=DIR, got {item!r}")
+            named[name] = path
+        cfg = PosteriorReportConfig(
+            reference=a.reference, collections=named, out=a.out, dataset=a.dataset,
+            probe=a.probe, modes_members=a.modes_members, modes_threshold=a.threshold,
+            seed=a.seed,
+        )  # fmt: skip
+        page = posterior_report(cfg, log=(lambda *_: None) if a.quiet else print)
+        print(f"report -> {page}")
     return 0
+
+
+def _posterior_modes(a) -> None:
+    import torch
+
+    from .data import load_bundle
+    from .posterior.collect import build_from
+    from .posterior.collection import Collection
+    from .posterior.modes import barrier_matrix, count_modes
+    from .posterior.tools import example_input
+
+    col = Collection.open(a.collection)
+    ids = [m.id for m in col.members][: a.members]
+    if len(ids) < 2:
+        raise ConfigError(f"{a.collection} holds {len(ids)} member(s); modes need at least 2")
+    net = build_from(col.arch).eval()
+    bundle = load_bundle(a.dataset, ood=[], test_size=a.images)
+    x, y = bundle.test.float(), bundle.test.y
+    if tuple(x.shape[1:]) != tuple(example_input(col.arch).shape[1:]):
+        raise ConfigError(f"{a.dataset} images do not fit the collection's input shape")
+    B = barrier_matrix(net, [col.load(i) for i in ids], x, y, aligned=not a.no_align,
+                       bn_data=bundle.train.float()[:2000],
+                       example_input=example_input(col.arch))  # fmt: skip
+    n, labels = count_modes(B, a.threshold)
+    off = B[~torch.eye(len(B), dtype=torch.bool)]
+    print(f"{n} mode(s) among {len(ids)} networks (barrier < {a.threshold} nats joins two; "
+          f"{'aligned' if not a.no_align else 'as trained'}); barriers: median "
+          f"{float(off.median()):.4f}, max {float(off.max()):.4f}")  # fmt: skip
+    for mode in range(n):
+        print(f"mode {mode}: " + ", ".join(i for i, lab in zip(ids, labels) if lab == mode))
 
 
 # ------------------------------------------------------------------ data
@@ -428,6 +491,30 @@ def build_parser() -> argparse.ArgumentParser:
     mm.add_argument("--probe", type=_count, default=500, help="probe images (function space)")
     mm.add_argument("--alpha", type=float, default=0.05)
     mm.add_argument("--seed", type=int, default=0)
+    al = pa.add_parser("align", help="align every member to one by weight matching")
+    al.add_argument("collection")
+    al.add_argument("--out", required=True)
+    al.add_argument("--to", metavar="MEMBER_ID", help="target member (default: the first)")
+    al.add_argument("--no-scaling", action="store_true", help="do not balance scalings first")
+    md = pa.add_parser("modes", help="loss barriers between members and the modes they form")
+    md.add_argument("collection")
+    md.add_argument("--members", type=_count, default=16, help="first N members")
+    md.add_argument("--threshold", type=_positive_float, default=0.05,
+                    help="a barrier below this (nats) joins two networks")  # fmt: skip
+    md.add_argument("--dataset", default="fashion_mnist", help="test images for the losses")
+    md.add_argument("--images", type=_count, default=1000)
+    md.add_argument("--no-align", action="store_true", help="barriers between weights as stored")
+    rp = pa.add_parser("report", help="Markdown report with figures against a reference")
+    rp.add_argument("--reference", required=True, help="reference collection")
+    rp.add_argument("--collection", action="append", metavar="NAME=DIR",
+                    help="a collection to compare (repeatable)")  # fmt: skip
+    rp.add_argument("--out", required=True)
+    rp.add_argument("--dataset", default="fashion_mnist")
+    rp.add_argument("--probe", type=_count, default=500)
+    rp.add_argument("--modes-members", type=_count, default=16)
+    rp.add_argument("--threshold", type=_positive_float, default=0.05)
+    rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--quiet", action="store_true")
     po.set_defaults(func=cmd_posterior)
 
     d = sub.add_parser("data", help="list data sets, where they are, counts, sha256 checks")

@@ -279,7 +279,10 @@ def balancing_scales(
             step[live] = (b[live] / a[live]).pow(0.25)
             worst = max(worst, float((a[live] - b[live]).abs().div(a[live] + b[live]).max())
                         if live.any() else 0.0)  # fmt: skip
-            cur = rescale(cur, spec, {g: step})
+            for site in spec.incoming[g]:  # only the touched tensors, no full copy
+                cur[site.key] = _scale_site(cur[site.key], site, step)
+            for site in spec.outgoing[g]:
+                cur[site.key] = _scale_site(cur[site.key], site, 1.0 / step)
             total[g] = total[g] * step
         if worst < tol:
             break

@@ -73,3 +73,50 @@ def compare(
             raise ConfigError("function-space MMD needs probe images")
         return mmd_agg_test(function_vectors(ca, probe), function_vectors(cb, probe), **test_kw)
     raise ConfigError(f"unknown space {space!r}; use weight or function")
+
+
+def aligned_collection(src: str | Path, dst: str | Path, to: str | None = None,
+                       scaling: bool = True) -> Collection:  # fmt: skip
+    """Write every member of ``src`` into ``dst`` aligned with member ``to`` (default: the
+    first): balanced (minimum-norm scaling representative, ReLU-family networks; ``scaling=False``
+    skips it) and permuted onto the target by weight matching. The functions are unchanged;
+    members already in ``dst`` are kept; the source is never modified."""
+    from .permutation import align
+
+    source = Collection.open(src)
+    if not source.members:
+        raise ConfigError(f"{src} holds no members")
+    target_id = to if to is not None else source.members[0].id
+    if not source.has(target_id):
+        raise ConfigError(f"{src} has no member {target_id!r}")
+    net = build_from(source.arch).eval()
+    x = example_input(source.arch)
+    pspec = permutation_spec(net, x)
+    sspec = scaling_spec(net, x) if scaling else None
+
+    def prepare(state):
+        return balance(state, sspec) if sspec is not None else state
+
+    target = prepare(source.load(target_id))
+    out = Collection.create(dst, source.arch)
+    for m in source.members:
+        if out.has(m.id):
+            continue
+        state = prepare(source.load(m.id))
+        state = target if m.id == target_id else align(target, state, pspec)
+        info = {**m.info, "aligned": {"to": target_id, "scaling": scaling}}
+        out.add(m.id, state, m.method, m.seed, info)
+    return out
+
+
+def pca(fit: torch.Tensor, *others: torch.Tensor, k: int = 2):
+    """Principal axes of the rows of ``fit`` (``[n, d]``) and the ``k``-dimensional coordinates
+    of ``fit`` and of every tensor in ``others`` on them (centred on ``fit``'s mean); returns
+    ``(coords of fit, [coords of each other], explained variance ratio [k])``."""
+    if fit.dim() != 2 or len(fit) < 2:
+        raise ConfigError(f"PCA needs [n >= 2, d] vectors, got {tuple(fit.shape)}")
+    mean = fit.mean(0)
+    _, s, vt = torch.linalg.svd(fit - mean, full_matrices=False)
+    axes = vt[:k]
+    ratio = (s[:k] ** 2) / (s**2).sum()
+    return (fit - mean) @ axes.T, [(o - mean) @ axes.T for o in others], ratio

@@ -153,3 +153,60 @@ def pareto_plot(trials: list[dict], front: list[dict], baselines: list[dict], pa
     fig.tight_layout()
     _save(fig, path)
     return path
+
+
+def weight_pca_plot(panels: list[tuple[str, dict[str, torch.Tensor], torch.Tensor]],
+                    path: Path) -> Path:  # fmt: skip
+    """One scatter panel per ``(title, {name: [n, 2] coordinates}, explained ratio [2])``; the
+    first name of each panel (the reference) in grey, the others in colour."""
+    fig = Figure(figsize=(5.2 * len(panels), 4.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, sets, ratio) in zip(axes, panels):
+        for i, (name, xy) in enumerate(sets.items()):
+            xy = xy.detach().cpu()
+            style = {"color": "0.6", "s": 10} if i == 0 else {"s": 14, "marker": "x"}
+            ax.scatter(xy[:, 0], xy[:, 1], label=name, alpha=0.8, **style)
+        ax.set_title(title)
+        ax.set_xlabel(f"PC1 ({100 * float(ratio[0]):.1f}% of the reference's variance)")
+        ax.set_ylabel(f"PC2 ({100 * float(ratio[1]):.1f}%)")
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    _save(fig, path)
+    return path
+
+
+def path_plot(curves: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+              path: Path) -> Path:  # fmt: skip
+    """Loss and accuracy along linear paths: ``{label: (t, loss, accuracy)}``."""
+    fig = Figure(figsize=(10, 3.6))
+    axes = fig.subplots(1, 2)
+    for label, (t, loss, acc) in curves.items():
+        axes[0].plot(t, loss, marker="o", ms=3, label=label)
+        axes[1].plot(t, 100 * acc, marker="o", ms=3, label=label)
+    axes[0].set_ylabel("test NLL")
+    axes[1].set_ylabel("test accuracy %")
+    for ax in axes:
+        ax.set_xlabel("t (network a at 0, network b at 1)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    return path
+
+
+def plane_plot(plane: dict[str, torch.Tensor], labels: list[str], path: Path) -> Path:
+    """Contours of the loss on the plane through three networks (:func:`loss_plane` output)."""
+    fig = Figure(figsize=(5.6, 4.6))
+    ax = fig.subplots()
+    loss = plane["loss"].clamp(max=float(plane["loss"].min()) + 3.0)  # keep the basin readable
+    cs = ax.contourf(plane["u"], plane["v"], loss, levels=20, cmap="viridis_r")
+    fig.colorbar(cs, ax=ax, label="test NLL (clipped at min + 3)")
+    pts = plane["points"]
+    ax.scatter(pts[:, 0], pts[:, 1], color="red", marker="o", zorder=3)
+    for (u, v), lab in zip(pts.tolist(), labels):
+        ax.annotate(lab, (u, v), color="red", xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("u")
+    ax.set_ylabel("v")
+    fig.tight_layout()
+    _save(fig, path)
+    return path

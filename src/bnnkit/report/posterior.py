@@ -1,0 +1,298 @@
+"""``bnnkit posterior report``: a Markdown page with PNG figures comparing collections of networks
+with a reference collection (Laurent et al., ICLR 2024): MMD in weight space before and after
+symmetry removal and in function space, modes, functional diversity in and out of
+distribution, the largest-weight-index diagnostic, weights in 2-D, loss along linear paths and on
+a plane through three networks.
+
+Everything intermediate is a collection on disk under ``out`` (canonical and aligned forms), so a
+killed report continues and a second report over the same collections recomputes only tables.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import io
+from ..data import load_bundle
+from ..errors import ConfigError
+from ..posterior.collect import build_from
+from ..posterior.collection import Collection
+from ..posterior.mmd import mmd2, mmd_agg_test, pairwise
+from ..posterior.modes import (
+    barrier_matrix,
+    count_modes,
+    largest_weight_index,
+    loss_plane,
+    pairwise_mutual_information,
+    path_losses,
+    uniformity_pvalue,
+)
+from ..posterior.permutation import align, permutation_spec
+from ..posterior.scaling import balance, scaling_spec
+from ..posterior.tools import canonical_collection, example_input, pca
+from . import figures
+
+
+@dataclass
+class PosteriorReportConfig:
+    reference: str
+    collections: dict[str, str] = field(default_factory=dict)
+    out: str = "runs/posterior/report"
+    dataset: str = "fashion_mnist"
+    #: probe images for function-space MMD and mutual information (test set, and each OOD set)
+    probe: int = 500
+    #: members per collection for the barrier matrix (n (n - 1) / 2 paths)
+    modes_members: int = 16
+    #: a barrier below this (nats of test NLL) joins two networks into one mode
+    modes_threshold: float = 0.05
+    #: test images for losses along paths and on the plane
+    loss_images: int = 1000
+    path_points: int = 11
+    plane_grid: int = 17
+    alpha: float = 0.05
+    seed: int = 0
+
+    def check(self) -> None:
+        for name in ("probe", "modes_members", "loss_images", "plane_grid"):
+            if getattr(self, name) < 2:
+                raise ConfigError(f"{name} must be >= 2, got {getattr(self, name)}")
+        if self.path_points < 2:
+            raise ConfigError(f"path_points must be >= 2, got {self.path_points}")
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"alpha must be in (0, 1), got {self.alpha}")
+        if self.modes_threshold <= 0:
+            raise ConfigError(f"modes_threshold must be > 0, got {self.modes_threshold}")
+        for name in self.collections:
+            if not name or "/" in name or name == "reference":
+                raise ConfigError(f"collection name {name!r} is not usable as a folder name")
+
+
+def _median_distance(v: torch.Tensor) -> float:
+    d = pairwise(v, 2).sqrt()
+    off = d[~torch.eye(len(d), dtype=torch.bool)]
+    return float(off.median()) if off.numel() else 1.0
+
+
+@torch.no_grad()
+def _probs(col: Collection, x: torch.Tensor) -> torch.Tensor:
+    net = build_from(col.arch).eval()
+    out = []
+    for _, state in col:
+        net.load_state_dict(state)
+        out.append(net(x).softmax(-1).double())
+    return torch.stack(out)
+
+
+def _mean_offdiag(m: torch.Tensor) -> float | None:
+    n = len(m)
+    if n < 2:
+        return None
+    return float(m[~torch.eye(n, dtype=torch.bool)].mean())
+
+
+def posterior_report(cfg: PosteriorReportConfig, log=print) -> Path:
+    """Write ``out/report.md``, ``out/report.json`` and the figures; returns the page's path."""
+    cfg.check()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ref = Collection.open(cfg.reference)
+    cols = {"reference": ref}
+    for name, path in cfg.collections.items():
+        c = Collection.open(path)
+        if c.arch != ref.arch:
+            raise ConfigError(f"collection {name!r} holds {c.arch}, the reference {ref.arch}")
+        cols[name] = c
+    paths = {"reference": cfg.reference, **cfg.collections}
+    if len(ref) < 2:
+        raise ConfigError("the reference needs at least 2 members")
+    bundle = load_bundle(cfg.dataset, ood=None, test_size=max(cfg.probe, cfg.loss_images))
+    x_test, y_test = bundle.test.float(), bundle.test.y
+    probe = x_test[: cfg.probe]
+    ood = {k: v.float()[: cfg.probe] for k, v in bundle.ood.items()}
+
+    log("canonical forms (scaling, then permutations)")
+    canon = {n: canonical_collection(paths[n], out / "canonical" / n) for n in cols}
+
+    log("weight and function vectors")
+    vec = {
+        "weight": {n: c.vectors() for n, c in cols.items()},
+        "weight, canonical": {n: c.vectors() for n, c in canon.items()},
+    }
+    probs_in = {n: _probs(c, probe) for n, c in cols.items()}
+    vec["function"] = {n: p.reshape(len(p), -1) for n, p in probs_in.items()}
+    bandwidth = {s: _median_distance(v["reference"]) for s, v in vec.items()}
+
+    rows = []
+    for name, col in cols.items():
+        row = {"collection": name, "networks": len(col), "method": sorted(
+            {m.method for m in col.members})}  # fmt: skip
+        if name != "reference":
+            for space, v in vec.items():
+                a, b = v["reference"], v[name]
+                ok = len(b) >= 2
+                row[f"mmd2 {space}"] = mmd2(a, b, "gaussian", bandwidth[space]) if ok else None
+                row[f"differs {space}"] = (
+                    mmd_agg_test(a, b, alpha=cfg.alpha, seed=cfg.seed).reject if ok else None
+                )
+        row["mi in"] = _mean_offdiag(pairwise_mutual_information(probs_in[name]))
+        for k, xo in ood.items():
+            row[f"mi {k}"] = _mean_offdiag(pairwise_mutual_information(_probs(col, xo)))
+        rows.append(row)
+        log(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'method'})}")
+
+    log("barriers and modes (balanced, aligned by weight matching)")
+    net = build_from(ref.arch).eval()
+    xl, yl = x_test[: cfg.loss_images], y_test[: cfg.loss_images]
+    bn_data = bundle.train.float()[:2000]
+    for row in rows:
+        col = cols[row["collection"]]
+        ids = [m.id for m in col.members][: cfg.modes_members]
+        if len(ids) < 2:
+            row.update({"modes": None, "barrier median": None, "barrier max": None})
+            continue
+        B = barrier_matrix(net, [col.load(i) for i in ids], xl, yl, points=cfg.path_points,
+                           bn_data=bn_data, example_input=example_input(ref.arch))  # fmt: skip
+        off = B[~torch.eye(len(B), dtype=torch.bool)]
+        n_modes, _ = count_modes(B, cfg.modes_threshold)
+        row.update({"modes": n_modes, "modes of": len(ids), "barrier median": float(
+            off.median()), "barrier max": float(off.max())})  # fmt: skip
+        log(f"{row['collection']}: {n_modes} mode(s) among {len(ids)} networks, median barrier "
+            f"{row['barrier median']:.3f}")  # fmt: skip
+
+    # symmetry diagnostic on the reference: where is fc-like first layer's largest weight?
+    first_key = next(k for k, v in ref.load(ref.members[0].id).items() if v.dim() >= 2)
+    units = ref.load(ref.members[0].id)[first_key].shape[0]
+    raw_idx = largest_weight_index([ref.load(m.id) for m in ref.members], first_key)
+    can_idx = largest_weight_index([canon["reference"].load(m.id) for m in ref.members], first_key)
+    per_unit = ref.load(ref.members[0].id)[first_key][0].numel()
+    diag = {
+        "tensor": first_key,
+        "units": units,
+        "p uniform (raw)": uniformity_pvalue(raw_idx // per_unit, units),
+        "p uniform (canonical)": uniformity_pvalue(can_idx // per_unit, units),
+    }
+
+    log("figures")
+    figs = out / "figures"
+    panels = []
+    for title, space in (("weights", "weight"), ("weights, symmetries removed",
+                                                 "weight, canonical")):  # fmt: skip
+        fit, others, ratio = pca(vec[space]["reference"],
+                                 *[vec[space][n] for n in cols if n != "reference"])  # fmt: skip
+        sets = {"reference": fit, **dict(zip([n for n in cols if n != "reference"], others))}
+        panels.append((title, sets, ratio))
+    figures.weight_pca_plot(panels, figs / "weights_pca.png")
+
+    a, b, c = (ref.load(m.id) for m in ref.members[:3]) if len(ref) >= 3 else (None,) * 3
+    curves = {}
+    if a is not None:
+        x2 = example_input(ref.arch)
+        pspec = permutation_spec(net, x2)
+        try:
+            sspec = scaling_spec(net, x2)
+        except ConfigError:
+            sspec = None
+        if sspec is not None:
+            a, b, c = (balance(s, sspec) for s in (a, b, c))
+        b_al, c_al = align(a, b, pspec), align(a, c, pspec)
+        kw = {"points": cfg.path_points, "bn_data": bn_data}
+        curves["reference 0 -> 1, as trained"] = path_losses(net, a, b, xl, yl, **kw)
+        curves["reference 0 -> 1, aligned"] = path_losses(net, a, b_al, xl, yl, **kw)
+        figures.path_plot(curves, figs / "paths.png")
+        plane = loss_plane(net, a, b_al, c_al, xl, yl, grid=cfg.plane_grid, bn_data=bn_data)
+        figures.plane_plot(plane, ["ref 0", "ref 1 (aligned)", "ref 2 (aligned)"],
+                           figs / "plane.png")  # fmt: skip
+
+    result = {"config": asdict(cfg), "bandwidth": bandwidth, "rows": rows, "symmetry": diag,
+              "paths": {k: {"t": v[0].tolist(), "loss": v[1].tolist(), "accuracy": v[2].tolist()}
+                        for k, v in curves.items()}}  # fmt: skip
+    io.atomic_write_text(out / "report.json", json.dumps(result, indent=1))
+    page = out / "report.md"
+    io.atomic_write_text(page, _markdown(cfg, ref, rows, diag, curves, list(ood)))
+    return page
+
+
+def _fmt(v, spec=".4f") -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def _markdown(cfg, ref, rows, diag, curves, ood_names) -> str:
+    spaces = ("weight", "weight, canonical", "function")
+    lines = [
+        "# Posterior report",
+        "",
+        f"Reference: `{cfg.reference}` ({len(ref)} networks, {ref.arch.get('model')} on "
+        f"{cfg.dataset}). Collections: "
+        + (", ".join(f"`{k}` = `{v}`" for k, v in cfg.collections.items()) or "none") + ".",
+        "",
+        "## Distance to the reference",
+        "",
+        "MMD² (unbiased) with a Gaussian kernel whose bandwidth is the reference's median "
+        "inter-network distance in each space, so that rows compare within a column; "
+        f"'differs' = MMDAgg's aggregated test rejects at alpha {cfg.alpha}. Function space = "
+        f"softmax outputs on {cfg.probe} test images. Canonical = minimum-norm scaling "
+        "representative, then canonical permutation order.",
+        "",
+        "| collection | networks | " + " | ".join(f"MMD² {s}" for s in spaces)
+        + " | differs (weight / canonical / function) |",
+        "|---|---|" + "---|" * len(spaces) + "---|",
+    ]  # fmt: skip
+    for r in rows[1:]:
+        diffs = " / ".join(_fmt(r.get(f"differs {s}")) for s in spaces)
+        lines.append(f"| {r['collection']} | {r['networks']} | "
+                     + " | ".join(_fmt(r.get(f"mmd2 {s}")) for s in spaces)
+                     + f" | {diffs} |")  # fmt: skip
+    lines += [
+        "",
+        "## Modes and diversity",
+        "",
+        f"Barriers: the largest excess of test NLL ({cfg.loss_images} images) along the linear "
+        "path over the chord between the end points, after balancing both networks and "
+        "aligning the second to the first by weight matching; modes = groups joined by "
+        f"barriers below {cfg.modes_threshold} nats (single linkage), over the first "
+        f"{cfg.modes_members} networks. Mutual information = mean pairwise Jensen-Shannon "
+        "divergence of two networks' predictions (nats), in distribution and on each OOD set.",
+        "",
+        "| collection | networks | modes | median barrier | max barrier | MI in | "
+        + " | ".join(f"MI {k}" for k in ood_names) + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(ood_names),
+    ]  # fmt: skip
+    for r in rows:
+        modes = f"{r['modes']} of {r['modes of']}" if r.get("modes") is not None else "–"
+        lines.append(f"| {r['collection']} | {r['networks']} | {modes} | "
+                     f"{_fmt(r.get('barrier median'), '.3f')} | {_fmt(r.get('barrier max'), '.3f')}"
+                     f" | {_fmt(r.get('mi in'))} | "
+                     + " | ".join(_fmt(r.get(f"mi {k}")) for k in ood_names) + " |")  # fmt: skip
+    lines += [
+        "",
+        "## Symmetry diagnostic",
+        "",
+        f"Unit holding the largest weight of `{diag['tensor']}` across the reference's networks "
+        f"({diag['units']} units): chi-square p-value against uniform "
+        f"{diag['p uniform (raw)']:.3g} as trained, {diag['p uniform (canonical)']:.3g} in "
+        "canonical form (uniform as trained is the permutation symmetry at work; canonical "
+        "forms concentrate it).",
+        "",
+        "## Figures",
+        "",
+        "![weights](figures/weights_pca.png)",
+        "",
+        "Weights on the reference's two principal axes, as trained and with symmetries removed.",
+    ]  # fmt: skip
+    if curves:
+        lines += ["", "![paths](figures/paths.png)", "",
+                  "Test NLL and accuracy along the linear path between two reference networks, "
+                  "as trained and after alignment.", "", "![plane](figures/plane.png)", "",
+                  "Test NLL on the plane through three reference networks (the second and "
+                  "third aligned to the first)."]  # fmt: skip
+    return "\n".join(lines) + "\n"
