@@ -227,7 +227,14 @@ def cmd_search(a) -> int:
 
 
 def cmd_posterior(a) -> int:
-    if a.action == "collect" and a.from_run:
+    if a.action == "collect" and a.swag and not a.from_run:
+        raise ConfigError("--swag needs --from-run RUN_DIR (a trained deterministic run)")
+    if a.action == "collect" and a.from_run and a.swag:
+        from .posterior.collect import collect_swag
+
+        col = collect_swag(a.out, a.from_run, samples=a.samples, seed=a.seed)
+        print(f"{len(col)} members -> {a.out}")
+    elif a.action == "collect" and a.from_run:
         from .posterior.collect import collect_samples
 
         col = collect_samples(a.out, a.from_run, samples=a.samples, seed=a.seed)
@@ -478,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: add a trained bnnkit model's posterior samples (plain nets)",
     )
     c.add_argument("--samples", type=_count, default=1, help="draws per member (--from-run)")
+    c.add_argument("--swag", action="store_true",
+                   help="with --from-run: SWAG samples around the run's network")  # fmt: skip
     c.add_argument("--quiet", action="store_true")
     k = pa.add_parser("canonicalize", help="remove scaling and permutation symmetries")
     k.add_argument("collection")

@@ -1,7 +1,7 @@
 """Symmetry-aware exploration of posteriors (Laurent et al., ICLR 2024): permutation and scaling
 symmetries of networks, canonical forms and alignment, and measures between sets of networks."""
 
-from .collect import collect_reference, collect_samples
+from .collect import collect_reference, collect_samples, collect_swag
 from .collection import Collection, Member
 from .independent import train_independent
 from .mmd import MMDAggResult, mmd2, mmd_agg_test
@@ -29,6 +29,7 @@ from .permutation import (
 )
 from .samples import network_samples
 from .scaling import ScalingSpec, balance, balancing_scales, random_scales, rescale, scaling_spec
+from .swag import SWAG, fit_swag, swag_states
 from .tools import canonical_collection, compare, function_vectors
 
 __all__ = [
@@ -57,6 +58,10 @@ __all__ = [
     "train_independent",
     "collect_reference",
     "collect_samples",
+    "collect_swag",
+    "SWAG",
+    "fit_swag",
+    "swag_states",
     "network_samples",
     "canonical_collection",
     "compare",

@@ -60,6 +60,66 @@ def collect_samples(out: str | Path, run_dir: str | Path, samples: int = 1, seed
     return col
 
 
+def collect_swag(
+    out: str | Path,
+    run_dir: str | Path,
+    samples: int = 16,
+    seed: int = 0,
+    **swag_kw,
+) -> Collection:
+    """Add SWAG samples (:mod:`~bnnkit.posterior.swag`) around a trained single network (a
+    ``deterministic`` run) to the collection at ``out``: SGD from its weights on the run's own
+    training split (data set, split seed, validation size, subset), ``samples`` draws named
+    ``<run name>-swag-s000``...; samples already there are skipped, the fit is skipped when all
+    are."""
+    from ..methods import UQModel
+    from .swag import fit_swag, swag_states
+
+    run_dir = Path(run_dir)
+    model = UQModel.load(run_dir / "model.safetensors")
+    bodies = getattr(model.net, "ensemble", None)
+    if (
+        bodies is not None
+        or getattr(model, "posterior", None) is not None
+        or int(getattr(model.net, "members", 1)) != 1
+    ):
+        raise ConfigError(f"SWAG starts from one plain network; {run_dir} holds a "
+                          f"{model.method} model")  # fmt: skip
+    col = Collection.create(out, architecture(model.spec))
+    ids = [f"{run_dir.name}-swag-s{i:03d}" for i in range(samples)]
+    if not col.missing(ids):
+        return col
+    net = build_from(col.arch)
+    net.load_state_dict(model.net.body.state_dict())
+    data = _data_of(run_dir)
+    bundle = load_bundle(data["dataset"], val_size=data["val_size"], subset=data["subset"],
+                         split_seed=data["split_seed"], ood=[])  # fmt: skip
+    x, y = bundle.train.float(), bundle.train.y
+    swag = fit_swag(net, x, y, seed=seed, **swag_kw)
+    states = swag_states(net, swag, samples, seed=seed, bn_data=x[:2000])
+    info = {
+        "run": run_dir.name,
+        "swag": {"snapshots": swag.n_snapshots, "rank": len(swag.deviations), **swag_kw},
+    }
+    for mid, state in zip(ids, states):
+        if not col.has(mid):
+            col.add(mid, state, "swag", seed, info)
+    return col
+
+
+def _data_of(run_dir: Path) -> dict:
+    import json
+
+    f = run_dir / "config.json"
+    try:
+        data = json.loads(f.read_text())["data"]
+        return {k: data[k] for k in ("dataset", "split_seed", "subset", "val_size")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"{f} is not a bnnkit run configuration with its data split ({type(e).__name__}: {e})"
+        ) from None
+
+
 def collect_reference(
     out: str | Path,
     model: str = "mlp",
