@@ -1,17 +1,24 @@
 """How close each method's approximate posterior is to a reference of independently trained
-networks, in weight space (before and after symmetry removal) and in function space, beside the
-method's OOD AUROC (Laurent et al., ICLR 2024, Table 2 in spirit).
+networks, in weight space (before and after symmetry removal) and in function space, how many
+modes it covers, beside its OOD AUROC (Laurent et al., ICLR 2024, Table 2 in spirit).
 
     python benchmarks/posterior_methods.py [--reference runs/posterior/ref_lenet]
-        [--bench runs/bench] [--out runs/posterior/methods] [--probe 500]
+        [--bench runs/posterior/bench_lenet] [--out runs/posterior/methods_lenet] [--seeds 4]
 
-Needs: the reference collection (``bnnkit posterior collect --model lenet5 --members 128
---epochs 5 --out runs/posterior/ref_lenet``, the bench's training) and the default bench's runs
-(``make bench``). Every method's samples (all members of both seeds; draws per member where the
-kind samples) become a collection; reference and methods are canonicalised (scaling, then
-permutations); MMD^2 uses one Gaussian kernel whose bandwidth is the median inter-sample
-distance of the reference (in each space), so rows compare; MMDAgg's test says whether a
-method's samples are distinguishable from the reference's at 5%.
+Needs the reference collection (``bnnkit posterior collect --model lenet5 --members 128
+--epochs 5 --out runs/posterior/ref_lenet``: the bench's training recipe, 128 seeds) and bench
+runs of every method with ``--seeds`` seeds (``bnnkit bench --seeds 4 --out ...``). For every
+method two collections of equal size (16 networks where the method allows):
+
+- ``one run``: samples of the seed-0 run only (a single-mode posterior for the methods that
+  sample around one solution: MC dropout, MFVI, Laplace; the 4 members of the ensembles);
+- ``4 runs``: the same number of samples spread over the runs of all seeds (multi-mode: one
+  mode per run, as in the paper's multi-mode versions).
+
+Then ``bnnkit posterior report`` over all of them (MMD^2 with the reference's median
+bandwidth, MMDAgg verdicts, modes among the first 8 networks, mutual information), and the
+Kendall tau between each collection's function-space MMD^2 and its method's OOD AUROC
+(bench store, entropy score, mean over the seeds and OOD sets used).
 """
 
 from __future__ import annotations
@@ -21,93 +28,106 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from scipy.stats import kendalltau
 
-from bnnkit.data import load_bundle
-from bnnkit.posterior import Collection, canonical_collection, collect_samples
-from bnnkit.posterior.mmd import mmd2, mmd_agg_test, pairwise
-from bnnkit.posterior.tools import function_vectors
+from bnnkit.posterior import Collection, collect_samples
 from bnnkit.report import ResultStore
+from bnnkit.report.posterior import PosteriorReportConfig, posterior_report
 
-#: method -> draws per member (1 where the members are fixed networks)
-METHODS = {"deterministic": 1, "deep_ensemble": 1, "batch_ensemble": 1, "mc_dropout": 8,
-           "mfvi": 8, "rank1": 2, "lpbnn": 2}  # fmt: skip
+#: method -> members per run (1 for single networks)
+METHODS = {"deterministic": 1, "deep_ensemble": 4, "batch_ensemble": 4, "mc_dropout": 1,
+           "mfvi": 1, "rank1": 4, "lpbnn": 4, "laplace_last_layer": 1,
+           "laplace_subnetwork": 1, "laplace_diag": 1}  # fmt: skip
+#: methods whose members are fixed networks (no draws)
+FIXED = {"deterministic", "deep_ensemble", "batch_ensemble"}
 
 
-def _median_bandwidth(v: torch.Tensor) -> float:
-    d = pairwise(v, 2).sqrt()
-    return float(d[~torch.eye(len(d), dtype=torch.bool)].median())
+def build(method: str, bench: Path, out: Path, seeds: int, target: int) -> dict[str, str]:
+    """The method's collections: ``{label: path}``."""
+    members = METHODS[method]
+    runs = [bench / "runs" / f"{method}-seed{s}" for s in range(seeds)]
+    cols = {}
+    if method == "deterministic":
+        plan = {"4 runs": (runs, 1)}
+    elif method in FIXED:
+        plan = {"one run": (runs[:1], 1), "4 runs": (runs, 1)}
+    else:
+        plan = {
+            "one run": (runs[:1], max(1, target // members)),
+            "4 runs": (runs, max(1, target // (members * seeds))),
+        }
+    for label, (rs, draws) in plan.items():
+        d = out / "collections" / f"{method}-{label.replace(' ', '')}"
+        for r in rs:
+            collect_samples(d, r, draws, seed=int(r.name.rsplit("seed", 1)[1]))
+        cols[f"{method} ({label})"] = str(d)
+    return cols
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reference", default="runs/posterior/ref_lenet")
-    ap.add_argument("--bench", default="runs/bench")
-    ap.add_argument("--out", default="runs/posterior/methods")
-    ap.add_argument("--probe", type=int, default=500)
-    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--bench", default="runs/posterior/bench_lenet")
+    ap.add_argument("--out", default="runs/posterior/methods_lenet")
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--target", type=int, default=16, help="networks per collection")
+    ap.add_argument("--modes-members", type=int, default=8)
+    ap.add_argument("--methods", default=",".join(METHODS))
     a = ap.parse_args()
-    out = Path(a.out)
-    ref = Collection.open(a.reference)
+    out, bench = Path(a.out), Path(a.bench)
     t0 = time.perf_counter()
-    ref_c = canonical_collection(a.reference, out / "reference-canonical")
-    t_canon = time.perf_counter() - t0
-    bundle = load_bundle("fashion_mnist", ood=[], test_size=a.probe)
-    probe = bundle.test.float()
-    space = {
-        "weight": (ref.vectors(), None),
-        "weight, canonical": (ref_c.vectors(), None),
-        "function": (function_vectors(ref, probe), None),
-    }
-    bw = {k: _median_bandwidth(v) for k, (v, _) in space.items()}
+    cols: dict[str, str] = {}
+    for method in a.methods.split(","):
+        cols.update(build(method, bench, out, a.seeds, a.target))
+    t_collect = time.perf_counter() - t0
+    names = {label: label.replace(" ", "_").replace("(", "").replace(")", "") for label in cols}
+    cfg = PosteriorReportConfig(reference=a.reference, collections={names[k]: v for k, v in
+                                cols.items()}, out=str(out / "report"),
+                                modes_members=a.modes_members)  # fmt: skip
     t0 = time.perf_counter()
-    mmd_agg_test(space["weight"][0][: len(ref) // 2], space["weight"][0][len(ref) // 2 :],
-                 b1=500, b2=500)  # fmt: skip
-    t_mmd = time.perf_counter() - t0
-    with ResultStore(Path(a.bench) / "results.sqlite") as store:
-        rows = store.rows(dataset="fashion_mnist", model="lenet5")
-    auroc = {}
+    posterior_report(cfg)
+    t_report = time.perf_counter() - t0
+    res = json.loads((out / "report" / "report.json").read_text())
+
+    with ResultStore(bench / "results.sqlite") as store:
+        rows = store.rows()
+    auroc: dict[str, list[float]] = {}
     for r in rows:
-        if r["split"].startswith("ood:") and r["metric"] == "auroc_entropy":
+        if r["split"].startswith("ood:") and r["metric"] == "auroc_entropy" and r["seed"] < a.seeds:
             auroc.setdefault(r["method"], []).append(r["value"])
     table = []
-    for method, draws in METHODS.items():
-        col_dir = out / method
-        for seed in range(a.seeds):
-            collect_samples(col_dir, Path(a.bench) / "runs" / f"{method}-seed{seed}", draws, seed)
-        col = Collection.open(col_dir)
-        can = canonical_collection(col_dir, out / f"{method}-canonical")
-        vecs = {"weight": col.vectors(), "weight, canonical": can.vectors(),
-                "function": function_vectors(col, probe)}  # fmt: skip
-        row = {"method": method, "networks": len(col)}
-        for name, v in vecs.items():
-            refv = space[name][0]
-            row[f"MMD2 {name}"] = mmd2(refv, v, "gaussian", bw[name]) if len(v) > 1 else None
-            row[f"differs {name}"] = (
-                mmd_agg_test(refv, v, b1=500, b2=500).reject if len(v) > 1 else None
-            )
-        row["OOD AUROC"] = sum(auroc.get(method, [float("nan")])) / max(
-            1, len(auroc.get(method, []))
-        )
-        table.append(row)
-        print(json.dumps(row), flush=True)
+    for r in res["rows"]:
+        if r["collection"] == "reference":
+            continue
+        method = r["collection"].rsplit("_", 2)[0]
+        r["method_name"] = method
+        vals = auroc.get(method, [])
+        r["ood auroc"] = sum(vals) / len(vals) if vals else None
+        table.append(r)
     (out / "table.json").write_text(json.dumps(table, indent=1))
-    cols = ["MMD2 weight", "MMD2 weight, canonical", "MMD2 function"]
-    print("\n| method | networks | " + " | ".join(cols) + " | differs (function) | OOD AUROC % |")
-    print("|---" * (len(cols) + 4) + "|")
+    spaces = ("weight", "weight, canonical", "function")
+
+    def f(v, spec=".4f"):
+        return "–" if v is None else ("yes" if v is True else "no" if v is False else
+                                      format(v, spec))  # fmt: skip
+
+    print("\n| collection | networks | " + " | ".join(f"MMD² {s}" for s in spaces)
+          + " | differs (w / cw / f) | modes | MI in | MI mnist | OOD AUROC % |")  # fmt: skip
+    print("|---" * 10 + "|")
     for r in table:
-        cells = [f"{r[c]:.4f}" if r[c] is not None else "–" for c in cols]
-        print(f"| {r['method']} | {r['networks']} | " + " | ".join(cells)
-              + f" | {r['differs function']} | {100 * r['OOD AUROC']:.1f} |")  # fmt: skip
-    print(f"\ncanonicalising the reference ({len(ref)} networks, scaling + permutations): "
-          f"{t_canon:.1f} s (0 if it was done by an earlier run); one MMDAgg test of "
-          f"{len(ref) // 2} vs {len(ref) - len(ref) // 2} weight vectors (20 kernels, 1,000 "
-          f"permutations): {t_mmd:.1f} s")  # fmt: skip
-    ok = [r for r in table if r["MMD2 function"] is not None]
-    t = kendalltau([r["MMD2 function"] for r in ok], [r["OOD AUROC"] for r in ok])
-    print(f"\nKendall tau (function-space MMD^2 vs OOD AUROC), {len(ok)} methods: "
-          f"{t.statistic:+.2f} (p={t.pvalue:.3f})")  # fmt: skip
+        print(f"| {r['collection']} | {r['networks']} | "
+              + " | ".join(f(r.get(f"mmd2 {s}")) for s in spaces) + " | "
+              + " / ".join(f(r.get(f"differs {s}")) for s in spaces) + f" | "
+              f"{r.get('modes', '–')} of {r.get('modes of', '–')} | {f(r.get('mi in'))} | "
+              f"{f(r.get('mi mnist'))} | "
+              f"{f(None if r['ood auroc'] is None else 100 * r['ood auroc'], '.1f')} |")  # fmt: skip
+    ok = [r for r in table if r.get("mmd2 function") is not None and r["ood auroc"] is not None]
+    for space in spaces:
+        t = kendalltau([r[f"mmd2 {space}"] for r in ok], [r["ood auroc"] for r in ok])
+        print(f"Kendall tau (MMD^2 {space} vs OOD AUROC), {len(ok)} collections: "
+              f"{t.statistic:+.2f} (p={t.pvalue:.3f})")  # fmt: skip
+    print(f"\ncollections from the bench runs: {t_collect:.0f} s; report: {t_report:.0f} s")
+    print(f"reference: {len(Collection.open(a.reference))} networks")
 
 
 if __name__ == "__main__":

@@ -81,10 +81,16 @@ def test_report_numbers_are_the_librarys(collections, tmp_path, ood_root):
     assert row["mmd2 weight"] == pytest.approx(mmd2(a, b, "gaussian", bw), rel=1e-9)
     assert 1 <= row["modes"] <= 3 and row["mi in"] >= 0
     assert 0 <= res["symmetry"]["p uniform (raw)"] <= 1
-    # a second report reuses the canonical collections on disk
+    # a second report reuses the canonical collections and the barriers on disk
     mtime = (page.parent / "canonical" / "other" / "manifest.json").stat().st_mtime_ns
+    cached = sorted((page.parent / "barriers").iterdir())
+    assert len(cached) == 2  # reference and other
+    stamps = [f.stat().st_mtime_ns for f in cached]
     posterior_report(cfg, log=lambda *_: None)
     assert (page.parent / "canonical" / "other" / "manifest.json").stat().st_mtime_ns == mtime
+    assert [f.stat().st_mtime_ns for f in sorted((page.parent / "barriers").iterdir())] == stamps
+    again = json.loads((page.parent / "report.json").read_text())
+    assert again["rows"] == res["rows"]
 
 
 def test_report_refusals(collections, tmp_path):

@@ -10,6 +10,7 @@ killed report continues and a second report over the same collections recomputes
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -154,8 +155,18 @@ def posterior_report(cfg: PosteriorReportConfig, log=print) -> Path:
         if len(ids) < 2:
             row.update({"modes": None, "barrier median": None, "barrier max": None})
             continue
-        B = barrier_matrix(net, [col.load(i) for i in ids], xl, yl, points=cfg.path_points,
-                           bn_data=bn_data, example_input=example_input(ref.arch))  # fmt: skip
+        # barriers are the expensive part: kept on disk, keyed by what they depend on
+        key = hashlib.sha256(json.dumps([[(m.id, m.sha256) for m in col.members if m.id in ids],
+                                         cfg.dataset, cfg.loss_images, cfg.path_points],
+                                        ).encode()).hexdigest()[:16]  # fmt: skip
+        cache = out / "barriers" / f"{row['collection']}-{key}.safetensors"
+        if cache.is_file():
+            B = io.load(cache, kind="barriers")["B"]
+        else:
+            B = barrier_matrix(net, [col.load(i) for i in ids], xl, yl, points=cfg.path_points,
+                               bn_data=bn_data, example_input=example_input(ref.arch))  # fmt: skip
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            io.save({"B": B}, cache, "barriers")
         off = B[~torch.eye(len(B), dtype=torch.bool)]
         n_modes, _ = count_modes(B, cfg.modes_threshold)
         row.update({"modes": n_modes, "modes of": len(ids), "barrier median": float(
