@@ -15,10 +15,11 @@ method two collections of equal size (16 networks where the method allows):
 - ``4 runs``: the same number of samples spread over the runs of all seeds (multi-mode: one
   mode per run, as in the paper's multi-mode versions).
 
-Then ``bnnkit posterior report`` over all of them (MMD^2 with the reference's median
-bandwidth, MMDAgg verdicts, modes among the first 8 networks, mutual information), and the
-Kendall tau between each collection's function-space MMD^2 and its method's OOD AUROC
-(bench store, entropy score, mean over the seeds and OOD sets used).
+SWAG (not a bench method) starts from the ``deterministic`` runs. Then ``bnnkit posterior
+report`` over all of them (MMD^2 with the reference's median bandwidth, MMDAgg verdicts, modes
+among the first 8 networks, mutual information, accuracy / NLL / OOD AUROC of each collection's
+averaged prediction), and the Kendall tau between each collection's MMD^2 and its OOD AUROC
+(predictive entropy, mean over the OOD sets).
 """
 
 from __future__ import annotations
@@ -30,14 +31,13 @@ from pathlib import Path
 
 from scipy.stats import kendalltau
 
-from bnnkit.posterior import Collection, collect_samples
-from bnnkit.report import ResultStore
+from bnnkit.posterior import Collection, collect_samples, collect_swag
 from bnnkit.report.posterior import PosteriorReportConfig, posterior_report
 
 #: method -> members per run (1 for single networks)
 METHODS = {"deterministic": 1, "deep_ensemble": 4, "batch_ensemble": 4, "mc_dropout": 1,
            "mfvi": 1, "rank1": 4, "lpbnn": 4, "laplace_last_layer": 1,
-           "laplace_subnetwork": 1, "laplace_diag": 1}  # fmt: skip
+           "laplace_subnetwork": 1, "laplace_diag": 1, "swag": 1}  # fmt: skip
 #: methods whose members are fixed networks (no draws)
 FIXED = {"deterministic", "deep_ensemble", "batch_ensemble"}
 
@@ -45,7 +45,8 @@ FIXED = {"deterministic", "deep_ensemble", "batch_ensemble"}
 def build(method: str, bench: Path, out: Path, seeds: int, target: int) -> dict[str, str]:
     """The method's collections: ``{label: path}``."""
     members = METHODS[method]
-    runs = [bench / "runs" / f"{method}-seed{s}" for s in range(seeds)]
+    source = "deterministic" if method == "swag" else method  # SWAG starts from the MAP runs
+    runs = [bench / "runs" / f"{source}-seed{s}" for s in range(seeds)]
     cols = {}
     if method == "deterministic":
         plan = {"4 runs": (runs, 1)}
@@ -59,7 +60,11 @@ def build(method: str, bench: Path, out: Path, seeds: int, target: int) -> dict[
     for label, (rs, draws) in plan.items():
         d = out / "collections" / f"{method}-{label.replace(' ', '')}"
         for r in rs:
-            collect_samples(d, r, draws, seed=int(r.name.rsplit("seed", 1)[1]))
+            seed = int(r.name.rsplit("seed", 1)[1])
+            if method == "swag":
+                collect_swag(d, r, draws, seed=seed)
+            else:
+                collect_samples(d, r, draws, seed=seed)
         cols[f"{method} ({label})"] = str(d)
     return cols
 
@@ -89,20 +94,12 @@ def main() -> None:
     t_report = time.perf_counter() - t0
     res = json.loads((out / "report" / "report.json").read_text())
 
-    with ResultStore(bench / "results.sqlite") as store:
-        rows = store.rows()
-    auroc: dict[str, list[float]] = {}
-    for r in rows:
-        if r["split"].startswith("ood:") and r["metric"] == "auroc_entropy" and r["seed"] < a.seeds:
-            auroc.setdefault(r["method"], []).append(r["value"])
+    ood_names = [k[len("auroc ") :] for k in res["rows"][0] if k.startswith("auroc ")]
     table = []
     for r in res["rows"]:
         if r["collection"] == "reference":
             continue
-        method = r["collection"].rsplit("_", 2)[0]
-        r["method_name"] = method
-        vals = auroc.get(method, [])
-        r["ood auroc"] = sum(vals) / len(vals) if vals else None
+        r["ood auroc"] = sum(r[f"auroc {k}"] for k in ood_names) / len(ood_names)
         table.append(r)
     (out / "table.json").write_text(json.dumps(table, indent=1))
     spaces = ("weight", "weight, canonical", "function")
@@ -112,16 +109,17 @@ def main() -> None:
                                       format(v, spec))  # fmt: skip
 
     print("\n| collection | networks | " + " | ".join(f"MMD² {s}" for s in spaces)
-          + " | differs (w / cw / f) | modes | MI in | MI mnist | OOD AUROC % |")  # fmt: skip
-    print("|---" * 10 + "|")
+          + " | differs (w / cw / f) | modes | MI in | MI mnist | acc % | NLL"
+          + " | OOD AUROC % |")  # fmt: skip
+    print("|---" * 12 + "|")
     for r in table:
         print(f"| {r['collection']} | {r['networks']} | "
               + " | ".join(f(r.get(f"mmd2 {s}")) for s in spaces) + " | "
               + " / ".join(f(r.get(f"differs {s}")) for s in spaces) + f" | "
               f"{r.get('modes', '–')} of {r.get('modes of', '–')} | {f(r.get('mi in'))} | "
-              f"{f(r.get('mi mnist'))} | "
-              f"{f(None if r['ood auroc'] is None else 100 * r['ood auroc'], '.1f')} |")  # fmt: skip
-    ok = [r for r in table if r.get("mmd2 function") is not None and r["ood auroc"] is not None]
+              f"{f(r.get('mi mnist'))} | {100 * r['accuracy']:.2f} | {r['nll']:.4f} | "
+              f"{100 * r['ood auroc']:.1f} |")  # fmt: skip
+    ok = [r for r in table if r.get("mmd2 function") is not None]
     for space in spaces:
         t = kendalltau([r[f"mmd2 {space}"] for r in ok], [r["ood auroc"] for r in ok])
         print(f"Kendall tau (MMD^2 {space} vs OOD AUROC), {len(ok)} collections: "

@@ -80,6 +80,15 @@ def test_report_numbers_are_the_librarys(collections, tmp_path, ood_root):
     assert res["bandwidth"]["weight"] == pytest.approx(bw, rel=1e-9)
     assert row["mmd2 weight"] == pytest.approx(mmd2(a, b, "gaussian", bw), rel=1e-9)
     assert 1 <= row["modes"] <= 3 and row["mi in"] >= 0
+    # the collection's averaged prediction, scored by bnnkit's metrics
+    from bnnkit.data import load_bundle
+    from bnnkit.metrics import accuracy
+    from bnnkit.posterior.tools import function_vectors
+
+    test = load_bundle("fashion_mnist", ood=[], test_size=40).test
+    mean = function_vectors(oth, test.float()).view(3, 40, 10).mean(0)
+    assert row["accuracy"] == pytest.approx(accuracy(mean.float(), test.y), abs=1e-9)
+    assert 0 <= row["auroc mnist"] <= 1
     assert 0 <= res["symmetry"]["p uniform (raw)"] <= 1
     # a second report reuses the canonical collections and the barriers on disk
     mtime = (page.parent / "canonical" / "other" / "manifest.json").stat().st_mtime_ns

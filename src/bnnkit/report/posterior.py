@@ -20,6 +20,7 @@ import torch
 from .. import io
 from ..data import load_bundle
 from ..errors import ConfigError
+from ..metrics import accuracy, auroc, entropy_score, nll
 from ..posterior.collect import build_from
 from ..posterior.collection import Collection
 from ..posterior.mmd import mmd2, mmd_agg_test, pairwise
@@ -35,6 +36,7 @@ from ..posterior.modes import (
 from ..posterior.permutation import align, permutation_spec
 from ..posterior.scaling import balance, scaling_spec
 from ..posterior.tools import canonical_collection, example_input, pca
+from ..predictive import Predictive
 from . import figures
 
 
@@ -112,7 +114,7 @@ def posterior_report(cfg: PosteriorReportConfig, log=print) -> Path:
         raise ConfigError("the reference needs at least 2 members")
     bundle = load_bundle(cfg.dataset, ood=None, test_size=max(cfg.probe, cfg.loss_images))
     x_test, y_test = bundle.test.float(), bundle.test.y
-    probe = x_test[: cfg.probe]
+    probe, y_probe = x_test[: cfg.probe], y_test[: cfg.probe]
     ood = {k: v.float()[: cfg.probe] for k, v in bundle.ood.items()}
 
     log("canonical forms (scaling, then permutations)")
@@ -139,9 +141,14 @@ def posterior_report(cfg: PosteriorReportConfig, log=print) -> Path:
                 row[f"differs {space}"] = (
                     mmd_agg_test(a, b, alpha=cfg.alpha, seed=cfg.seed).reject if ok else None
                 )
+        pin = Predictive(probs_in[name].float())
+        row["accuracy"] = accuracy(pin.mean(), y_probe)
+        row["nll"] = nll(pin.mean(), y_probe)
         row["mi in"] = _mean_offdiag(pairwise_mutual_information(probs_in[name]))
         for k, xo in ood.items():
-            row[f"mi {k}"] = _mean_offdiag(pairwise_mutual_information(_probs(col, xo)))
+            po = _probs(col, xo)
+            row[f"mi {k}"] = _mean_offdiag(pairwise_mutual_information(po))
+            row[f"auroc {k}"] = auroc(entropy_score(pin), entropy_score(Predictive(po.float())))
         rows.append(row)
         log(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'method'})}")
 
@@ -272,18 +279,24 @@ def _markdown(cfg, ref, rows, diag, curves, ood_names) -> str:
         "aligning the second to the first by weight matching; modes = groups joined by "
         f"barriers below {cfg.modes_threshold} nats (single linkage), over the first "
         f"{cfg.modes_members} networks. Mutual information = mean pairwise Jensen-Shannon "
-        "divergence of two networks' predictions (nats), in distribution and on each OOD set.",
+        "divergence of two networks' predictions (nats), in distribution and on each OOD set; acc, "
+        "NLL and OOD AUROC (predictive entropy) of the collection's averaged prediction on the "
+        "probe images.",
         "",
         "| collection | networks | modes | median barrier | max barrier | MI in | "
-        + " | ".join(f"MI {k}" for k in ood_names) + " |",
-        "|---|---|---|---|---|---|" + "---|" * len(ood_names),
+        + " | ".join(f"MI {k}" for k in ood_names) + " | acc % | NLL | "
+        + " | ".join(f"AUROC {k} %" for k in ood_names) + " |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * (2 * len(ood_names)),
     ]  # fmt: skip
     for r in rows:
         modes = f"{r['modes']} of {r['modes of']}" if r.get("modes") is not None else "–"
         lines.append(f"| {r['collection']} | {r['networks']} | {modes} | "
                      f"{_fmt(r.get('barrier median'), '.3f')} | {_fmt(r.get('barrier max'), '.3f')}"
                      f" | {_fmt(r.get('mi in'))} | "
-                     + " | ".join(_fmt(r.get(f"mi {k}")) for k in ood_names) + " |")  # fmt: skip
+                     + " | ".join(_fmt(r.get(f"mi {k}")) for k in ood_names)
+                     + f" | {100 * r['accuracy']:.2f} | {r['nll']:.4f} | "
+                     + " | ".join(f"{100 * r[f'auroc {k}']:.1f}" for k in ood_names)
+                     + " |")  # fmt: skip
     lines += [
         "",
         "## Symmetry diagnostic",
