@@ -43,14 +43,20 @@ def canonical_collection(src: str | Path, dst: str | Path, scaling: bool = True)
 
 
 @torch.no_grad()
-def function_vectors(col: Collection, probe: torch.Tensor) -> torch.Tensor:
-    """``[members, probe images x classes]``: each member's softmax on the probe images."""
+def member_probs(col: Collection, x: torch.Tensor) -> torch.Tensor:
+    """``[members, inputs, classes]`` float64: each member's softmax on ``x``."""
     net = build_from(col.arch).eval()
     rows = []
     for _, state in col:
         net.load_state_dict(state)
-        rows.append(net(probe).softmax(-1).reshape(-1).to(torch.float64))
+        rows.append(net(x).softmax(-1).to(torch.float64))
     return torch.stack(rows)
+
+
+def function_vectors(col: Collection, probe: torch.Tensor) -> torch.Tensor:
+    """``[members, probe images x classes]``: each member's softmax on the probe images."""
+    p = member_probs(col, probe)
+    return p.reshape(len(p), -1)
 
 
 def compare(

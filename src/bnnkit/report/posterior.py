@@ -35,7 +35,7 @@ from ..posterior.modes import (
 )
 from ..posterior.permutation import align, permutation_spec
 from ..posterior.scaling import balance, scaling_spec
-from ..posterior.tools import canonical_collection, example_input, pca
+from ..posterior.tools import canonical_collection, example_input, member_probs, pca
 from ..predictive import Predictive
 from . import figures
 
@@ -80,16 +80,6 @@ def _median_distance(v: torch.Tensor) -> float:
     return float(off.median()) if off.numel() else 1.0
 
 
-@torch.no_grad()
-def _probs(col: Collection, x: torch.Tensor) -> torch.Tensor:
-    net = build_from(col.arch).eval()
-    out = []
-    for _, state in col:
-        net.load_state_dict(state)
-        out.append(net(x).softmax(-1).double())
-    return torch.stack(out)
-
-
 def _mean_offdiag(m: torch.Tensor) -> float | None:
     n = len(m)
     if n < 2:
@@ -125,7 +115,7 @@ def posterior_report(cfg: PosteriorReportConfig, log=print) -> Path:
         "weight": {n: c.vectors() for n, c in cols.items()},
         "weight, canonical": {n: c.vectors() for n, c in canon.items()},
     }
-    probs_in = {n: _probs(c, probe) for n, c in cols.items()}
+    probs_in = {n: member_probs(c, probe) for n, c in cols.items()}
     vec["function"] = {n: p.reshape(len(p), -1) for n, p in probs_in.items()}
     bandwidth = {s: _median_distance(v["reference"]) for s, v in vec.items()}
 
@@ -146,7 +136,7 @@ def posterior_report(cfg: PosteriorReportConfig, log=print) -> Path:
         row["nll"] = nll(pin.mean(), y_probe)
         row["mi in"] = _mean_offdiag(pairwise_mutual_information(probs_in[name]))
         for k, xo in ood.items():
-            po = _probs(col, xo)
+            po = member_probs(col, xo)
             row[f"mi {k}"] = _mean_offdiag(pairwise_mutual_information(po))
             row[f"auroc {k}"] = auroc(entropy_score(pin), entropy_score(Predictive(po.float())))
         rows.append(row)
