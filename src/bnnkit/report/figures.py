@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+import matplotlib
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
@@ -120,7 +121,10 @@ def _save(fig, path) -> None:
     from .. import io
 
     path = Path(path)
-    io.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix[1:] or "png"))
+    io.atomic_write(
+        path,
+        lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix[1:] or "png", bbox_inches="tight"),
+    )
 
 
 def pareto_plot(trials: list[dict], front: list[dict], baselines: list[dict], path: Path) -> Path:
@@ -162,14 +166,19 @@ def weight_pca_plot(panels: list[tuple[str, dict[str, torch.Tensor], torch.Tenso
     fig = Figure(figsize=(5.2 * len(panels), 4.4))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, sets, ratio) in zip(axes, panels):
+        colours = matplotlib.colormaps["tab20"].colors
+        markers = ("x", "+", "^", "s", "d", "v", "o")
         for i, (name, xy) in enumerate(sets.items()):
             xy = xy.detach().cpu()
-            style = {"color": "0.6", "s": 10} if i == 0 else {"s": 14, "marker": "x"}
+            style = {"color": "0.6", "s": 10} if i == 0 else {
+                "s": 16, "color": colours[(i - 1) % len(colours)],
+                "marker": markers[(i - 1) // len(colours) % len(markers)]}  # fmt: skip
             ax.scatter(xy[:, 0], xy[:, 1], label=name, alpha=0.8, **style)
         ax.set_title(title)
         ax.set_xlabel(f"PC1 ({100 * float(ratio[0]):.1f}% of the reference's variance)")
         ax.set_ylabel(f"PC2 ({100 * float(ratio[1]):.1f}%)")
-    axes[-1].legend(fontsize=7, loc="best")
+    if len(panels[-1][1]) > 1:
+        axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     _save(fig, path)
     return path
@@ -204,7 +213,8 @@ def plane_plot(plane: dict[str, torch.Tensor], labels: list[str], path: Path) ->
     pts = plane["points"]
     ax.scatter(pts[:, 0], pts[:, 1], color="red", marker="o", zorder=3)
     for (u, v), lab in zip(pts.tolist(), labels):
-        ax.annotate(lab, (u, v), color="red", xytext=(4, 4), textcoords="offset points")
+        ax.annotate(lab, (u, v), color="red", xytext=(0, 6), textcoords="offset points",
+                    ha="center")  # fmt: skip
     ax.set_xlabel("u")
     ax.set_ylabel("v")
     fig.tight_layout()
