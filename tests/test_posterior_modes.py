@@ -216,3 +216,24 @@ def _loss_of(model, state, x, y):
     with torch.no_grad():
         logits = net(x)
     return float(torch.nn.functional.cross_entropy(logits, y)), logits
+
+
+def test_barrier_matrix_with_batchnorm_and_residual_groups():
+    """A ResNet with residual permutation groups and BatchNorm: a permuted copy is one point
+    after alignment (statistics re-estimated along the path), and BatchNorm needs bn_data."""
+    from bnnkit.posterior.modes import barrier_matrix
+
+    model, _ = _model("resnet")
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # labels the network fits: leaving its function costs loss
+    spec = permutation_spec(model, x)
+    a = model.state_dict()
+    b = permute(a, spec, random_permutation(spec, torch.Generator().manual_seed(3)))
+    bn_data = x
+    with pytest.raises(InputError, match="bn_data"):
+        barrier_matrix(model, [a, b], x, y)
+    B = barrier_matrix(model, [a, b], x, y, points=5, bn_data=bn_data)
+    assert float(B[0, 1]) < 1e-9
+    naive = barrier_matrix(model, [a, b], x, y, aligned=False, points=5, bn_data=bn_data)
+    assert float(naive[0, 1]) > 1e-3
