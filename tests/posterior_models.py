@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnnkit.models import build_model
+from test_laplace_models import BasicBlock  # torchvision-style: in-place ReLU, out += identity
 
 
 def mlp():
@@ -27,31 +28,6 @@ class ConvBN(nn.Module):
         x = torch.relu(self.bn2(self.conv2(x)))
         x = self.drop(torch.flatten(x, 1))  # Flatten over spatial maps: channel blocks of 9
         return self.fc2(F.relu(self.fc1(x)))
-
-
-class BasicBlock(nn.Module):
-    """torchvision-style: in-place ReLU, ``out += identity``, optional 1x1 downsample."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                            nn.BatchNorm2d(cout))  # fmt: skip
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
 
 
 class TinyResNet(nn.Module):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 
 
 def interpolate(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], t: float):
@@ -172,19 +172,15 @@ def barrier_matrix(
     others) and the second is permuted onto the first by weight matching. The matrix is what
     :func:`count_modes` groups into modes. ``n (n - 1) / 2`` paths of ``points`` evaluations.
     """
-    from .permutation import align, permutation_spec
-    from .scaling import balance, scaling_spec
+    from .permutation import align
+    from .scaling import balance, symmetry_specs
 
     n = len(states)
     if n < 1:
         raise InputError("no networks given")
     if aligned:
         ex = example_input if example_input is not None else x[:2]
-        pspec = permutation_spec(net, ex)
-        try:
-            sspec = scaling_spec(net, ex)
-        except ConfigError:  # non-homogeneous activations: permutations only
-            sspec = None
+        pspec, sspec = symmetry_specs(net, ex, scaling="auto")
         if sspec is not None:
             states = [balance(s, sspec) for s in states]
     out = torch.zeros(n, n, dtype=torch.float64)

@@ -122,6 +122,22 @@ class _Groups:
     def fix(self, g: int) -> None:
         self.fixed[self.find(g)] = True
 
+    def fix_output(self, val: dict, node) -> None:
+        """``node``'s output is tracked by a new fixed group."""
+        val[node] = (self.new(node.name, None, fixed=True), 1)
+
+    def fix_inputs(self, val: dict, node) -> None:
+        """Every tracked input of ``node`` (an op the rules do not know) is fixed."""
+        for a in node.all_input_nodes:
+            if a in val:
+                self.fix(val[a][0])
+
+
+def node_shape(node) -> tuple | None:
+    """The traced output shape of an fx node (None for non-tensors)."""
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
 
 def traced(model: nn.Module, example_input: torch.Tensor, spec_name: str):
     """``model`` traced by ``torch.fx`` with tensor shapes recorded on ``example_input`` (eval
@@ -158,17 +174,13 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> Permutati
     producers: dict[int, list[str]] = {}
     frozen: set[str] = set()
 
-    def shape(node):
-        meta = node.meta.get("tensor_meta")
-        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    shape = node_shape
 
     def fixed_output(node):
-        val[node] = (G.new(node.name, None, fixed=True), 1)
+        G.fix_output(val, node)
 
     def fix_inputs(node):
-        for a in node.all_input_nodes:
-            if a in val:
-                G.fix(val[a][0])
+        G.fix_inputs(val, node)
 
     def merge(node, ins):
         """Elementwise ops of several tensors (a residual add): their groups become one."""

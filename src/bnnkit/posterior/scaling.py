@@ -75,7 +75,7 @@ def scaling_spec(model: nn.Module, example_input: torch.Tensor) -> ScalingSpec:
     with an activation that is not positively homogeneous, naming it."""
     import torch.fx
 
-    from .permutation import _flatten, _Groups, traced
+    from .permutation import _flatten, _Groups, node_shape, traced
 
     gm = traced(model, example_input, "ScalingSpec")
     modules = dict(gm.named_modules())
@@ -84,17 +84,13 @@ def scaling_spec(model: nn.Module, example_input: torch.Tensor) -> ScalingSpec:
     inc: dict[int, list[Site]] = {}
     out: dict[int, list[Site]] = {}
 
-    def shape(node):
-        meta = node.meta.get("tensor_meta")
-        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    shape = node_shape
 
     def fixed(node):
-        val[node] = (G.new(node.name, None, fixed=True), 1)
+        G.fix_output(val, node)
 
     def fix_inputs(node):
-        for a in node.all_input_nodes:
-            if a in val:
-                G.fix(val[a][0])
+        G.fix_inputs(val, node)
 
     def refuse(what):
         raise ConfigError(
@@ -295,3 +291,20 @@ def balance(state: dict[str, torch.Tensor], spec: ScalingSpec) -> dict[str, torc
     out = rescale({k: v.to(torch.float64) if v.is_floating_point() else v
                    for k, v in state.items()}, spec, scales)  # fmt: skip
     return {k: out[k].to(state[k].dtype) for k in state}
+
+
+def symmetry_specs(model: nn.Module, example_input: torch.Tensor, scaling: bool | str = True):
+    """``(permutation spec, scaling spec or None)`` of ``model``. ``scaling=True``: the scaling
+    spec, refusing activations that are not positively homogeneous; ``"auto"``: None for those
+    (permutations only); ``False``: None."""
+    from .permutation import permutation_spec
+
+    pspec = permutation_spec(model, example_input)
+    if scaling is False:
+        return pspec, None
+    try:
+        return pspec, scaling_spec(model, example_input)
+    except ConfigError:
+        if scaling == "auto":
+            return pspec, None
+        raise

@@ -11,8 +11,8 @@ from ..errors import ConfigError
 from .collect import build_from
 from .collection import Collection
 from .mmd import MMDAggResult, mmd_agg_test
-from .permutation import canonicalize, permutation_spec
-from .scaling import balance, scaling_spec
+from .permutation import canonicalize
+from .scaling import balance, symmetry_specs
 
 
 def example_input(arch: dict) -> torch.Tensor:
@@ -25,10 +25,8 @@ def canonical_collection(src: str | Path, dst: str | Path, scaling: bool = True)
     then the canonical order of every permutation group. Members already in ``dst`` are kept
     (a killed run continues); the source is never modified."""
     source = Collection.open(src)
-    net = build_from(source.arch).eval()
-    x = example_input(source.arch)
-    pspec = permutation_spec(net, x)
-    sspec = scaling_spec(net, x) if scaling else None
+    pspec, sspec = symmetry_specs(build_from(source.arch).eval(), example_input(source.arch),
+                                  scaling)  # fmt: skip
     out = Collection.create(dst, source.arch)
     for m in source.members:
         if out.has(m.id):
@@ -95,10 +93,8 @@ def aligned_collection(src: str | Path, dst: str | Path, to: str | None = None,
     target_id = to if to is not None else source.members[0].id
     if not source.has(target_id):
         raise ConfigError(f"{src} has no member {target_id!r}")
-    net = build_from(source.arch).eval()
-    x = example_input(source.arch)
-    pspec = permutation_spec(net, x)
-    sspec = scaling_spec(net, x) if scaling else None
+    pspec, sspec = symmetry_specs(build_from(source.arch).eval(), example_input(source.arch),
+                                  scaling)  # fmt: skip
 
     def prepare(state):
         return balance(state, sspec) if sspec is not None else state

@@ -33,8 +33,8 @@ from ..posterior.modes import (
     path_losses,
     uniformity_pvalue,
 )
-from ..posterior.permutation import align, permutation_spec
-from ..posterior.scaling import balance, scaling_spec
+from ..posterior.permutation import align
+from ..posterior.scaling import balance, symmetry_specs
 from ..posterior.tools import canonical_collection, example_input, member_probs, pca
 from ..predictive import Predictive
 from . import figures
@@ -171,12 +171,17 @@ def posterior_report(cfg: PosteriorReportConfig, log=print) -> Path:
         log(f"{row['collection']}: {n_modes} mode(s) among {len(ids)} networks, median barrier "
             f"{row['barrier median']:.3f}")  # fmt: skip
 
-    # symmetry diagnostic on the reference: where is fc-like first layer's largest weight?
-    first_key = next(k for k, v in ref.load(ref.members[0].id).items() if v.dim() >= 2)
-    units = ref.load(ref.members[0].id)[first_key].shape[0]
-    raw_idx = largest_weight_index([ref.load(m.id) for m in ref.members], first_key)
-    can_idx = largest_weight_index([canon["reference"].load(m.id) for m in ref.members], first_key)
-    per_unit = ref.load(ref.members[0].id)[first_key][0].numel()
+    # symmetry diagnostic on the reference: which unit of the first weight tensor holds its
+    # largest entry (one tensor per network in memory, not whole collections)
+    first_state = ref.load(ref.members[0].id)
+    first_key = next(k for k, v in first_state.items() if v.dim() >= 2)
+    units, per_unit = first_state[first_key].shape[0], first_state[first_key][0].numel()
+
+    def first_weights(c: Collection) -> list[dict[str, torch.Tensor]]:
+        return [{first_key: c.load(m.id)[first_key]} for m in ref.members]
+
+    raw_idx = largest_weight_index(first_weights(ref), first_key)
+    can_idx = largest_weight_index(first_weights(canon["reference"]), first_key)
     diag = {
         "tensor": first_key,
         "units": units,
@@ -198,12 +203,7 @@ def posterior_report(cfg: PosteriorReportConfig, log=print) -> Path:
     a, b, c = (ref.load(m.id) for m in ref.members[:3]) if len(ref) >= 3 else (None,) * 3
     curves = {}
     if a is not None:
-        x2 = example_input(ref.arch)
-        pspec = permutation_spec(net, x2)
-        try:
-            sspec = scaling_spec(net, x2)
-        except ConfigError:
-            sspec = None
+        pspec, sspec = symmetry_specs(net, example_input(ref.arch), scaling="auto")
         if sspec is not None:
             a, b, c = (balance(s, sspec) for s in (a, b, c))
         b_al, c_al = align(a, b, pspec), align(a, c, pspec)
