@@ -39,7 +39,8 @@ def bad_values(o: Option) -> list:
     elif o.kind == "size":
         vals += ["lots", 0, -5, True]
     elif o.kind == "int_list":
-        vals += [[], ["a"], 3] + ([[int(o.low) - 1]] if o.low is not None else [])
+        vals += ([] if o.empty else [[]]) + [["a"], 3]
+        vals += [[int(o.low) - 1]] if o.low is not None else []
     elif o.kind == "str":
         vals += [5, ["x"]]
     elif o.kind == "json":  # a placement plan

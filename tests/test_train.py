@@ -108,7 +108,7 @@ def test_variational_loss_is_nll_plus_scaled_kl(kl_weight, anneal, epoch, factor
     spec = ModelSpec("lenet5", (1, 28, 28), 10)
     model = build_method("mfvi", spec, {"samples": 2, "kl_weight": kl_weight, "prior_sigma": 0.5})
     t = TrainConfig(epochs=5, kl_anneal_epochs=anneal, progress=False)
-    lit = LitUQ(model, t, n_train=1234, augment=False)
+    lit = LitUQ(model, t, n_train=1234, augment=None)
     lit.log = lambda *a, **k: None  # no trainer attached
     type(lit).current_epoch = property(lambda self: epoch)
     try:
@@ -186,7 +186,7 @@ def test_weight_decay_only_on_shared_weights():
     from bnnkit.train.lit import LitUQ
 
     model = build_method("rank1", ModelSpec("lenet5", (1, 28, 28), 10))
-    lit = LitUQ(model, TrainConfig(weight_decay=1e-4), n_train=100, augment=False)
+    lit = LitUQ(model, TrainConfig(weight_decay=1e-4), n_train=100, augment=None)
     groups = lit.configure_optimizers()["optimizer"].param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in groups[0]["params"]}

@@ -25,9 +25,9 @@ from .models import MODELS
 from .options import Option, OptionTable
 from .report import ResultStore, markdown, ood_summary, plain, shift_summary, summary
 from .report import figures as figs
-from .train import DataConfig, RunConfig, TrainConfig, check_writable, train_run
+from .train import Budget, DataConfig, RunConfig, TrainConfig, check_writable, train_run
 from .train.config import DATA_OPTIONS, TRAIN_OPTIONS
-from .train.run import check_same_config
+from .train.run import check_same_config, is_complete
 
 DEFAULT_METHODS = [
     "deterministic",
@@ -70,11 +70,15 @@ BENCH_OPTIONS = OptionTable(
                choices=("auto", "cpu", "cuda", "gpu", "mps")),
         Option("n_corrupt", "int", 250, "images per corruption and severity", low=1),
         Option("n_rotate", "int", 300, "images per rotation angle", low=1),
-        Option("angles", "int_list", [0], "rotation angles in degrees"),
+        Option("angles", "int_list", [0], "rotation angles in degrees ([]: none)",
+               empty=True),
         Option("model", "str", "lenet5", "architecture"),
         Option("dataset", "str", "fashion_mnist", "data set"),
         Option("out", "str", "runs/bench", "output directory"),
         Option("progress", "bool", True, "progress bars"),
+        Option("max_minutes", "float", None, "stop at an epoch boundary after about this many "
+               "minutes; re-running the command continues (null: no limit)", low=0.0,
+               low_open=True, nullable=True),
     ],
 )  # fmt: skip
 
@@ -113,6 +117,12 @@ class BenchConfig:
     #: directory and one table row each), e.g. ``{"subnet-random": {"method":
     #: "laplace_subnetwork", "strategy": "random"}}``; their options override ``method_options``
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: further train config fields for every run (optimizer, loader, cutout, channels_last,
+    #: compile, precision, warmup_epochs, momentum, augment); the fields above win
+    train_options: dict[str, Any] = field(default_factory=dict)
+    #: this call's time budget: training stops at an epoch boundary, finished runs are kept,
+    #: and the same command continues (exit status 75 from the CLI)
+    max_minutes: float | None = None
     corruptions: list[str] = field(default_factory=lambda: list(DEFAULT_CORRUPTIONS))
     n_corrupt: int = 250  # per corruption and severity: 6 x 5 x 250 = 7,500 images
     n_rotate: int = 300  # per angle: 13 x 300 = 3,900 images
@@ -135,6 +145,15 @@ class BenchConfig:
                     f"variant {label!r} needs a 'method' key naming the method it runs, e.g. "
                     "{method: laplace_subnetwork, strategy: random}"
                 )
+        if not isinstance(self.train_options, dict):
+            raise ConfigError(f"train_options must be a mapping, got {self.train_options!r}")
+        clash = sorted(set(self.train_options) & {o.name for o in BENCH_OPTIONS})
+        if clash:
+            raise ConfigError(
+                f"train_options {clash} are bench settings of their own; set them at the top "
+                "level of the bench config instead"
+            )
+        TRAIN_OPTIONS.resolve(self.train_options, fill=False)
         for m in self.methods:
             self.resolve(m)
         for m, opts in self.method_options.items():
@@ -188,7 +207,8 @@ def _order(cfg: BenchConfig) -> list[str]:
 
 #: fields that may change between runs into the same output directory: adding methods or
 #: seeds reuses the finished runs; anything else would mix results of different set-ups
-_REUSABLE = {"methods", "seeds", "device", "out", "progress", "method_options", "variants"}
+_REUSABLE = {"methods", "seeds", "device", "out", "progress", "method_options", "variants",
+             "max_minutes"}  # fmt: skip
 
 
 def _check_reusable(path: Path, cfg: BenchConfig) -> None:
@@ -208,8 +228,11 @@ def _check_reusable(path: Path, cfg: BenchConfig) -> None:
         )
 
 
-def run_bench(cfg: BenchConfig, log=print) -> str:
+def run_bench(cfg: BenchConfig, log=print) -> str | None:
+    """Train, evaluate, tabulate; return the printed table, or None when ``max_minutes`` ran
+    out first (everything finished is kept; the same call continues)."""
     cfg.validate()
+    budget = Budget.minutes(cfg.max_minutes)
     out = Path(cfg.out)
     check_writable(out)
     device = _torch_device(cfg.device)
@@ -233,7 +256,11 @@ def run_bench(cfg: BenchConfig, log=print) -> str:
         jobs = [(s, m) for s in range(cfg.seeds) for m in order]
         bar = tqdm(jobs, desc="bench", disable=not cfg.progress)
         trained: dict[tuple[str, int], UQModel] = {}
+        stopped = False
         for seed, method in bar:
+            if budget.exhausted():
+                stopped = True
+                break
             bar.set_postfix_str(f"{method} seed {seed}")
             run_dir = out / "runs" / f"{method}-seed{seed}"
             base_method, options = cfg.resolve(method)
@@ -245,6 +272,7 @@ def run_bench(cfg: BenchConfig, log=print) -> str:
                 seed=seed,
                 data=DataConfig(cfg.dataset, cfg.val_size, cfg.subset),
                 train=TrainConfig(
+                    **cfg.train_options,
                     epochs=cfg.epochs,
                     batch_size=cfg.batch_size,
                     lr=cfg.lr,
@@ -267,7 +295,12 @@ def run_bench(cfg: BenchConfig, log=print) -> str:
                 base_path = out / "runs" / f"{posthoc_of}-seed{seed}"
                 if (base_path / "model.safetensors").is_file():
                     base = UQModel.load(base_path / "model.safetensors")
-            model = train_run(rc, run_dir, resume=True, bundle=bundle, base_model=base)
+            model = train_run(
+                rc, run_dir, resume=True, bundle=bundle, base_model=base, budget=budget
+            )
+            if not is_complete(run_dir):
+                stopped = True
+                break
             trained[(method, seed)] = model
             if method not in cfg.methods:
                 continue
@@ -283,6 +316,13 @@ def run_bench(cfg: BenchConfig, log=print) -> str:
                 arts[method] = art
         rows = store.rows(dataset=cfg.dataset, model=cfg.model)
         store.to_csv(out / "results.csv")
+    bar.close()
+    if stopped:
+        log(
+            f"stopped: the {cfg.max_minutes:g}-minute budget ran out; finished runs and the "
+            f"last epoch of the current one are kept in {out}: run the same command to continue"
+        )
+        return None
     rows = [r for r in rows if r["method"] in cfg.methods and r["seed"] < cfg.seeds]
     headers, lines = summary(rows, cfg.methods)
     stamp = _dt.date.today().isoformat()

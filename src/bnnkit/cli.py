@@ -19,11 +19,16 @@ def _parse_value(text: str):
         return text
 
 
-def _options(pairs: list[str] | None) -> dict:
+#: exit status of a command stopped by its time or epoch budget: the work so far is kept and
+#: the same command (with --resume for `bnnkit train`) continues it (EX_TEMPFAIL)
+EXIT_STOPPED = 75
+
+
+def _options(pairs: list[str] | None, flag: str = "--option") -> dict:
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise ConfigError(f"--option takes key=value, got {pair!r}")
+            raise ConfigError(f"{flag} takes key=value, got {pair!r}")
         k, v = pair.split("=", 1)
         out[k] = _parse_value(v)
     return out
@@ -71,8 +76,17 @@ class _Parser(argparse.ArgumentParser):
 # ------------------------------------------------------------------ train
 
 
+def _train_options(pairs: list[str] | None) -> dict:
+    """``--train-option key=value`` pairs, checked against the train config's option table."""
+    from .train.config import TRAIN_OPTIONS
+
+    opts = _options(pairs, "--train-option")
+    TRAIN_OPTIONS.resolve(opts, fill=False)
+    return opts
+
+
 def cmd_train(a) -> int:
-    from .train import RunConfig, load_yaml, train_run
+    from .train import Budget, RunConfig, is_complete, load_yaml, read_progress, train_run
 
     cfg = RunConfig.from_dict(load_yaml(a.config)) if a.config else RunConfig()
     if a.method:
@@ -92,6 +106,8 @@ def cmd_train(a) -> int:
     if a.device:
         cfg.train.accelerator = "gpu" if a.device == "cuda" else a.device
     cfg.train.progress = not a.quiet
+    for k, v in _train_options(a.train_option).items():
+        setattr(cfg.train, k, v)
     cfg.method_options.update(_options(a.option))
     if a.plan:
         if a.method not in (None, "placement"):
@@ -100,8 +116,20 @@ def cmd_train(a) -> int:
 
         cfg.method = "placement"
         cfg.method_options["plan"] = PlacementPlan.load(a.plan).to_dict()
-    model = train_run(cfg, a.out, resume=a.resume)
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+    budget = Budget.minutes(a.max_minutes, a.stop_at_epoch)
+    model = train_run(cfg, a.out, resume=a.resume, budget=budget)
+    zero = (
+        int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    )
+    if not is_complete(a.out):
+        if zero:
+            done = read_progress(Path(a.out)).get("epochs_done", 0)
+            print(
+                f"stopped at epoch {done} of {cfg.train.epochs} (budget); the run is kept: "
+                "run the same command with --resume to continue"
+            )
+        return EXIT_STOPPED
+    if zero:
         print(f"trained {cfg.method} ({model.num_parameters():,} parameters) -> {a.out}")
     return 0
 
@@ -183,8 +211,11 @@ def cmd_bench(a) -> int:
         cfg.test_size = _subset(a.test_subset, "--test-subset")
     if a.quiet:
         cfg.progress = False
-    run_bench(cfg)
-    return 0
+    if a.max_minutes is not None:
+        cfg.max_minutes = a.max_minutes
+    if a.train_option:
+        cfg.train_options.update(_train_options(a.train_option))
+    return 0 if run_bench(cfg) is not None else EXIT_STOPPED
 
 
 # ------------------------------------------------------------------ search
@@ -400,6 +431,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML file with a RunConfig")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    t.add_argument(
+        "--train-option",
+        action="append",
+        help="train config key=value (repeatable), e.g. optimizer=sgd, loader=tensor, cutout=16, "
+        "channels_last=true, compile=max-autotune, weight_decay=5e-4, warmup_epochs=5",
+    )
+    t.add_argument(
+        "--max-minutes",
+        type=_positive_float,
+        help="stop at the last epoch boundary that fits in this many minutes (exit status 75; "
+        "--resume continues exactly)",
+    )
+    t.add_argument(
+        "--stop-at-epoch", type=_count, help="stop once this many epochs are done (exit 75)"
+    )
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
 
@@ -425,6 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", choices=["auto", "cpu", "cuda"])
     b.add_argument("--out")
     b.add_argument("--config", help="YAML file with BenchConfig fields")
+    b.add_argument("--train-option", action="append", help="train config key=value for every run")
+    b.add_argument(
+        "--max-minutes",
+        type=_positive_float,
+        help="stop at an epoch boundary after about this many minutes (exit status 75); the "
+        "same command continues",
+    )
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
 

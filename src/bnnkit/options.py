@@ -53,6 +53,8 @@ class Option:
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
+    #: an int_list may be empty (e.g. no rotation angles)
+    empty: bool = False
     nullable: bool = False  # None is a valid value (meaning "all" / "automatic")
     log: bool = False  # a search over this option samples it on a log scale
     #: kind "json": a function that returns the checked value or raises ConfigError
@@ -128,7 +130,7 @@ class Option:
                 raise bad()
             return value
         if k == "int_list":
-            if not isinstance(value, (list, tuple)) or not value:
+            if not isinstance(value, (list, tuple)) or (not value and not self.empty):
                 raise bad()
             for v in value:
                 if not isinstance(v, int) or isinstance(v, bool) or not self._in_range(v):

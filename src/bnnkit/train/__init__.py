@@ -1,5 +1,6 @@
 """Training through Lightning: one routine for every method, safe checkpoints, resume."""
 
+from .chunks import Budget, read_progress
 from .config import DataConfig, RunConfig, TrainConfig, load_yaml
 from .run import check_writable, is_complete, model_spec, train_run
 
@@ -12,4 +13,6 @@ __all__ = [
     "is_complete",
     "check_writable",
     "model_spec",
+    "Budget",
+    "read_progress",
 ]

@@ -17,6 +17,7 @@ PRECISIONS = (
     "bf16", "transformer-engine", "transformer-engine-float16",
 )  # fmt: skip
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 DATA_OPTIONS = OptionTable(
     "data config",
@@ -43,6 +44,21 @@ TRAIN_OPTIONS = OptionTable(
                choices=("repeat", "split")),
         Option("augment", "bool", None, "random crop + flip (null: for 32x32 colour images)",
                nullable=True),
+        Option("cutout", "int", 0, "cutout square side in pixels when augmenting (0: none)",
+               low=0),
+        Option("optimizer", "choice", "adam", "adam, or sgd (Nesterov momentum)",
+               choices=("adam", "sgd")),
+        Option("momentum", "float", 0.9, "SGD momentum", low=0.0, high=1.0, high_open=True),
+        Option("warmup_epochs", "int", 0, "linear learning-rate warm-up before the cosine decay",
+               low=0),
+        Option("loader", "choice", "dataloader", "dataloader: torch DataLoader (per image); "
+               "tensor: data held on the training device as uint8, whole-batch gathers and "
+               "augmentation there, order and augmentation seeded per epoch",
+               choices=("dataloader", "tensor")),
+        Option("channels_last", "bool", False, "channels-last memory format (fast convolutions "
+               "on GPUs)"),
+        Option("compile", "choice", "none", "torch.compile the training forward pass",
+               choices=COMPILE_MODES),
         Option("accelerator", "choice", "auto", "Lightning accelerator", choices=ACCELERATORS),
         Option("devices", "int", 1, "devices per node (-1: all)", low=-1),
         Option("strategy", "str", "auto", "Lightning strategy: auto, ddp, ..."),
@@ -50,7 +66,13 @@ TRAIN_OPTIONS = OptionTable(
         Option("num_nodes", "int", 1, "nodes", low=1),
         Option("progress", "bool", True, "progress bars"),
     ],
-    checks=[lambda o: "devices must be >= 1 or -1 (all)" if o["devices"] == 0 else None],
+    checks=[
+        lambda o: "devices must be >= 1 or -1 (all)" if o["devices"] == 0 else None,
+        lambda o: "cutout > 0 needs augmentation; drop augment: false or set cutout: 0"
+        if o["cutout"] and o["augment"] is False else None,
+        lambda o: f"warmup_epochs ({o['warmup_epochs']}) must be below epochs ({o['epochs']})"
+        if o["warmup_epochs"] and o["warmup_epochs"] >= o["epochs"] else None,
+    ],
 )  # fmt: skip
 
 RUN_OPTIONS = OptionTable(
@@ -82,6 +104,14 @@ class TrainConfig:
     #: "split" (the batch is divided among members, the original BatchEnsemble protocol)
     ensemble_protocol: str = "repeat"
     augment: bool | None = None  # None: crop+flip for 32x32 colour images only
+    cutout: int = 0  # cutout square side (pixels) when augmenting; 0: none
+    optimizer: str = "adam"  # adam | sgd (Nesterov momentum)
+    momentum: float = 0.9
+    warmup_epochs: int = 0  # linear warm-up, then cosine decay to 0 at `epochs`
+    #: "dataloader" (torch DataLoader) or "tensor" (bnnkit.data.TensorLoader: data on the device)
+    loader: str = "dataloader"
+    channels_last: bool = False
+    compile: str = "none"  # torch.compile mode of the training forward pass, or "none"
     accelerator: str = "auto"
     devices: int | str = 1
     strategy: str = "auto"

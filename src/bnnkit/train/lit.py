@@ -8,27 +8,53 @@ Loss per batch: ``mean over S*B of CE(logits, y) + w_t * KL / N + aux`` where th
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 import torch.nn.functional as F
 
-from ..data.transforms import random_crop_flip
+from ..data.loader import Augment
 from ..methods import UQModel
 from ..models import Folded
 from .config import TrainConfig
 
 
 class LitUQ(L.LightningModule):
-    def __init__(self, model: UQModel, cfg: TrainConfig, n_train: int, augment: bool) -> None:
+    def __init__(
+        self, model: UQModel, cfg: TrainConfig, n_train: int, augment: Augment | None
+    ) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
         self.n_train = n_train
         self.augment = augment
         self.kl_weight = float(model.options.get("kl_weight", 1.0))
+        # the compiled forward lives in a dict: as an attribute it would be registered as a
+        # submodule and add its own keys to the checkpoints
+        self._compiled: dict[str, object] = {}
 
-    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+    def _inputs(self, x: torch.Tensor, augment: bool = False) -> torch.Tensor:
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
+        if augment and self.augment is not None:
+            x = self.augment(x, None)
+        if self.cfg.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def on_fit_start(self) -> None:
+        if self.cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def _forward(self, x: torch.Tensor, samples: int) -> torch.Tensor:
+        """The training forward pass, through ``torch.compile`` when asked for (the model
+        itself stays uncompiled: evaluation and checkpoints see plain modules)."""
+        if self.cfg.compile == "none":
+            return self.model(x, samples)
+        fn = self._compiled.get("forward")
+        if fn is None:
+            fn = self._compiled["forward"] = torch.compile(self.model, mode=self.cfg.compile)
+        return fn(x, samples)
 
     def current_kl_weight(self) -> float:
         anneal = self.cfg.kl_anneal_epochs
@@ -38,9 +64,7 @@ class LitUQ(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        x = self._inputs(x)
-        if self.augment:
-            x = random_crop_flip(x)
+        x = self._inputs(x, augment=True)
         if self.cfg.ensemble_protocol == "split" and isinstance(self.model.net, Folded):
             # BatchEnsemble's original protocol: member m sees only chunk m of the batch
             M = self.model.net.members
@@ -48,7 +72,7 @@ class LitUQ(L.LightningModule):
             logits = self.model.net.forward_folded(x[:n])  # [n, C], member-major chunks
             nll = F.cross_entropy(logits.float(), y[:n])
         else:
-            logits = self.model(x, 1)  # [S, B, C]: every member sees every example
+            logits = self._forward(x, 1)  # [S, B, C]: every member sees every example
             S = logits.shape[0]
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.repeat(S))
         kl = self.model.kl()
@@ -79,6 +103,24 @@ class LitUQ(L.LightningModule):
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}]
         if rest:
             groups.append({"params": rest, "weight_decay": 0.0})
-        opt = torch.optim.Adam(groups, lr=self.cfg.lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.cfg.epochs))
+        c = self.cfg
+        if c.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0)
+        else:
+            opt = torch.optim.Adam(groups, lr=c.lr)
+        if c.warmup_epochs:
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda e: warmup_cosine(e, c.warmup_epochs, c.epochs)
+            )
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, c.epochs))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def warmup_cosine(epoch: int, warmup: int, epochs: int) -> float:
+    """Learning-rate factor of epoch ``epoch``: linear from ``1/warmup`` to 1 over the first
+    ``warmup`` epochs, then a cosine from 1 down to 0 at ``epochs``."""
+    if epoch < warmup:
+        return (epoch + 1) / warmup
+    t = (epoch - warmup) / max(1, epochs - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))

@@ -5,8 +5,12 @@ Run directory::
     config.json              the full RunConfig
     checkpoints/last.safetensors   Lightning state after the last finished epoch (resume)
     logs/version_N/metrics.csv   per-epoch metrics (a resumed run adds a version)
+    progress.json            epochs done and one record per training chunk (device, images/s)
     model.safetensors        final weights + the recipe to rebuild them (no pickle)
     meta.json                written last: marks the run complete (times, sizes)
+
+A run stopped by a :class:`Budget` (``--max-minutes``, ``--stop-at-epoch``) has no
+``meta.json`` yet; ``--resume`` continues it from its last epoch boundary.
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .. import io
 from ..data import DataBundle, load_bundle
+from ..data.loader import Augment, TensorLoader
 from ..errors import ConfigError, unknown_name
 from ..methods import ModelSpec, UQModel, build_method, get_method
 from ..models import MODELS
 from .checkpoint import SafeCheckpointIO
+from .chunks import Budget, ChunkControl, read_progress
 from .config import RunConfig
 from .lit import LitUQ
 
@@ -46,6 +52,7 @@ def quiet_lightning():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        warnings.filterwarnings("ignore", ".*exists and is not empty.*")
         for lg in loggers:
             lg.setLevel(logging.WARNING)
         try:
@@ -115,11 +122,15 @@ def _is_worker() -> bool:
     return any(int(os.environ.get(k, "0") or 0) != 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
-def is_complete(run_dir: Path) -> bool:
+def is_complete(run_dir: str | Path) -> bool:
+    run_dir = Path(run_dir)
     return (run_dir / "meta.json").is_file() and (run_dir / "model.safetensors").is_file()
 
 
-_IGNORED = {("train", "progress"), ("train", "devices"), ("train", "accelerator")}
+#: settings that may differ between the chunks of one run: where and how fast it trains, not
+#: what it computes (compile modes compute the same function up to float rounding)
+_IGNORED = {("train", "progress"), ("train", "devices"), ("train", "accelerator"),
+            ("train", "compile")}  # fmt: skip
 
 
 def _config_diff(old: dict, new: dict, prefix=()) -> list[str]:
@@ -155,14 +166,29 @@ def check_same_config(path: Path, cfg: RunConfig, may_change: tuple = ()) -> Non
         )
 
 
-def _loaders(cfg: RunConfig, bundle: DataBundle):
+def _augment(cfg: RunConfig, bundle: DataBundle) -> Augment | None:
     t = cfg.train
+    on = t.augment if t.augment is not None else bundle.input_shape[0] == 3
+    if not on:
+        return None
+    # a cutout square is 0 after normalisation, as in the cutout paper
+    return Augment(crop_pad=4, flip=True, cutout=t.cutout, fill=tuple(bundle.mean))
+
+
+def _loaders(cfg: RunConfig, bundle: DataBundle, device: torch.device | None = None):
+    t = cfg.train
+    drop_last = len(bundle.train) > t.batch_size
+    if t.loader == "tensor":
+        train = TensorLoader(
+            bundle.train.x, bundle.train.y, t.batch_size, shuffle=True, drop_last=drop_last,
+            seed=cfg.seed, augment=_augment(cfg, bundle), device=device,
+        )  # fmt: skip
+        val = TensorLoader(bundle.val.x, bundle.val.y, 1000, shuffle=False, device=device)
+        return train, val
     train = TensorDataset(bundle.train.x, bundle.train.y)
     val = TensorDataset(bundle.val.x, bundle.val.y)
     return (
-        DataLoader(
-            train, batch_size=t.batch_size, shuffle=True, drop_last=len(train) > t.batch_size
-        ),
+        DataLoader(train, batch_size=t.batch_size, shuffle=True, drop_last=drop_last),
         DataLoader(val, batch_size=1000),
     )
 
@@ -175,8 +201,13 @@ def train_run(
     bundle: DataBundle | None = None,
     base_model: UQModel | None = None,
     callbacks: list | None = None,
+    budget: Budget | None = None,
 ) -> UQModel:
     """Train (or resume, or fit post hoc) ``cfg.method``; return the trained :class:`UQModel`.
+
+    ``budget``: stop at an epoch boundary when it runs out; the run is then incomplete
+    (``is_complete(run_dir)`` is False, no ``model.safetensors``), the returned model holds
+    the weights so far, and ``resume=True`` continues it later.
 
     ``base_model``: for post-hoc methods, an already trained model of ``posthoc_of`` to start
     from (the bench trains the deterministic network once and reuses it).
@@ -225,7 +256,9 @@ def train_run(
     if method.posthoc_of is not None and base_model is not None:
         model.load_state_dict(base_model.state_dict())
     else:
-        is_zero, trained_epochs = _fit(cfg, run_dir, model, bundle, resume, callbacks or [])
+        is_zero, trained_epochs = _fit(cfg, run_dir, model, bundle, resume, callbacks or [], budget)
+        if trained_epochs < cfg.train.epochs:
+            return model  # stopped by the budget: resumable, not complete
     train_seconds = time.time() - t0
     if method.fit is not None:
         method.fit(model, bundle)
@@ -240,16 +273,36 @@ def train_run(
             "temperature": float(model.temperature),
             "torch": torch.__version__,
         }
+        chunks = read_progress(run_dir).get("chunks", [])
+        images = sum(c.get("train_images", 0) for c in chunks)
+        seconds = sum(c.get("train_seconds", 0.0) for c in chunks)
+        if trains and chunks:
+            meta["chunks"] = len(chunks)
+            meta["train_seconds"] = round(sum(c.get("seconds", 0.0) for c in chunks), 2)
+            if seconds > 0:
+                meta["train_images_per_s"] = round(images / seconds, 1)
         io.atomic_write_text(run_dir / "meta.json", json.dumps(meta, indent=2))
     return model
 
 
-def _fit(cfg: RunConfig, run_dir: Path, model: UQModel, bundle: DataBundle, resume, callbacks):
+def _fit(
+    cfg: RunConfig,
+    run_dir: Path,
+    model: UQModel,
+    bundle: DataBundle,
+    resume,
+    callbacks,
+    budget: Budget | None = None,
+):
     t = cfg.train
-    augment = t.augment
-    if augment is None:
-        augment = bundle.input_shape[0] == 3
-    lit = LitUQ(model, t, n_train=len(bundle.train), augment=augment)
+    augment = _augment(cfg, bundle)
+    # the tensor loader augments whole batches itself, on the training device, from its own
+    # seeded generators; with a DataLoader the step augments from torch's global generator
+    lit = LitUQ(
+        model, t, n_train=len(bundle.train), augment=augment if t.loader != "tensor" else None
+    )
+    info = {k: getattr(t, k) for k in ("precision", "loader", "compile", "channels_last")}
+    chunk = ChunkControl(run_dir, budget, t.epochs, info)
     ckpt_dir = run_dir / "checkpoints"
     # one file, overwritten (atomically) after every epoch: the state to resume from
     checkpoint = ModelCheckpoint(
@@ -270,7 +323,7 @@ def _fit(cfg: RunConfig, run_dir: Path, model: UQModel, bundle: DataBundle, resu
                 strategy=t.strategy,
                 num_nodes=t.num_nodes,
                 precision=t.precision,
-                callbacks=[checkpoint, RNGState(), *callbacks],
+                callbacks=[checkpoint, RNGState(), chunk, *callbacks],
                 logger=CSVLogger(str(run_dir), name="logs"),  # logs/version_N: resumes append
                 plugins=[SafeCheckpointIO()],
                 enable_progress_bar=t.progress,
@@ -286,9 +339,9 @@ def _fit(cfg: RunConfig, run_dir: Path, model: UQModel, bundle: DataBundle, resu
             ) from e
     last = ckpt_dir / "last.safetensors"
     ckpt_path = str(last) if resume and last.is_file() else None
-    train_loader, val_loader = _loaders(cfg, bundle)
+    train_loader, val_loader = _loaders(cfg, bundle, trainer.strategy.root_device)
     os.environ.setdefault("PL_DISABLE_FORK", "1")
     with quiet_lightning():
         trainer.fit(lit, train_loader, val_loader, ckpt_path=ckpt_path)
-    model.cpu()
+    model.cpu().to(memory_format=torch.contiguous_format)
     return trainer.is_global_zero, trainer.current_epoch
