@@ -214,12 +214,20 @@ def test_bench_with_an_exhausted_budget_stops_and_the_same_call_continues(tmp_pa
     cfg = BenchConfig(
         methods=["deterministic"], epochs=1, seeds=1, subset=128, test_size=64, angles=[],
         corruptions=[], out=str(tmp_path / "b"), progress=False, max_minutes=1e-6,
-        train_options={"loader": "tensor"},
+        train_options={"loader": "tensor", "optimizer": "sgd"}, model="mlp",
+        model_options={"hidden": [16]},
     )  # fmt: skip
     assert run_bench(cfg, log=lambda *_: None) is None
     assert not (tmp_path / "b" / "results.md").exists()
     cfg.max_minutes = None
     assert "deterministic" in run_bench(cfg, log=lambda *_: None)
+    run = json.loads((tmp_path / "b" / "runs" / "deterministic-seed0" / "config.json").read_text())
+    assert run["model_options"] == {"hidden": [16]}
+    assert run["train"]["loader"] == "tensor" and run["train"]["optimizer"] == "sgd"
+    with pytest.raises(ConfigError, match="hidden"):
+        BenchConfig(model="mlp", model_options={"hidden": [0]}).validate()
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        BenchConfig(epochs=2, train_options={"warmup_epochs": 2}).validate()
     with pytest.raises(ConfigError, match="top level"):
         BenchConfig(train_options={"epochs": 3}).validate()
     with pytest.raises(ConfigError, match="cutout"):

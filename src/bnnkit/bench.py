@@ -21,7 +21,7 @@ from .data import CORRUPTIONS, load_bundle
 from .errors import ConfigError, unknown_name
 from .evaluate import EvalConfig, evaluate
 from .methods import METHODS, UQModel, get_method, method_options
-from .models import MODELS
+from .models import MODEL_OPTIONS, MODELS
 from .options import Option, OptionTable
 from .report import ResultStore, markdown, ood_summary, plain, shift_summary, summary
 from .report import figures as figs
@@ -87,6 +87,8 @@ BENCH_OPTIONS = OptionTable(
 class BenchConfig:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     model: str = "lenet5"
+    #: architecture options (e.g. ``{"width": 16}`` for a narrow ResNet-18)
+    model_options: dict[str, Any] = field(default_factory=dict)
     dataset: str = "fashion_mnist"
     epochs: int = 5
     seeds: int = 2
@@ -153,7 +155,10 @@ class BenchConfig:
                 f"train_options {clash} are bench settings of their own; set them at the top "
                 "level of the bench config instead"
             )
-        TRAIN_OPTIONS.resolve(self.train_options, fill=False)
+        # the whole train config every run will get, so that cross-option rules (warm-up
+        # shorter than the epochs, ...) fail here rather than after the data is loaded
+        TRAIN_OPTIONS.resolve({**self.train_options, "epochs": self.epochs,
+                               "batch_size": self.batch_size})  # fmt: skip
         for m in self.methods:
             self.resolve(m)
         for m, opts in self.method_options.items():
@@ -165,6 +170,9 @@ class BenchConfig:
             raise ConfigError(f"unknown corruption(s) {bad}; valid: {', '.join(CORRUPTIONS)}")
         if self.model not in MODELS:
             raise unknown_name("model", self.model, MODELS)
+        if not isinstance(self.model_options, dict):
+            raise ConfigError(f"model_options must be a mapping, got {self.model_options!r}")
+        MODEL_OPTIONS[self.model].resolve(self.model_options, fill=False)
 
     def resolve(self, name: str) -> tuple[str, dict[str, Any]]:
         """``(method, options)`` of a method name or variant label."""
@@ -269,6 +277,7 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
                 method=base_method,
                 method_options=options,
                 model=cfg.model,
+                model_options=dict(cfg.model_options),
                 seed=seed,
                 data=DataConfig(cfg.dataset, cfg.val_size, cfg.subset),
                 train=TrainConfig(

@@ -215,6 +215,8 @@ def cmd_bench(a) -> int:
         cfg.max_minutes = a.max_minutes
     if a.train_option:
         cfg.train_options.update(_train_options(a.train_option))
+    if a.model_option:
+        cfg.model_options.update(_options(a.model_option, "--model-option"))
     return 0 if run_bench(cfg) is not None else EXIT_STOPPED
 
 
@@ -472,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out")
     b.add_argument("--config", help="YAML file with BenchConfig fields")
     b.add_argument("--train-option", action="append", help="train config key=value for every run")
+    b.add_argument(
+        "--model-option", action="append", help="architecture option key=value, e.g. width=16"
+    )
     b.add_argument(
         "--max-minutes",
         type=_positive_float,
