@@ -26,6 +26,7 @@ from .options import Option, OptionTable
 from .report import ResultStore, markdown, ood_summary, plain, shift_summary, summary
 from .report import figures as figs
 from .train import Budget, DataConfig, RunConfig, TrainConfig, check_writable, train_run
+from .train.chunks import device_name
 from .train.config import DATA_OPTIONS, TRAIN_OPTIONS
 from .train.run import check_same_config, is_complete
 
@@ -316,6 +317,7 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
             model.to(device)
             rows, art = evaluate(model, bundle, eval_cfg)
             model.cpu()
+            rows += _train_rows(run_dir)
             io.save(art, pred_path, kind="predictions")
             io.atomic_write_text(run_dir / "metrics.json", json.dumps(rows, indent=1))
             store.add_run(
@@ -338,10 +340,12 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
     md = (
         f"# bnnkit bench: {cfg.dataset}, {cfg.model}\n\n"
         f"{cfg.seeds} seed(s), {cfg.epochs} epochs, training subset {cfg.subset or 'all'}, "
-        f"OOD: {', '.join(bundle.ood) or 'none'}; made {stamp}.\n\n"
+        f"OOD: {', '.join(bundle.ood) or 'none'}; made {stamp} on {device_name(device)}, "
+        f"torch {torch.__version__}.\n\n"
         + markdown(headers, lines)
         + "\n\n"
         + COLUMN_NOTE
+        + _throughput_table(rows, cfg.methods)
         + _shift_tables(rows, cfg)
     )
     io.atomic_write_text(out / "results.md", md)
@@ -364,6 +368,29 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
         f"figures in {fig_dir}"
     )
     return table
+
+
+def _train_rows(run_dir: Path) -> list[dict]:
+    """Training images per second of a run (training batches only, every chunk), from its
+    meta.json; none for post-hoc methods, which train nothing."""
+    try:
+        meta = json.loads((run_dir / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    rate = meta.get("train_images_per_s")
+    return [] if rate is None else [{"split": "train", "metric": "images_per_s", "value": rate}]
+
+
+def _throughput_table(rows: list[dict], methods: list[str]) -> str:
+    rates: dict[str, list[float]] = {}
+    for r in rows:
+        if r["split"] == "train" and r["metric"] == "images_per_s":
+            rates.setdefault(r["method"], []).append(r["value"])
+    lines = [f"| {m} | {sum(rates[m]) / len(rates[m]):,.0f} |" for m in methods if m in rates]
+    if not lines:
+        return ""
+    return ("\n\n### Training images/s (training batches only; every member sees each image)"
+            "\n\n| Method | images/s |\n|---|---|\n" + "\n".join(lines))  # fmt: skip
 
 
 def _shift_tables(rows: list[dict], cfg: BenchConfig) -> str:
