@@ -118,6 +118,7 @@ def _resnet_lit(channels_last: bool, bundle: DataBundle) -> LitUQ:
     return lit
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # a step outside a Trainer
 def test_a_channels_last_step_has_the_loss_and_gradients_of_a_contiguous_one():
     """In float64 (float32 rounding differs between the layouts' kernels and a small-batch
     BatchNorm network amplifies it to ~0.3 % of a gradient)."""
