@@ -304,3 +304,35 @@ def test_custom_autograd_functions_are_checked_by_reverse_mode():
     x = torch.randn(6, 4, dtype=torch.float64)
     _, J = SubnetJacobian(model, torch.arange(43)).logits_and_jacobian(x)
     torch.testing.assert_close(J, _brute_jacobian(model, x), rtol=1e-9, atol=1e-11)
+
+
+def test_jacobian_work_is_split_to_the_memory_budget_and_gives_the_same_jacobian():
+    """A chunk sized for J alone holds every layer's per-class output gradients and unfolded
+    inputs for all its inputs at once (~100 MB per input on a full ResNet-18): the work is
+    split into pieces that fit the budget, and the Jacobian is the same."""
+    from bnnkit.evaluate import _PeakMemory
+    from bnnkit.laplace import as_logits_model
+    from bnnkit.methods import ModelSpec, build_method
+
+    torch.manual_seed(0)
+    spec = ModelSpec("resnet18", (3, 16, 16), 10, (0.5,) * 3, (0.25,) * 3, {"width": 8})
+    net = _eval_with_stats(as_logits_model(build_method("deterministic", spec)))
+    total = _total(net)
+    idx = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:400].sort()[0]
+    x = torch.rand(24, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    whole = SubnetJacobian(net, idx, memory_budget="4GB", verify=False)
+    f_ref, J_ref = whole.logits_and_jacobian(x)
+    assert whole._work_rows(x) >= len(x)  # one piece
+    budget = 4 * 2**20
+    split = SubnetJacobian(net, idx, memory_budget=budget, verify=False)
+    rows = split._work_rows(x)
+    assert 1 <= rows < len(x) // 3  # several pieces
+    with _PeakMemory() as pm:
+        f, J = split.logits_and_jacobian(x)
+    assert torch.allclose(f, f_ref, atol=1e-6) and torch.allclose(J, J_ref, atol=1e-6)
+    # the work of all 24 inputs at once is several budgets; a piece stays within one
+    j_bytes = J.numel() * J.element_size()
+    assert pm.peak <= j_bytes + 1.5 * budget, (pm.peak / 2**20, j_bytes / 2**20)
+    with _PeakMemory() as pm_whole:
+        whole.logits_and_jacobian(x)
+    assert pm_whole.peak > j_bytes + 3 * budget  # what the split avoids

@@ -270,6 +270,7 @@ class SubnetJacobian:
         self.total = sum(s.numel for s in self.slots)
         self.indices = check_indices(indices, self.total)
         self.budget = parse_budget(memory_budget)
+        self._work_cache: dict = {}
         self.verify = bool(verify)
         self._verified = False
         self._clone_out: set[int] = set()  # layers whose outputs later ops modify in place
@@ -379,19 +380,43 @@ class SubnetJacobian:
 
         With ``reuse=True`` ``J`` lives in a buffer kept by this object and overwritten by the
         next call (callers that consume it at once, in place if they like): large fresh
-        allocations are page-faulted in on every chunk, which dominated the cost on CPU."""
+        allocations are page-faulted in on every chunk, which dominated the cost on CPU.
+
+        The chunk is worked through in pieces whose intermediate work (every involved layer's
+        recorded input, its per-class output gradients and a convolution's unfolded input, all
+        per input) fits the memory budget, measured on one input the first time an input shape
+        is seen: a chunk sized for ``J`` alone would hold ~100 MB per input of such work on a
+        ResNet-18."""
         check_eval(self.model)
+        step = self._work_rows(x)
+        fs, J = [], None
+        for i in range(0, len(x), step):
+            xb = x[i : i + step]
+            f, store, calls = self._record_with_grads(xb)
+            if J is None:
+                n, C = len(x), f.shape[1]
+                J = self._zeros(f, n, C) if reuse else f.new_zeros(n, C, self.size)
+            self._fill(J[i : i + len(xb)], store)
+            fs.append(f.detach())
+            del store, calls
+        f = torch.cat(fs)
+        if self.verify and not self._verified:
+            self._check_against_autograd(x, J)
+            self._verified = True
+        return f, J
+
+    def _record_with_grads(self, x: torch.Tensor):
+        """Recorded forward, then ``d f_c / d out`` of every involved call for every class (one
+        backward pass per class), stored as ``call.g [n, C, ...]``."""
         with torch.enable_grad():
             f, store = self._forward(x)
             if f.dim() != 2:
                 raise InputError(
                     f"the model must return logits [batch, classes], got {tuple(f.shape)}"
                 )
-            n, C = f.shape
+            C = f.shape[1]
             calls = [c for m in self.modules for c in store.get(id(m), [])]
             outs = [c.out for c in calls]
-            # d f_c / d out for every call of every involved layer and every class: one
-            # backward pass per class, stacked [n, C, ...]
             per_class: list[list] = [[] for _ in calls]
             if outs and f.requires_grad:
                 for c in range(C):
@@ -402,7 +427,10 @@ class SubnetJacobian:
                         per_class[k].append(g)
         for call, gs in zip(calls, per_class):
             call.g = None if not gs or gs[0] is None else torch.stack([g.detach() for g in gs], 1)
-        J = self._zeros(f, n, C) if reuse else f.new_zeros(n, C, self.size)
+        return f, store, calls
+
+    def _fill(self, J: torch.Tensor, store: dict) -> None:
+        """Write every group's per-example derivatives into ``J [n, C, S]`` (a view)."""
         for grp in self.groups:
             live = [
                 (mod, call)
@@ -420,11 +448,29 @@ class SubnetJacobian:
                 part = self._per_example(mod, grp, call)
                 total = part if total is None else total.add_(part)
             J[:, :, grp.cols_ix] = total
-        f = f.detach()
-        if self.verify and not self._verified:
-            self._check_against_autograd(x, J)
-            self._verified = True
-        return f, J
+
+    def _work_rows(self, x: torch.Tensor) -> int:
+        """Inputs per piece so that a piece's intermediate work fits the budget (see
+        :meth:`logits_and_jacobian`); measured once per input shape and dtype."""
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        rows = self._work_cache.get(key)
+        if rows is None:
+            _, store, calls = self._record_with_grads(x[:1])
+            per = 0
+            for call in calls:
+                per += call.a.numel() + call.out.numel()
+                if call.g is not None:
+                    per += call.g.numel()
+            for mod in self.modules:
+                if isinstance(mod, nn.Conv2d):
+                    for call in store.get(id(mod), []):
+                        L = call.out[0, 0].numel()
+                        # its unfolded input (the dense path's full per-example gradient is
+                        # only taken when it fits the budget by itself)
+                        per += (mod.in_channels // mod.groups) * math.prod(mod.kernel_size) * L
+            per_bytes = max(1, 2 * per * x.element_size())  # x2: products and temporaries
+            rows = self._work_cache[key] = max(1, self.budget // per_bytes)
+        return rows
 
     def _check_against_autograd(self, x: torch.Tensor, J: torch.Tensor) -> None:
         """For every parameter tensor of the subnetwork, compare ``sum_b w_b J[b, :, k] v_k``
