@@ -9,29 +9,52 @@ A random subnetwork of S weights (the choice does not change the cost; a trained
 weights with ``--run``, else an untrained ResNet-18) is fitted on the first ``--n-fit``
 CIFAR-10 training images: the GGN accumulates in the device's dtype in place and is flushed
 into a float64 matrix on the host, then the prior precision is tuned by marginal likelihood and
-the linearised probit predictive of a batch of 128 test images is timed. Peak memory: the
-device allocator's peak above the model and data (CUDA) and the process's peak resident memory
-above its start (host), each next to the S x S matrix in float32 (4 S² bytes). Writes
-``laplace_resnet.json`` to ``--out`` and prints a Markdown table.
+the linearised probit predictive of a batch of 128 test images is timed. Peak memory of the
+fit, the tuning and the predictive: on CUDA the device allocator's peak above the model and data
+(the float32 S x S accumulator and the Jacobian work live there; the float64 GGN and its
+factorisation on the host), on CPU the peak of live tensor storage created by torch ops (every
+buffer, host and device are one), each next to the S x S matrix in float32 (4 S² bytes); with
+the default ``--memory-budget`` of 2 GB for the Jacobian work. Writes ``laplace_resnet.json`` to
+``--out`` and prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import resource
 import time
 from pathlib import Path
 
 import torch
 
 from bnnkit.data import get_spec, load_bundle
+from bnnkit.evaluate import _PeakMemory
 from bnnkit.laplace import SubnetLaplace, as_logits_model
 from bnnkit.methods import ModelSpec, UQModel, build_method
 
 
-def _rss_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+class _Peak:
+    """Peak memory of a region in MB: CUDA allocator peak above its start, or (CPU) the peak of
+    live tensor storage created inside it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.mb = device, 0.0
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            yield
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            with _PeakMemory() as pm:
+                yield
+            peak = pm.peak
+        self.mb = max(self.mb, peak / 2**20)
 
 
 def main() -> None:
@@ -41,6 +64,7 @@ def main() -> None:
     ap.add_argument("--n-fit", type=int, default=45000)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--run", help="a trained ResNet-18 run directory (default: untrained)")
+    ap.add_argument("--memory-budget", default="2GB", help="bound on the Jacobian work")
     ap.add_argument("--out", default="runs/laplace_resnet")
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -60,33 +84,29 @@ def main() -> None:
     rows = []
     for S in (int(s) for s in a.sizes.split(",")):
         idx = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:S].sort()[0]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        host0 = _rss_peak_mb()
+        peak = _Peak(device)
         t0 = time.perf_counter()
-        la = SubnetLaplace(net, idx, prior_precision=1.0).fit((x, y))
+        with peak():
+            la = SubnetLaplace(net, idx, prior_precision=1.0, memory_budget=a.memory_budget)
+            la.fit((x, y))
         fit_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        la.optimize_prior_precision("marglik")
+        with peak():
+            la.optimize_prior_precision("marglik")
         marglik_s = time.perf_counter() - t0
-        la.predict(xt)  # the covariance root is computed once and cached
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        with peak():
+            la.predict(xt)  # the covariance root is computed once and cached
+        _sync(device)
         t0 = time.perf_counter()
         la.predict(xt)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         predict_ms = (time.perf_counter() - t0) * 1e3
+        sxs = 4 * S * S / 2**20
         row = {
             "S": S, "n_fit": len(x), "fit_s": round(fit_s, 2), "marglik_s": round(marglik_s, 2),
-            "predict_ms_per_128": round(predict_ms, 2), "SxS_f32_mb": round(4 * S * S / 2**20),
-            "host_peak_growth_mb": round(_rss_peak_mb() - host0),
+            "predict_ms_per_128": round(predict_ms, 1), "SxS_f32_mb": round(sxs),
+            "peak_mb": round(peak.mb), "peak_x_SxS_f32": round(peak.mb / sxs, 2),
         }  # fmt: skip
-        if device.type == "cuda":
-            row["device_peak_mb"] = round((torch.cuda.max_memory_allocated() - base) / 2**20)
-            row["device_peak_x_SxS_f32"] = round(row["device_peak_mb"] / row["SxS_f32_mb"], 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
         del la
@@ -99,6 +119,11 @@ def main() -> None:
     print(f"\n{info}\n\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:
         print("| " + " | ".join(str(r[k]) for k in keys) + " |")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":
