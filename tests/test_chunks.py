@@ -225,6 +225,13 @@ def test_bench_with_an_exhausted_budget_stops_and_the_same_call_continues(tmp_pa
     run = json.loads((tmp_path / "b" / "runs" / "deterministic-seed0" / "config.json").read_text())
     assert run["model_options"] == {"hidden": [16]}
     assert run["train"]["loader"] == "tensor" and run["train"]["optimizer"] == "sgd"
+    # rows kept from an earlier call must be scored on the OOD sets available now
+    stored = json.loads((tmp_path / "b" / "bench_config.json").read_text())
+    assert stored["ood_sets"] == sorted(stored["ood_sets"])
+    stored["ood_sets"] = ["svhn"]
+    (tmp_path / "b" / "bench_config.json").write_text(json.dumps(stored))
+    with pytest.raises(ConfigError, match="OOD sets"):
+        run_bench(cfg, log=lambda *_: None)
     with pytest.raises(ConfigError, match="hidden"):
         BenchConfig(model="mlp", model_options={"hidden": [0]}).validate()
     with pytest.raises(ConfigError, match="warmup_epochs"):
@@ -233,3 +240,33 @@ def test_bench_with_an_exhausted_budget_stops_and_the_same_call_continues(tmp_pa
         BenchConfig(train_options={"epochs": 3}).validate()
     with pytest.raises(ConfigError, match="cutout"):
         BenchConfig(train_options={"cutout": -1}).validate()
+
+
+@pytest.mark.parametrize("order", ["independent", "shared"])
+def test_deep_ensemble_members_each_see_every_example_in_their_own_order(tmp_path, order):
+    bundle = colour_bundle(n=96)
+    bundle.train.x[:, 0, 0, 0] = torch.arange(96, dtype=torch.uint8)  # the example's index
+    cfg = _cfg("deep_ensemble", "lenet5", epochs=1, augment=False)
+    cfg.method_options = {"members": 3, "data_order": order}
+    seen: dict[int, list] = {}
+
+    class Spy(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            for m, net in enumerate(pl_module.model.net.ensemble):
+
+                def hook(mod, args, m=m):
+                    if mod.training:
+                        seen.setdefault(m, []).append(
+                            (args[0][:, 0, 0, 0] * 255).round().long().cpu()
+                        )
+
+                net.register_forward_pre_hook(hook)
+
+    train_run(cfg, tmp_path / "de", bundle=bundle, callbacks=[Spy()])
+    orders = [torch.cat(seen[m]) for m in range(3)]
+    for o in orders:
+        assert sorted(o.tolist()) == list(range(96))  # 96 = 3 batches of 32: nothing dropped
+    same = [torch.equal(orders[0], orders[m]) for m in (1, 2)]
+    assert same == ([False, False] if order == "independent" else [True, True])
+    rec = read_progress(tmp_path / "de")["chunks"][0]
+    assert rec["train_images"] == 96 and rec["data_streams"] == (3 if order == "independent" else 1)

@@ -158,3 +158,20 @@ def test_bad_loader_input_is_refused():
         TensorLoader(torch.zeros(4, 1, 2, 2), torch.zeros(4), 0)
     with pytest.raises(ConfigError, match=r"\[N, C, H, W\]"):
         TensorLoader(torch.zeros(4, 5), torch.zeros(4), 2, augment=Augment())
+
+
+def test_streams_stack_independent_orders_stream_major():
+    loader = _loader(50, 8, seed=2, streams=3)
+    loader.set_epoch(4)
+    batches = [y for _, y in loader]
+    assert len(batches) == 7 and all(len(y) % 3 == 0 for y in batches)
+    per_stream = [torch.cat([y.view(3, -1)[k] for y in batches]) for k in range(3)]
+    for order in per_stream:  # every stream sees every example once
+        assert sorted(order.tolist()) == list(range(50))
+    assert not torch.equal(per_stream[0], per_stream[1])
+    assert not torch.equal(per_stream[1], per_stream[2])
+    single = _loader(50, 8, seed=2)
+    single.set_epoch(4)
+    assert torch.equal(per_stream[0], torch.cat([y for _, y in single]))  # stream 0 = usual
+    with pytest.raises(ConfigError, match="streams"):
+        _loader(streams=0)

@@ -237,6 +237,20 @@ def _check_reusable(path: Path, cfg: BenchConfig) -> None:
         )
 
 
+def _check_ood_sets(path: Path, ood_sets: list[str]) -> None:
+    """The OOD columns average over the OOD sets: rows kept from an earlier call must have been
+    scored on the same sets (an OOD data set installed since would otherwise mix averages)."""
+    if not path.is_file():
+        return
+    before = json.loads(path.read_text()).get("ood_sets")
+    if before is not None and before != ood_sets:
+        raise ConfigError(
+            f"{path.parent} holds results scored on the OOD sets {before}, but {ood_sets} are "
+            "available now; use another --out (or delete it) so that every row is scored on "
+            "the same sets"
+        )
+
+
 def run_bench(cfg: BenchConfig, log=print) -> str | None:
     """Train, evaluate, tabulate; return the printed table, or None when ``max_minutes`` ran
     out first (everything finished is kept; the same call continues)."""
@@ -246,12 +260,16 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
     check_writable(out)
     device = _torch_device(cfg.device)
     _check_reusable(out / "bench_config.json", cfg)
-    io.atomic_write_text(out / "bench_config.json", json.dumps(asdict(cfg), indent=2))
     bundle = load_bundle(
         cfg.dataset, val_size=cfg.val_size, subset=cfg.subset, test_size=cfg.test_size
     )
     for name, why in bundle.missing_ood.items():
         log(f"note: OOD set {name} skipped: {why}")
+    _check_ood_sets(out / "bench_config.json", sorted(bundle.ood))
+    io.atomic_write_text(
+        out / "bench_config.json", json.dumps({**asdict(cfg), "ood_sets": sorted(bundle.ood)},
+                                              indent=2)
+    )  # fmt: skip
     eval_cfg = EvalConfig(
         corruptions=cfg.corruptions,
         n_corrupt=cfg.n_corrupt,

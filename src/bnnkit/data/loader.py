@@ -60,7 +60,8 @@ class Augment:
 
 
 class EpochSampler:
-    """The seeded order of one epoch; ``set_epoch`` selects the epoch (Lightning calls it)."""
+    """The seeded order of one epoch; ``set_epoch`` selects the epoch (Lightning calls it).
+    ``order(k)``: the order of stream ``k`` (independent streams, stream 0 the usual one)."""
 
     def __init__(self, n: int, shuffle: bool, seed: int) -> None:
         self.n, self.shuffle, self.seed = n, shuffle, seed
@@ -69,10 +70,11 @@ class EpochSampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def order(self) -> torch.Tensor:
+    def order(self, stream: int = 0) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.n)
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, 0))
+        key = 0 if stream == 0 else 1000 + stream  # 1..999: augmentation streams per rank
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, key))
         return torch.randperm(self.n, generator=g)
 
 
@@ -82,6 +84,11 @@ class TensorLoader:
     ``x``: uint8 (or float) images ``[N, C, H, W]``; ``y``: labels ``[N]``. ``rank`` /
     ``world_size`` (default: from ``torch.distributed`` when it is initialised) give each
     process an equal, disjoint share of every epoch's order.
+
+    ``streams=K``: every batch holds K batches, one from each of K independent orders of the
+    data, stacked stream-major (rows ``k*B .. (k+1)*B - 1`` from stream ``k``): K ensemble
+    members each see the whole data set every epoch, each in its own order (the deep-ensemble
+    protocol), in one step over ``K*B`` rows.
     """
 
     def __init__(
@@ -97,11 +104,15 @@ class TensorLoader:
         device: torch.device | str | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        streams: int = 1,
     ) -> None:
         if x.shape[0] != y.shape[0]:
             raise ConfigError(f"{x.shape[0]} images but {y.shape[0]} labels")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if streams < 1:
+            raise ConfigError(f"streams must be >= 1, got {streams}")
+        self.streams = int(streams)
         if augment is not None and x.dim() != 4:
             raise ConfigError(f"augmentation needs images [N, C, H, W], got {tuple(x.shape)}")
         device = torch.device(device) if device is not None else x.device
@@ -139,16 +150,20 @@ class TensorLoader:
 
     def __iter__(self):
         rank, world = self.world()
-        order = self.sampler.order()
-        if world > 1:  # equal disjoint shares; the remainder is left out of this epoch
-            order = order[: (len(order) // world) * world][rank::world]
-        order = order.to(self.device)
+        orders = []
+        for k in range(self.streams):
+            order = self.sampler.order(k)
+            if world > 1:  # equal disjoint shares; the remainder is left out of this epoch
+                order = order[: (len(order) // world) * world][rank::world]
+            orders.append(order.to(self.device))
         g = None
         if self.augment is not None:
             g = torch.Generator(device=self.device)
             g.manual_seed(epoch_seed(self.seed, self.sampler.epoch, 1 + rank))
+        B = self.batch_size
         for b in range(len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            idx = torch.cat([o[b * B : (b + 1) * B] for o in orders]) if self.streams > 1 else (
+                orders[0][b * B : (b + 1) * B])  # fmt: skip
             xb = self.x.index_select(0, idx)
             if self.augment is not None:
                 xb = self.augment(xb, g)

@@ -83,6 +83,12 @@ class UQModel(nn.Module):
     def members(self) -> int:
         return getattr(self.net, "members", 1)
 
+    @property
+    def data_streams(self) -> int:
+        """Independent data orders training feeds this model: one per member for a deep
+        ensemble with ``data_order='independent'``, else 1 (every member sees the same batch)."""
+        return self.members if self.options.get("data_order") == "independent" else 1
+
     def forward(self, x: torch.Tensor, samples: int = 1) -> torch.Tensor:
         return self.net(x, samples)
 
@@ -363,8 +369,23 @@ register(
     Method(
         "deep_ensemble",
         _build_deep_ensemble,
-        OptionTable(_M + "'deep_ensemble'", [MEMBERS]),
-        "independently initialised networks trained jointly (Lakshminarayanan et al., 2017)",
+        OptionTable(
+            _M + "'deep_ensemble'",
+            [
+                MEMBERS,
+                Option(
+                    "data_order",
+                    "choice",
+                    "independent",
+                    "independent: each member sees the data in "
+                    "its own order (and its own augmentation), as separately trained networks do; "
+                    "shared: every member sees the same batches",
+                    choices=("independent", "shared"),
+                ),
+            ],
+        ),
+        "independently initialised networks trained jointly, each in its own data order "
+        "(Lakshminarayanan et al., 2017)",
     )
 )
 register(

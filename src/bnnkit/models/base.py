@@ -235,3 +235,10 @@ class Stacked(nn.Module):
 
     def forward(self, x: torch.Tensor, samples: int = 1) -> torch.Tensor:
         return torch.cat([m(x, samples) for m in self.ensemble], dim=0)
+
+    def forward_folded(self, xf: torch.Tensor) -> torch.Tensor:
+        """Member ``m`` on rows ``m*n:(m+1)*n`` of a batch of ``M*n`` rows (each member its own
+        examples); returns logits ``[M*n, C]``, member-major."""
+        n = _split(xf, self.members)
+        outs = [m(xf[i * n : (i + 1) * n], 1) for i, m in enumerate(self.ensemble)]
+        return torch.cat([o.reshape(-1, o.shape[-1]) for o in outs])

@@ -10,8 +10,9 @@ later exactly where it stopped, and keep a record of every chunk in the run dire
                  "loader": "tensor", "compile": "max-autotune", "channels_last": true,
                  "stop": "time budget", "started": "2026-11-24T10:00:00+00:00"}, ...]}
 
-``images_per_s`` counts training images (every ensemble member sees each one) over the time
-of the training batches alone (validation excluded; CUDA synchronised at the boundaries).
+``images_per_s`` counts training images (every ensemble member sees each one; a deep ensemble's
+per-member batches count once) over the time of the training batches alone (validation
+excluded; CUDA synchronised at the boundaries).
 """
 
 from __future__ import annotations
@@ -113,7 +114,9 @@ class ChunkControl(L.Callback):
         self._in_train = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._chunk["train_images"] += len(batch[-1])
+        # images of the data set, not rows: a deep ensemble's batch stacks one per member
+        streams = getattr(getattr(pl_module, "model", None), "data_streams", 1)
+        self._chunk["train_images"] += len(batch[-1]) // streams
 
     def _end_train_part(self, trainer) -> None:
         if self._in_train:

@@ -65,8 +65,13 @@ class LitUQ(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         x = self._inputs(x, augment=True)
-        if self.cfg.ensemble_protocol == "split" and isinstance(self.model.net, Folded):
-            # BatchEnsemble's original protocol: member m sees only chunk m of the batch
+        streams = self.model.data_streams
+        if streams > 1 or (
+            self.cfg.ensemble_protocol == "split" and isinstance(self.model.net, Folded)
+        ):
+            # member m sees only chunk m of the batch: BatchEnsemble's original protocol
+            # ("split"), or a deep ensemble's own data order (the loader stacks one batch per
+            # member, so every member still sees every example each epoch)
             M = self.model.net.members
             n = (len(y) // M) * M
             logits = self.model.net.forward_folded(x[:n])  # [n, C], member-major chunks

@@ -175,13 +175,17 @@ def _augment(cfg: RunConfig, bundle: DataBundle) -> Augment | None:
     return Augment(crop_pad=4, flip=True, cutout=t.cutout, fill=tuple(bundle.mean))
 
 
-def _loaders(cfg: RunConfig, bundle: DataBundle, device: torch.device | None = None):
+def _loaders(
+    cfg: RunConfig, bundle: DataBundle, device: torch.device | None = None, streams: int = 1
+):
+    """Training and validation loaders. ``streams > 1`` (a deep ensemble's independent data
+    orders, one per member) needs the tensor loader, whatever ``loader`` says."""
     t = cfg.train
     drop_last = len(bundle.train) > t.batch_size
-    if t.loader == "tensor":
+    if t.loader == "tensor" or streams > 1:
         train = TensorLoader(
             bundle.train.x, bundle.train.y, t.batch_size, shuffle=True, drop_last=drop_last,
-            seed=cfg.seed, augment=_augment(cfg, bundle), device=device,
+            seed=cfg.seed, augment=_augment(cfg, bundle), device=device, streams=streams,
         )  # fmt: skip
         val = TensorLoader(bundle.val.x, bundle.val.y, 1000, shuffle=False, device=device)
         return train, val
@@ -297,11 +301,14 @@ def _fit(
     t = cfg.train
     augment = _augment(cfg, bundle)
     # the tensor loader augments whole batches itself, on the training device, from its own
-    # seeded generators; with a DataLoader the step augments from torch's global generator
-    lit = LitUQ(
-        model, t, n_train=len(bundle.train), augment=augment if t.loader != "tensor" else None
-    )
+    # seeded generators; with a DataLoader the step augments from torch's global generator.
+    # A deep ensemble's independent orders (one stream per member) come from the tensor loader
+    streams = model.data_streams
+    in_loader = t.loader == "tensor" or streams > 1
+    lit = LitUQ(model, t, n_train=len(bundle.train), augment=None if in_loader else augment)
     info = {k: getattr(t, k) for k in ("precision", "loader", "compile", "channels_last")}
+    info["loader"] = "tensor" if in_loader else "dataloader"
+    info["data_streams"] = streams
     chunk = ChunkControl(run_dir, budget, t.epochs, info)
     ckpt_dir = run_dir / "checkpoints"
     # one file, overwritten (atomically) after every epoch: the state to resume from
@@ -339,7 +346,7 @@ def _fit(
             ) from e
     last = ckpt_dir / "last.safetensors"
     ckpt_path = str(last) if resume and last.is_file() else None
-    train_loader, val_loader = _loaders(cfg, bundle, trainer.strategy.root_device)
+    train_loader, val_loader = _loaders(cfg, bundle, trainer.strategy.root_device, streams)
     os.environ.setdefault("PL_DISABLE_FORK", "1")
     with quiet_lightning():
         trainer.fit(lit, train_loader, val_loader, ckpt_path=ckpt_path)
