@@ -113,3 +113,31 @@ def test_collect_swag_from_a_run(tmp_path):
     with pytest.raises(ConfigError, match="data split"):
         collect_swag(tmp_path / "z", run, samples=1)
     assert Collection.open(tmp_path / "sw").arch["model"] == "mlp"
+
+
+def test_the_swag_selection_rule_has_the_variance_of_every_sgd_step():
+    """``laplace.selection.swag_variance`` (the SWAG subnetwork rule) is the diagonal of SWAG
+    with a snapshot after every step; tensors and a DataLoader of them give the same."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bnnkit.laplace import swag_variance
+
+    net, (x, y) = _net(), _data()
+    var = swag_variance(net, (x, y), epochs=2, lr=0.1, batch_size=8, seed=2)
+    work = copy.deepcopy(net)
+    opt = torch.optim.SGD(work.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    g, snaps = torch.Generator().manual_seed(2), []
+    for _ in range(2):
+        perm = torch.randperm(48, generator=g)
+        for step in range(6):
+            idx = perm[step * 8 : (step + 1) * 8]
+            opt.zero_grad()
+            F.cross_entropy(work(x[idx]), y[idx]).backward()
+            opt.step()
+            snaps.append(torch.cat([p.detach().reshape(-1) for p in work.parameters()]))
+    torch.testing.assert_close(var, torch.stack(snaps).var(0, unbiased=False), atol=1e-12,
+                               rtol=1e-8)  # fmt: skip
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    assert torch.equal(swag_variance(net, loader, epochs=2, lr=0.1, batch_size=8, seed=2), var)
+    with pytest.raises(InputError, match="SWAG"):
+        swag_variance(net, (x[:8], y[:8]), epochs=1, batch_size=8)  # one step: no variance

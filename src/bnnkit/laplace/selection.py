@@ -26,11 +26,9 @@ Every strategy returns sorted flat indices into the model's trainable parameters
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
@@ -39,10 +37,10 @@ from .diagonal import DiagLaplace
 from .jacobians import (
     check_indices,
     flat_params,
-    logits_of,
     param_slots,
 )
 from .last_layer import last_layer_indices
+from .swag import fit_swag
 
 STRATEGIES = (
     "largest_variance",
@@ -106,37 +104,27 @@ def swag_variance(
     batch_size: int = 128,
     seed: int = 0,
 ) -> torch.Tensor:
-    """Diagonal SWAG variance (Maddox et al., 2019) from SGD iterates started at the MAP.
+    """Diagonal SWAG variance (Maddox et al., 2019) from SGD iterates started at the MAP: the
+    moments of :func:`bnnkit.laplace.swag.fit_swag` updated after every step.
 
-    Runs on a copy: the model itself is left untouched. One moment update per step."""
-    net = copy.deepcopy(as_logits_model(model))
-    net.train()
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    g = torch.Generator().manual_seed(seed)
-    mean = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
-    sq = torch.zeros_like(mean)
-    k = 0
-    dev = params[0].device
-    for _ in range(epochs):
-        if isinstance(data, (tuple, list)) and isinstance(data[0], torch.Tensor):
-            perm = torch.randperm(len(data[0]), generator=g)
-            batches = _batches((data[0][perm], data[1][perm]), batch_size)
-        else:
-            batches = _batches(data, batch_size)
-        for xb, yb in batches:
-            loss = F.cross_entropy(logits_of(net(xb.to(dev))), yb.long().to(dev))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                v = flat_params(params).double().cpu()
-                k += 1
-                mean += (v - mean) / k
-                sq += (v * v - sq) / k
-    if k < 2:
-        raise InputError("SWAG needs at least two SGD steps; give more data or epochs")
-    return (sq - mean**2).clamp_min(0.0)
+    Runs on a copy: the model itself is left untouched. ``data``: ``(x, y)`` or a DataLoader
+    (its batches are gathered once and reshuffled by ``seed`` every epoch)."""
+    if isinstance(data, (tuple, list)) and isinstance(data[0], torch.Tensor):
+        x, y = data[0], data[1]
+    else:
+        pairs = list(_batches(data, batch_size))
+        if not pairs:
+            raise InputError("SWAG needs training data; the loader gave no batches")
+        x, y = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    steps = -(-len(x) // batch_size)
+    try:
+        swag = fit_swag(
+            as_logits_model(model), x, y, epochs=epochs, lr=lr, weight_decay=weight_decay,
+            batch_size=batch_size, snapshots_per_epoch=steps, rank=0, seed=seed,
+        )  # fmt: skip
+    except InputError as e:
+        raise InputError(f"SWAG variance: {e}") from e
+    return swag.variance
 
 
 def select_subnetwork(
