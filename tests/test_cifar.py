@@ -96,3 +96,28 @@ def test_the_speed_benchmark_runs_on_cpu(tmp_path):
     for row in ("one network", "loop of 4 networks", "floor: one network on 4x batch",
                 "BatchEnsemble M=4", "rank-1 M=4", "LP-BNN M=4"):  # fmt: skip
         assert text.count(f"| {row} |") == 2  # inference and training
+
+
+def test_shifted_test_sets_are_made_once_per_bundle_and_change_nothing(monkeypatch):
+    """Every method of a bench is scored on the same corrupted and rotated images, made once
+    (the corruptions run on the CPU); the rows equal those of a fresh bundle."""
+    import bnnkit.evaluate as ev
+    from bnnkit.methods import build_method
+    from bnnkit.train.run import model_spec
+    from test_chunks import _cfg, colour_bundle
+
+    calls = []
+    real = ev.corrupt
+    monkeypatch.setattr(ev, "corrupt", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k))
+    cfg = ev.EvalConfig(corruptions=["gaussian_noise", "contrast"], severities=[1, 5],
+                        n_corrupt=16, angles=[0, 90], n_rotate=16, progress=False)  # fmt: skip
+    bundle = colour_bundle(n=32)
+    torch.manual_seed(0)
+    models = [
+        build_method(m, model_spec(_cfg(), bundle), {}) for m in ("deterministic", "batch_ensemble")
+    ]
+    rows = [ev.evaluate(m, bundle, cfg)[0] for m in models]
+    assert len(calls) == 4  # 2 corruptions x 2 severities, once for both models
+    fresh = ev.evaluate(models[1], colour_bundle(n=32), cfg)[0]
+    strip = lambda rs: [r for r in rs if r["split"] != "cost"]  # noqa: E731
+    assert strip(rows[1]) == strip(fresh)

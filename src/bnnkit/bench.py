@@ -70,6 +70,8 @@ BENCH_OPTIONS = OptionTable(
         Option("device", "choice", "auto", "where to train and evaluate",
                choices=("auto", "cpu", "cuda", "gpu", "mps")),
         Option("n_corrupt", "int", 250, "images per corruption and severity", low=1),
+        Option("eval_batch_size", "int", 256, "rows per forward pass at evaluation (inputs x "
+               "members x samples); larger on a GPU", low=1),
         Option("n_rotate", "int", 300, "images per rotation angle", low=1),
         Option("angles", "int_list", [0], "rotation angles in degrees ([]: none)",
                empty=True),
@@ -128,6 +130,7 @@ class BenchConfig:
     max_minutes: float | None = None
     corruptions: list[str] = field(default_factory=lambda: list(DEFAULT_CORRUPTIONS))
     n_corrupt: int = 250  # per corruption and severity: 6 x 5 x 250 = 7,500 images
+    eval_batch_size: int = 256  # rows per forward pass at evaluation
     n_rotate: int = 300  # per angle: 13 x 300 = 3,900 images
     angles: list[int] = field(default_factory=lambda: list(range(0, 181, 15)))
     progress: bool = True
@@ -217,7 +220,7 @@ def _order(cfg: BenchConfig) -> list[str]:
 #: fields that may change between runs into the same output directory: adding methods or
 #: seeds reuses the finished runs; anything else would mix results of different set-ups
 _REUSABLE = {"methods", "seeds", "device", "out", "progress", "method_options", "variants",
-             "max_minutes"}  # fmt: skip
+             "max_minutes", "eval_batch_size"}  # fmt: skip
 
 
 def _check_reusable(path: Path, cfg: BenchConfig) -> None:
@@ -275,6 +278,7 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
         n_corrupt=cfg.n_corrupt,
         n_rotate=cfg.n_rotate,
         angles=cfg.angles,
+        batch_size=cfg.eval_batch_size,
         progress=cfg.progress,
     )
     order = _order(cfg)

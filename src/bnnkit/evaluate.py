@@ -156,6 +156,16 @@ def measure_cost(model, x: torch.Tensor, repeats: int = 20) -> dict[str, float]:
     }
 
 
+def _shifted(bundle: DataBundle, key: tuple, make, *args, **kwargs) -> torch.Tensor:
+    """A corrupted or rotated test set, made once per bundle: every method of a bench is scored
+    on the same images without recomputing them (the corruptions run on the CPU and cost more
+    than a GPU's predictions). Keyed by everything that determines the images."""
+    hit = bundle.derived.get(key)
+    if hit is None:
+        hit = bundle.derived[key] = make(*args, **kwargs)
+    return hit
+
+
 def evaluate(model, bundle: DataBundle, cfg: EvalConfig | None = None):
     """Run every evaluation; return ``(rows, artefacts)``.
 
@@ -218,7 +228,8 @@ def evaluate(model, bundle: DataBundle, cfg: EvalConfig | None = None):
     per_metric: dict[str, list[float]] = {"accuracy": [], "nll": [], "ece": []}
     for cname in cfg.corruptions:
         for sev in cfg.severities:
-            xc = corrupt(xs, cname, sev, seed=cfg.seed)
+            key = ("corrupt", cname, sev, cfg.seed, cfg.n_corrupt)
+            xc = _shifted(bundle, key, corrupt, xs, cname, sev, seed=cfg.seed)
             for split, metric, value in classification_rows(
                 model.predict(xc, bs), ys, f"corrupt:{cname}:{sev}", full=False
             ):
@@ -232,9 +243,8 @@ def evaluate(model, bundle: DataBundle, cfg: EvalConfig | None = None):
     sub = bundle.test.head(cfg.n_rotate)
     xs, ys = sub.float(), sub.y
     for angle in cfg.angles:
-        rows += classification_rows(
-            model.predict(rotate_by(xs, float(angle)), bs), ys, f"rotate:{angle}", full=False
-        )
+        xr = _shifted(bundle, ("rotate", angle, cfg.n_rotate), rotate_by, xs, float(angle))
+        rows += classification_rows(model.predict(xr, bs), ys, f"rotate:{angle}", full=False)
         bar.update()
     bar.close()
 

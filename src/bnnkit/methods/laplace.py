@@ -68,7 +68,8 @@ def _diagonal_fit(model: UQModel, data, budget, bundle) -> DiagLaplace:
         la.jacobian_energy = hit[1]
         return la
     la.fit(data, n_total=len(bundle.train))
-    bundle.derived.clear()  # one fit kept: a bench moves on to the next network
+    for k in [k for k in bundle.derived if k[0] == "diagonal_laplace"]:
+        del bundle.derived[k]  # one fit kept: a bench moves on to the next network
     bundle.derived[key] = (la.state(), la.jacobian_energy)
     return la
 
