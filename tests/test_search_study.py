@@ -214,3 +214,34 @@ def test_a_search_is_reproducible_from_its_seed(tmp_path):
         plans.append([t.user_attrs["plan"] for t in sorted(search.completed(),
                                                              key=lambda t: t.number)])  # fmt: skip
     assert plans[0] == plans[1] and len(set(plans[0])) > 1
+
+
+def test_candidates_train_with_the_searchs_train_and_model_options(tmp_path):
+    import pytest
+
+    from bnnkit import ConfigError
+
+    cfg = _cfg(tmp_path, trials=1)
+    cfg.baselines = []
+    cfg.train_options = {"loader": "tensor", "optimizer": "sgd"}
+    cfg.model_options = {"hidden": [16]}
+    out = PlacementSearch(cfg).run()
+    (run,) = list((out / "candidates").iterdir())
+    rc = json.loads((run / "config.json").read_text())
+    assert rc["train"]["loader"] == "tensor" and rc["train"]["optimizer"] == "sgd"
+    assert rc["model_options"] == {"hidden": [16]}
+    cfg.train_options = {"loader": "tensor"}  # other candidates' objectives: refused
+    with pytest.raises(ConfigError, match="train_options"):
+        PlacementSearch(cfg)
+    # an output directory from before these settings existed reads them as empty
+    settings = out / "search_settings.json"
+    old = json.loads(settings.read_text())
+    del old["train_options"], old["model_options"]
+    settings.write_text(json.dumps(old))
+    cfg.train_options, cfg.model_options, cfg.storage = {}, {}, None
+    cfg.study = "another"
+    PlacementSearch(cfg)
+    for bad, match in (({"epochs": 2}, "search settings"), ({"cutout": -1}, "cutout")):
+        cfg.train_options = bad
+        with pytest.raises(ConfigError, match=match):
+            PlacementSearch(cfg)

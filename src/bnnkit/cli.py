@@ -238,6 +238,10 @@ def cmd_search(a) -> int:
     cfg.progress = not a.quiet
     if a.no_baselines:
         cfg.baselines = []
+    if a.train_option:
+        cfg.train_options.update(_train_options(a.train_option))
+    if a.model_option:
+        cfg.model_options.update(_options(a.model_option, "--model-option"))
     import warnings
 
     import optuna
@@ -506,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--heartbeat", type=_count, help="seconds between trial heartbeats")
     s.add_argument("--max-latency-ms", type=float, help="constraint: predict latency per batch")
+    s.add_argument(
+        "--train-option",
+        action="append",
+        help="train config key=value for every candidate (repeatable)",
+    )
+    s.add_argument("--model-option", action="append", help="architecture option key=value")
     s.add_argument("--max-parameters", type=_count, help="constraint: parameter count")
     s.add_argument(
         "--no-baselines",

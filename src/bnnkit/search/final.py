@@ -93,6 +93,8 @@ def final_comparison(
     scfg = json.loads((out / "search_config.json").read_text())
     cfg = bench if bench is not None else BenchConfig()
     cfg.dataset, cfg.model = scfg["dataset"], scfg["model"]
+    cfg.model_options = dict(scfg.get("model_options", {}))
+    cfg.train_options = {**scfg.get("train_options", {}), **cfg.train_options}
     cfg.out = str(out / "final")
     base = list(baselines if baselines is not None else scfg.get("baselines", []))
     variants = {label: {"method": "placement", "plan": p.to_dict()} for label, p in plans.items()}

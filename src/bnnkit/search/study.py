@@ -79,6 +79,11 @@ class SearchConfig:
     baselines: list[str] = field(
         default_factory=lambda: ["deterministic", "mc_dropout", "deep_ensemble"]
     )
+    #: further train config fields for every candidate and baseline (optimizer, loader,
+    #: precision, channels_last, ...: the GPU recipe); the fields above win
+    train_options: dict = field(default_factory=dict)
+    #: architecture options (e.g. ``{"width": 16}``)
+    model_options: dict = field(default_factory=dict)
     progress: bool = True
 
     def storage_url(self) -> str:
@@ -218,7 +223,10 @@ def _create_or_load(cfg: SearchConfig) -> optuna.Study:
 #: the settings that decide a candidate's objectives: a study (and an output directory, which
 #: caches candidates by plan) holds evaluations of one value of them only
 SETTINGS = ("dataset", "model", "epochs", "subset", "val_size", "batch_size", "lr", "seed",
-            "kinds", "members", "samples", "n_ood", "ood_family", "latency_batch")  # fmt: skip
+            "kinds", "members", "samples", "n_ood", "ood_family", "latency_batch",
+            "train_options", "model_options")  # fmt: skip
+#: settings added after studies were first stored: a stored study without them had these
+_SETTING_DEFAULTS = {"train_options": {}, "model_options": {}}
 
 
 def _settings(cfg: SearchConfig) -> dict:
@@ -226,7 +234,10 @@ def _settings(cfg: SearchConfig) -> dict:
 
 
 def _differences(old: dict, new: dict) -> str:
-    return "; ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v)
+    def was(k):
+        return old.get(k, _SETTING_DEFAULTS.get(k))
+
+    return "; ".join(f"{k}: {was(k)!r} -> {v!r}" for k, v in new.items() if was(k) != v)
 
 
 def _check_out_settings(cfg: SearchConfig) -> None:
@@ -259,6 +270,26 @@ def plan_hash(plan: PlacementPlan) -> str:
     return hashlib.sha256(plan.key().encode()).hexdigest()[:16]
 
 
+def _check_options(cfg: SearchConfig) -> None:
+    """train_options and model_options checked against their tables before any work."""
+    from ..models import MODEL_OPTIONS, MODELS
+    from ..train.config import TRAIN_OPTIONS
+
+    for name in ("train_options", "model_options"):
+        if not isinstance(getattr(cfg, name), dict):
+            raise ConfigError(f"{name} must be a mapping, got {getattr(cfg, name)!r}")
+    clash = sorted(set(cfg.train_options) & {"epochs", "batch_size", "lr", "progress"})
+    if clash:
+        raise ConfigError(f"train_options {clash} are search settings; set them directly")
+    TRAIN_OPTIONS.resolve({**cfg.train_options, "epochs": cfg.epochs,
+                           "batch_size": cfg.batch_size, "lr": cfg.lr})  # fmt: skip
+    if cfg.model not in MODELS:
+        from ..errors import unknown_name
+
+        raise unknown_name("model", cfg.model, MODELS)
+    MODEL_OPTIONS[cfg.model].resolve(cfg.model_options, fill=False)
+
+
 class PlacementSearch:
     """One worker of a placement search (start several on one storage URL for more)."""
 
@@ -266,12 +297,15 @@ class PlacementSearch:
         self.cfg = cfg
         if cfg.trials < 1:
             raise ConfigError(f"trials must be >= 1, got {cfg.trials}")
+        _check_options(cfg)
         self.bundle = load_bundle(
             cfg.dataset, val_size=cfg.val_size, subset=cfg.subset, split_seed=cfg.seed, ood=[]
         )
         from ..models import build_model
 
-        backbone = build_model(cfg.model, self.bundle.input_shape, self.bundle.num_classes)
+        backbone = build_model(
+            cfg.model, self.bundle.input_shape, self.bundle.num_classes, **cfg.model_options
+        )
         self.space = SearchSpace(
             backbone, kinds=cfg.kinds, members=cfg.members, samples=cfg.samples
         )
@@ -294,10 +328,12 @@ class PlacementSearch:
             method="placement",
             method_options={"plan": plan.to_dict()},
             model=c.model,
+            model_options=dict(c.model_options),
             seed=c.seed,
             data=DataConfig(c.dataset, c.val_size, c.subset, c.seed),
-            train=TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, progress=False),
-        )
+            train=TrainConfig(**c.train_options, epochs=c.epochs, batch_size=c.batch_size,
+                              lr=c.lr, progress=False),
+        )  # fmt: skip
 
     def evaluate(self, plan: PlacementPlan) -> dict[str, float]:
         """Train (or resume, or reuse) the candidate and measure its objectives. A lock file
