@@ -45,15 +45,20 @@ from bnnkit.nn import aux_loss
 
 def _torch_uncertainty_be(members: int, num_classes: int) -> nn.Module | None:
     """torch-uncertainty's BatchEnsemble ResNet-18 (CIFAR style), or None when not installed.
-    Its forward repeats the batch M times itself at inference; at training time it expects the
-    repeated batch, which is what it is given here."""
+    Whether its forward repeats the batch M times itself differs between its versions and
+    modes; :class:`_Repeat` probes that and repeats where the model does not."""
     try:
         from torch_uncertainty.models.classification import batched_resnet
     except ImportError:
         try:
             from torch_uncertainty.models.resnet import batched_resnet
         except ImportError:
-            return None
+            try:  # the oldest releases: one function per depth
+                from torch_uncertainty.models.resnet import batched_resnet18
+            except ImportError:
+                return None
+            return batched_resnet18(in_channels=3, num_classes=num_classes,
+                                    num_estimators=members, style="cifar")  # fmt: skip
     try:
         return batched_resnet(
             arch=18, in_channels=3, num_classes=num_classes, num_estimators=members,
@@ -96,14 +101,27 @@ class _Net(nn.Module):
 
 
 class _Repeat(nn.Module):
-    """torch-uncertainty's training convention: the caller repeats the batch M times."""
+    """A folded model that may or may not repeat its input M times itself: probed once per
+    mode (train / eval) on two images, then the batch is repeated here only where the model
+    does not, so that every member sees every image exactly once either way."""
 
     def __init__(self, net, members):
         super().__init__()
         self.net, self.members = net, members
+        self.repeats_itself: dict[bool, bool] = {}
+
+    def _probe(self, x):
+        with torch.no_grad():
+            rows = self.net(x[:2]).shape[0]
+        if rows not in (2, 2 * self.members):
+            raise RuntimeError(f"unexpected output rows {rows} for 2 inputs")
+        return rows == 2 * self.members
 
     def forward(self, x):
-        if self.training:
+        mode = self.training
+        if mode not in self.repeats_itself:
+            self.repeats_itself[mode] = self._probe(x)
+        if not self.repeats_itself[mode]:
             x = x.repeat(self.members, 1, 1, 1)
         return self.net(x)
 
