@@ -27,6 +27,24 @@ def _data(n=48, seed=0):
     )
 
 
+def _sgd_snapshots(net, x, y, epochs, every, seed, lr=0.1, batch=8):
+    """SGD (momentum 0.9, weight decay 5e-4) by hand on a copy, reshuffled every epoch from
+    ``seed``; the flat weights after every ``every``-th step of an epoch, stacked."""
+    work = copy.deepcopy(net)
+    opt = torch.optim.SGD(work.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    g, snaps = torch.Generator().manual_seed(seed), []
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for step in range(-(-len(x) // batch)):
+            idx = perm[step * batch : (step + 1) * batch]
+            opt.zero_grad()
+            F.cross_entropy(work(x[idx]), y[idx]).backward()
+            opt.step()
+            if (step + 1) % every == 0:
+                snaps.append(torch.cat([p.detach().reshape(-1) for p in work.parameters()]))
+    return torch.stack(snaps)
+
+
 def test_moments_are_those_of_the_sgd_snapshots():
     net, (x, y) = _net(), _data()
     before = copy.deepcopy(net.state_dict())
@@ -34,19 +52,7 @@ def test_moments_are_those_of_the_sgd_snapshots():
                   seed=1)  # fmt: skip
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # untouched
     # brute force: the same SGD by hand, snapshots kept explicitly
-    work = copy.deepcopy(net)
-    opt = torch.optim.SGD(work.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    g, snaps = torch.Generator().manual_seed(1), []
-    for _ in range(3):
-        perm = torch.randperm(48, generator=g)
-        for step in range(6):
-            idx = perm[step * 8 : (step + 1) * 8]
-            opt.zero_grad()
-            F.cross_entropy(work(x[idx]), y[idx]).backward()
-            opt.step()
-            if (step + 1) % 2 == 0:
-                snaps.append(torch.cat([p.detach().reshape(-1) for p in work.parameters()]))
-    S = torch.stack(snaps)
+    S = _sgd_snapshots(net, x, y, epochs=3, every=2, seed=1)
     assert sw.n_snapshots == len(S) == 9
     torch.testing.assert_close(sw.mean, S.mean(0))
     torch.testing.assert_close(sw.variance, S.var(0, unbiased=False), atol=1e-12, rtol=1e-8)
@@ -124,19 +130,8 @@ def test_the_swag_selection_rule_has_the_variance_of_every_sgd_step():
 
     net, (x, y) = _net(), _data()
     var = swag_variance(net, (x, y), epochs=2, lr=0.1, batch_size=8, seed=2)
-    work = copy.deepcopy(net)
-    opt = torch.optim.SGD(work.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    g, snaps = torch.Generator().manual_seed(2), []
-    for _ in range(2):
-        perm = torch.randperm(48, generator=g)
-        for step in range(6):
-            idx = perm[step * 8 : (step + 1) * 8]
-            opt.zero_grad()
-            F.cross_entropy(work(x[idx]), y[idx]).backward()
-            opt.step()
-            snaps.append(torch.cat([p.detach().reshape(-1) for p in work.parameters()]))
-    torch.testing.assert_close(var, torch.stack(snaps).var(0, unbiased=False), atol=1e-12,
-                               rtol=1e-8)  # fmt: skip
+    S = _sgd_snapshots(net, x, y, epochs=2, every=1, seed=2)
+    torch.testing.assert_close(var, S.var(0, unbiased=False), atol=1e-12, rtol=1e-8)
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
     assert torch.equal(swag_variance(net, loader, epochs=2, lr=0.1, batch_size=8, seed=2), var)
     with pytest.raises(InputError, match="SWAG"):
