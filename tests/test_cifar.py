@@ -53,8 +53,11 @@ def test_cifar10_bundle_reads_all_shards_and_pairs_cifar100(cifar_root):
 
 
 def test_the_gpu_recipe_runs_on_cpu_and_reports_every_column(cifar_root, tmp_path):
+    configs = sorted((ROOT / "benchmarks/configs").glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:  # every committed bench config stays valid as options evolve
+        BenchConfig(**yaml.safe_load(path.read_text())).validate()
     recipe = yaml.safe_load((ROOT / "benchmarks/configs/cifar10_resnet18.yaml").read_text())
-    BenchConfig(**recipe).validate()  # the committed GPU config stays valid
     train = {**recipe["train_options"], "precision": "32-true", "warmup_epochs": 0}
     cfg = BenchConfig(
         methods=["deterministic", "batch_ensemble"], model="resnet18",
