@@ -10,12 +10,12 @@ weights with ``--run``, else an untrained ResNet-18) is fitted on the first ``--
 CIFAR-10 training images: the GGN accumulates in the device's dtype in place and is flushed
 into a float64 matrix on the host, then the prior precision is tuned by marginal likelihood and
 the linearised probit predictive of a batch of 128 test images is timed. Peak memory of the
-fit, the tuning and the predictive: on CUDA the device allocator's peak above the model and data
-(the float32 S x S accumulator and the Jacobian work live there; the float64 GGN and its
-factorisation on the host), on CPU the peak of live tensor storage created by torch ops (every
-buffer, host and device are one), each next to the S x S matrix in float32 (4 S² bytes); with
-the default ``--memory-budget`` of 2 GB for the Jacobian work. Writes ``laplace_resnet.json`` to
-``--out`` and prints a Markdown table.
+fit, the tuning and the predictive: on CUDA the device allocator's peak above the model and
+data (the float32 S x S accumulator and the Jacobian work live there, and with
+``--linalg-device model``, the default on CUDA, the float64 GGN's copy and its factors too); on
+CPU the peak of live tensor storage created by torch ops (host and device are one); each next
+to the S x S matrix in float32 (4 S² bytes), with ``--memory-budget`` (2 GB) bounding the
+Jacobian work. Writes ``laplace_resnet.json`` to ``--out`` and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -65,9 +65,16 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--run", help="a trained ResNet-18 run directory (default: untrained)")
     ap.add_argument("--memory-budget", default="2GB", help="bound on the Jacobian work")
+    ap.add_argument(
+        "--linalg-device",
+        choices=("cpu", "model"),
+        default=None,
+        help="where the S x S algebra runs (default: model on CUDA, else cpu)",
+    )
     ap.add_argument("--out", default="runs/laplace_resnet")
     a = ap.parse_args()
     device = torch.device(a.device)
+    linalg = a.linalg_device or ("model" if device.type == "cuda" else "cpu")
     if a.run:
         model = UQModel.load(Path(a.run) / "model.safetensors")
     else:
@@ -87,7 +94,8 @@ def main() -> None:
         peak = _Peak(device)
         t0 = time.perf_counter()
         with peak():
-            la = SubnetLaplace(net, idx, prior_precision=1.0, memory_budget=a.memory_budget)
+            la = SubnetLaplace(net, idx, prior_precision=1.0, memory_budget=a.memory_budget,
+                               linalg_device=linalg)  # fmt: skip
             la.fit((x, y))
         fit_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -113,7 +121,8 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "width": a.width, "trained": bool(a.run)}  # fmt: skip
+            "torch": torch.__version__, "width": a.width, "trained": bool(a.run),
+            "linalg_device": linalg, "memory_budget": a.memory_budget}  # fmt: skip
     (out / "laplace_resnet.json").write_text(json.dumps({**info, "rows": rows}, indent=1))
     keys = list(rows[0])
     print(f"\n{info}\n\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))

@@ -401,3 +401,26 @@ def test_bad_inputs_get_clear_errors():
     la.prior_precision = 1.0
     with pytest.raises(ConfigError, match="not positive definite.*larger prior precision"):
         la.predict(x)
+
+
+def test_dense_algebra_on_the_models_device_gives_the_host_result():
+    """``linalg_device="model"`` runs Cholesky, eigendecomposition and solves where the model
+    is (a GPU in practice; here the model is on the CPU, so the numbers must be identical) and
+    hands back host tensors as the default does."""
+    model, (x, y) = _mlp(), _data()
+    idx = torch.arange(0, 40, 2)
+    fits = []
+    for dev in ("cpu", "model"):
+        la = SubnetLaplace(model, idx, linalg_device=dev).fit((x, y))
+        la.optimize_prior_precision("marglik")
+        gen = torch.Generator().manual_seed(0)
+        la._sample_params(gen)
+        sampled = la._snapshot()
+        la._restore(la.mean)
+        fits.append((la.prior_precision, la.predict(x), la.predict(x, link="mc", n_samples=8),
+                     la.posterior_covariance, sampled))  # fmt: skip
+        assert la.posterior_covariance.device.type == "cpu"
+    for a, b in zip(*fits):
+        assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match="linalg_device"):
+        SubnetLaplace(model, idx, linalg_device="gpu")

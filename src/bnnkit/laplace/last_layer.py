@@ -37,7 +37,12 @@ class LastLayerLaplace(SubnetLaplace):
     kind = "last_layer"
 
     def __init__(
-        self, model, prior_precision=1.0, memory_budget="2GB", likelihood="classification"
+        self,
+        model,
+        prior_precision=1.0,
+        memory_budget="2GB",
+        likelihood="classification",
+        linalg_device="cpu",
     ):
         logits_model = as_logits_model(model)
         super().__init__(
@@ -46,4 +51,5 @@ class LastLayerLaplace(SubnetLaplace):
             prior_precision,
             memory_budget,
             likelihood,
+            linalg_device,
         )

@@ -29,7 +29,10 @@ def laplace_from_state(model: nn.Module, state: dict[str, Any], options: dict[st
     budget = options.get("memory_budget", "2GB")
     kind = state.get("kind")
     if kind in ("subnetwork", "last_layer"):
-        la = SubnetLaplace(model, state["indices"], memory_budget=budget)
+        la = SubnetLaplace(
+            model, state["indices"], memory_budget=budget,
+            linalg_device=options.get("linalg_device", "cpu"),
+        )  # fmt: skip
     elif kind == "diag":
         la = DiagLaplace(model, memory_budget=budget)
     else:

@@ -23,6 +23,7 @@ from ..laplace import (
     SubnetLaplace,
     select_subnetwork,
 )
+from ..laplace.subnetwork import LINALG_DEVICES
 from ..options import Option, OptionTable
 from .base import Method, UQModel, register
 
@@ -36,6 +37,10 @@ _COMMON = [
            nullable=True),
     Option("memory_budget", "size", "2GB", "bound on the Jacobian work"),
 ]  # fmt: skip
+#: the full-covariance structures' dense S x S algebra: on the host or the model's device
+_LINALG = Option("linalg_device", "choice", "cpu", "where the S x S Cholesky / eigen work runs: "
+                 "cpu (the host) or model (the model's device, e.g. a GPU)",
+                 choices=LINALG_DEVICES)  # fmt: skip
 
 
 def _train_data(model: UQModel, bundle, n_fit):
@@ -111,7 +116,9 @@ def _fit_subnetwork(model: UQModel, bundle) -> None:
         memory_budget=o["memory_budget"],
         stats=stats,
     )
-    la = SubnetLaplace(model, idx, memory_budget=o["memory_budget"])
+    la = SubnetLaplace(
+        model, idx, memory_budget=o["memory_budget"], linalg_device=o["linalg_device"]
+    )
     la.fit(data, n_total=len(bundle.train))
     _tune(la, model, bundle)
     _attach(model, la)
@@ -126,7 +133,7 @@ def _fit_whole(cls):
         if cls is DiagLaplace:
             la = _diagonal_fit(model, data, o["memory_budget"], bundle)
         else:
-            la = cls(model, memory_budget=o["memory_budget"])
+            la = cls(model, memory_budget=o["memory_budget"], linalg_device=o["linalg_device"])
             la.fit(data, n_total=len(bundle.train))
         _tune(la, model, bundle)
         _attach(model, la)
@@ -142,6 +149,7 @@ register(
             "method 'laplace_subnetwork'",
             [
                 *_COMMON,
+                _LINALG,
                 Option(
                     "strategy",
                     "choice",
@@ -172,7 +180,7 @@ register(
     Method(
         "laplace_last_layer",
         build=None,  # type: ignore[arg-type]
-        options=OptionTable("method 'laplace_last_layer'", _COMMON),
+        options=OptionTable("method 'laplace_last_layer'", [*_COMMON, _LINALG]),
         summary="full-covariance linearised Laplace over the last linear layer (post hoc)",
         posthoc_of="deterministic",
         fit=_fit_whole(LastLayerLaplace),
