@@ -152,6 +152,10 @@ def test_augmented_epochs_are_reproducible_and_differ_between_epochs():
 
 
 def test_bad_loader_input_is_refused():
+    import numpy as np
+
+    with pytest.raises(ConfigError, match="torch tensors"):
+        TensorLoader(np.zeros((4, 1, 2, 2)), torch.zeros(4), 2)
     with pytest.raises(ConfigError, match="labels"):
         TensorLoader(torch.zeros(4, 1, 2, 2), torch.zeros(3), 2)
     with pytest.raises(ConfigError, match="batch_size"):

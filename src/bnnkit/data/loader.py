@@ -106,6 +106,11 @@ class TensorLoader:
         world_size: int | None = None,
         streams: int = 1,
     ) -> None:
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise ConfigError(
+                f"TensorLoader takes torch tensors, got {type(x).__name__} / {type(y).__name__}; "
+                "convert with torch.from_numpy"
+            )
         if x.shape[0] != y.shape[0]:
             raise ConfigError(f"{x.shape[0]} images but {y.shape[0]} labels")
         if batch_size < 1:
