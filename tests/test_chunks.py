@@ -60,6 +60,10 @@ def test_stopping_at_epoch_boundaries_then_resuming_is_bitwise_the_full_run(tmp_
     assert read_progress(run)["status"] == "stopped"
     train_run(cfg, run, resume=True, bundle=bundle, budget=Budget(stop_epoch=2))
     assert read_progress(run)["epochs_done"] == 2
+    before = (run / "checkpoints" / "last.safetensors").read_bytes()
+    train_run(cfg, run, resume=True, bundle=bundle, budget=Budget(stop_epoch=2))  # no-op
+    assert read_progress(run)["epochs_done"] == 2 and len(read_progress(run)["chunks"]) == 2
+    assert (run / "checkpoints" / "last.safetensors").read_bytes() == before
     train_run(cfg, run, resume=True, bundle=bundle)
     assert is_complete(run)
     full, chunked = _weights(tmp_path / "full"), _weights(run)

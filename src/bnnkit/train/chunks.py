@@ -107,6 +107,10 @@ class ChunkControl(L.Callback):
         self._chunks = [c for c in chunks if c.get("end_epoch", 0) <= start and
                         c.get("end_epoch") != c.get("start_epoch")]  # fmt: skip
         self._t0 = time.time()
+        stop = self.budget.stop_epoch
+        if stop is not None and start >= stop:  # already there: train nothing more
+            self.reason = f"stop at epoch {stop}"
+            trainer.should_stop = True
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._sync(trainer)
