@@ -88,11 +88,20 @@ class SubnetLaplace(_Laplace):
         return self._params_device()[0] if self.linalg_device == "model" else torch.device("cpu")
 
     def _ggn_la(self) -> torch.Tensor:
-        """The float64 GGN where the dense linear algebra runs (moved there once per fit)."""
+        """The float64 GGN where the dense linear algebra runs: the GGN itself on the host (not
+        to be modified), a transient copy elsewhere (not kept: the device holds at most the
+        copy and one factor at a time)."""
         dev = self._la_device()
-        if dev == self.ggn.device:
-            return self.ggn
-        return self._cached(("ggn", dev), lambda: self.ggn.to(dev), uses_prior=False)
+        return self.ggn if dev == self.ggn.device else self.ggn.to(dev)
+
+    def _precision_la(self, d: torch.Tensor) -> torch.Tensor:
+        """``GGN + diag(d)`` where the dense algebra runs (differentiable in ``d``); on another
+        device built in place on the transient copy."""
+        G = self._ggn_la()
+        if G is self.ggn:
+            return G + torch.diag(d)
+        G.diagonal().add_(d.to(G.device))
+        return G
 
     @property
     def n_prior_groups(self) -> int:
@@ -167,8 +176,7 @@ class SubnetLaplace(_Laplace):
         return self._cached("cholesky", self._cholesky)
 
     def _cholesky(self) -> torch.Tensor:
-        G = self._ggn_la()
-        P = G + torch.diag(self._prior_diag(self.prior_precision).to(G.device))
+        P = self._precision_la(self._prior_diag(self.prior_precision))
         L, info = torch.linalg.cholesky_ex(P)
         if int(info) != 0:
             smallest = float(torch.linalg.eigvalsh(P)[0])
@@ -185,8 +193,7 @@ class SubnetLaplace(_Laplace):
 
     def _log_evidence(self, prior: torch.Tensor) -> torch.Tensor:
         d = self._prior_diag(prior)
-        G = self._ggn_la()
-        P = G + torch.diag(d.to(G.device))
+        P = self._precision_la(d)
         L, info = torch.linalg.cholesky_ex(P)
         if int(info) != 0:
             raise ConfigError(
