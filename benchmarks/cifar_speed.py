@@ -72,10 +72,9 @@ def _torch_uncertainty_be(members: int, num_classes: int) -> nn.Module | None:
 
 
 class _Variant:
-    def __init__(self, name, module, rows, kind, train_fn=None):
+    def __init__(self, name, module, rows, kind):
         self.name, self.module, self.rows, self.kind = name, module, rows, kind
-        self.fn = module
-        self.train_fn = train_fn
+        self.fn = module  # replaced by the compiled or graphed callable
 
 
 def _loss(v: _Variant, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -293,7 +292,7 @@ def _flops(mode, variants, x_all, y_all, amp) -> dict[str, float]:
             continue
         counter = FlopCounterMode(display=False)
         with counter, amp:
-            loss = _loss(_Variant(v.name, v.module, v.rows, "eager"), x_all[v.rows], y_all[v.rows])
+            loss = _loss(v, x_all[v.rows], y_all[v.rows])  # eager: v.fn is the module
             loss.backward()
         v.module.zero_grad(set_to_none=True)
         total = counter.get_total_flops()

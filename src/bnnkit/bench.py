@@ -18,16 +18,15 @@ from tqdm.auto import tqdm
 
 from . import io
 from .data import CORRUPTIONS, load_bundle
-from .errors import ConfigError, unknown_name
+from .errors import ConfigError
 from .evaluate import EvalConfig, evaluate
 from .methods import METHODS, UQModel, get_method, method_options
-from .models import MODEL_OPTIONS, MODELS
 from .options import Option, OptionTable
 from .report import ResultStore, markdown, ood_summary, plain, shift_summary, summary
 from .report import figures as figs
 from .train import Budget, DataConfig, RunConfig, TrainConfig, check_writable, train_run
 from .train.chunks import device_name
-from .train.config import DATA_OPTIONS, TRAIN_OPTIONS
+from .train.config import DATA_OPTIONS, TRAIN_OPTIONS, check_extras
 from .train.run import check_same_config, is_complete
 
 DEFAULT_METHODS = [
@@ -151,18 +150,9 @@ class BenchConfig:
                     f"variant {label!r} needs a 'method' key naming the method it runs, e.g. "
                     "{method: laplace_subnetwork, strategy: random}"
                 )
-        if not isinstance(self.train_options, dict):
-            raise ConfigError(f"train_options must be a mapping, got {self.train_options!r}")
-        clash = sorted(set(self.train_options) & {o.name for o in BENCH_OPTIONS})
-        if clash:
-            raise ConfigError(
-                f"train_options {clash} are bench settings of their own; set them at the top "
-                "level of the bench config instead"
-            )
-        # the whole train config every run will get, so that cross-option rules (warm-up
-        # shorter than the epochs, ...) fail here rather than after the data is loaded
-        TRAIN_OPTIONS.resolve({**self.train_options, "epochs": self.epochs,
-                               "batch_size": self.batch_size})  # fmt: skip
+        check_extras("bench", self.train_options, self.model, self.model_options,
+                     reserved=[o.name for o in BENCH_OPTIONS],
+                     fixed={"epochs": self.epochs, "batch_size": self.batch_size})  # fmt: skip
         for m in self.methods:
             self.resolve(m)
         for m, opts in self.method_options.items():
@@ -172,11 +162,6 @@ class BenchConfig:
         bad = [c for c in self.corruptions if c not in CORRUPTIONS]
         if bad:
             raise ConfigError(f"unknown corruption(s) {bad}; valid: {', '.join(CORRUPTIONS)}")
-        if self.model not in MODELS:
-            raise unknown_name("model", self.model, MODELS)
-        if not isinstance(self.model_options, dict):
-            raise ConfigError(f"model_options must be a mapping, got {self.model_options!r}")
-        MODEL_OPTIONS[self.model].resolve(self.model_options, fill=False)
 
     def resolve(self, name: str) -> tuple[str, dict[str, Any]]:
         """``(method, options)`` of a method name or variant label."""

@@ -85,6 +85,14 @@ def _train_options(pairs: list[str] | None) -> dict:
     return opts
 
 
+def _apply_extras(cfg, a) -> None:
+    """``--train-option`` / ``--model-option`` onto a bench or search config."""
+    if a.train_option:
+        cfg.train_options.update(_train_options(a.train_option))
+    if a.model_option:
+        cfg.model_options.update(_options(a.model_option, "--model-option"))
+
+
 def cmd_train(a) -> int:
     from .train import Budget, RunConfig, is_complete, load_yaml, read_progress, train_run
 
@@ -213,10 +221,7 @@ def cmd_bench(a) -> int:
         cfg.progress = False
     if a.max_minutes is not None:
         cfg.max_minutes = a.max_minutes
-    if a.train_option:
-        cfg.train_options.update(_train_options(a.train_option))
-    if a.model_option:
-        cfg.model_options.update(_options(a.model_option, "--model-option"))
+    _apply_extras(cfg, a)
     return 0 if run_bench(cfg) is not None else EXIT_STOPPED
 
 
@@ -238,10 +243,7 @@ def cmd_search(a) -> int:
     cfg.progress = not a.quiet
     if a.no_baselines:
         cfg.baselines = []
-    if a.train_option:
-        cfg.train_options.update(_train_options(a.train_option))
-    if a.model_option:
-        cfg.model_options.update(_options(a.model_option, "--model-option"))
+    _apply_extras(cfg, a)
     import warnings
 
     import optuna

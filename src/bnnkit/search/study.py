@@ -36,6 +36,7 @@ from ..errors import ConfigError
 from ..plan import PlacementPlan
 from ..report.figures import pareto_plot
 from ..train import DataConfig, RunConfig, TrainConfig, train_run
+from ..train.config import check_extras
 from .objectives import OOD_FAMILIES, evaluate_candidate, search_ood_set
 from .space import DEFAULT_KINDS, SearchSpace
 
@@ -270,26 +271,6 @@ def plan_hash(plan: PlacementPlan) -> str:
     return hashlib.sha256(plan.key().encode()).hexdigest()[:16]
 
 
-def _check_options(cfg: SearchConfig) -> None:
-    """train_options and model_options checked against their tables before any work."""
-    from ..models import MODEL_OPTIONS, MODELS
-    from ..train.config import TRAIN_OPTIONS
-
-    for name in ("train_options", "model_options"):
-        if not isinstance(getattr(cfg, name), dict):
-            raise ConfigError(f"{name} must be a mapping, got {getattr(cfg, name)!r}")
-    clash = sorted(set(cfg.train_options) & {"epochs", "batch_size", "lr", "progress"})
-    if clash:
-        raise ConfigError(f"train_options {clash} are search settings; set them directly")
-    TRAIN_OPTIONS.resolve({**cfg.train_options, "epochs": cfg.epochs,
-                           "batch_size": cfg.batch_size, "lr": cfg.lr})  # fmt: skip
-    if cfg.model not in MODELS:
-        from ..errors import unknown_name
-
-        raise unknown_name("model", cfg.model, MODELS)
-    MODEL_OPTIONS[cfg.model].resolve(cfg.model_options, fill=False)
-
-
 class PlacementSearch:
     """One worker of a placement search (start several on one storage URL for more)."""
 
@@ -297,7 +278,10 @@ class PlacementSearch:
         self.cfg = cfg
         if cfg.trials < 1:
             raise ConfigError(f"trials must be >= 1, got {cfg.trials}")
-        _check_options(cfg)
+        check_extras("search", cfg.train_options, cfg.model, cfg.model_options,
+                     reserved=("epochs", "batch_size", "lr", "progress"),
+                     fixed={"epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                            "lr": cfg.lr})  # fmt: skip
         self.bundle = load_bundle(
             cfg.dataset, val_size=cfg.val_size, subset=cfg.subset, split_seed=cfg.seed, ood=[]
         )

@@ -47,9 +47,6 @@ class Budget:
     def exhausted(self) -> bool:
         return self.deadline is not None and time.time() >= self.deadline
 
-    def left(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.time()
-
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -77,6 +74,7 @@ class ChunkControl(L.Callback):
         self.epochs = epochs
         self.info = info
         self.reason = ""
+        self._chunks: list[dict] = []  # earlier chunks' records, kept
         self._chunk: dict | None = None
         self._t_epoch = self._t_train = 0.0
         self._in_train = False
@@ -144,10 +142,10 @@ class ChunkControl(L.Callback):
                 self.reason = "time budget"
             if self.reason:
                 trainer.should_stop = True
-        self._write(done, "complete" if done >= self.epochs else
+        self._write(trainer, done, "complete" if done >= self.epochs else
                     ("stopped" if self.reason else "training"))  # fmt: skip
 
-    def _write(self, done: int, status: str) -> None:
+    def _write(self, trainer, done: int, status: str) -> None:
         c = self._chunk
         c["end_epoch"] = done
         c["seconds"] = round(time.time() - self._t0, 3)
@@ -155,7 +153,7 @@ class ChunkControl(L.Callback):
         if c["train_seconds"] > 0:
             c["images_per_s"] = round(c["train_images"] / c["train_seconds"], 1)
         c["stop"] = self.reason
-        if not trainer_is_zero():
+        if not trainer.is_global_zero:
             return
         record = {
             "epochs": self.epochs,
@@ -164,9 +162,3 @@ class ChunkControl(L.Callback):
             "chunks": [*self._chunks, c],
         }
         io.atomic_write_text(self.path, json.dumps(record, indent=1))
-
-
-def trainer_is_zero() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )

@@ -85,6 +85,37 @@ RUN_OPTIONS = OptionTable(
 )
 
 
+def check_extras(
+    owner: str,
+    train_options: dict,
+    model: str,
+    model_options: dict,
+    reserved,
+    fixed: dict[str, Any],
+) -> None:
+    """The ``train_options`` / ``model_options`` a bench or a search passes to every run,
+    checked before any work: mappings, no key that the owner sets itself (``reserved``), the
+    whole train config valid with the owner's own values (``fixed``: epochs, batch size, ...,
+    so that cross-option rules fail now), the model's options valid."""
+    from ..models import MODEL_OPTIONS, MODELS
+
+    for name, value in (("train_options", train_options), ("model_options", model_options)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+    clash = sorted(set(train_options) & set(reserved))
+    if clash:
+        raise ConfigError(
+            f"train_options {clash} are {owner} settings of their own; set them at the top "
+            f"level of the {owner} config instead"
+        )
+    TRAIN_OPTIONS.resolve({**train_options, **fixed})
+    if model not in MODELS:
+        from ..errors import unknown_name
+
+        raise unknown_name("model", model, MODELS)
+    MODEL_OPTIONS[model].resolve(model_options, fill=False)
+
+
 @dataclass
 class DataConfig:
     dataset: str = "fashion_mnist"

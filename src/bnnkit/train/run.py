@@ -306,9 +306,8 @@ def _fit(
     streams = model.data_streams
     in_loader = t.loader == "tensor" or streams > 1
     lit = LitUQ(model, t, n_train=len(bundle.train), augment=None if in_loader else augment)
-    info = {k: getattr(t, k) for k in ("precision", "loader", "compile", "channels_last")}
-    info["loader"] = "tensor" if in_loader else "dataloader"
-    info["data_streams"] = streams
+    info = {k: getattr(t, k) for k in ("precision", "compile", "channels_last")}
+    info.update(loader="tensor" if in_loader else "dataloader", data_streams=streams)
     chunk = ChunkControl(run_dir, budget, t.epochs, info)
     ckpt_dir = run_dir / "checkpoints"
     # one file, overwritten (atomically) after every epoch: the state to resume from
