@@ -20,7 +20,7 @@ from bnnkit.data import DataBundle, Split
 from bnnkit.errors import ConfigError
 from bnnkit.train import Budget, RunConfig, is_complete, read_progress, train_run
 from bnnkit.train.config import DataConfig, TrainConfig
-from bnnkit.train.lit import LitUQ, warmup_cosine
+from bnnkit.train.lit import LitUQ, channels_last_applies, warmup_cosine
 
 
 def colour_bundle(n=192, seed=0, size=32) -> DataBundle:
@@ -113,19 +113,24 @@ def _resnet_lit(channels_last: bool, bundle: DataBundle) -> LitUQ:
     from bnnkit.methods import build_method
     from bnnkit.train.run import model_spec
 
-    cfg = _cfg("batch_ensemble", "resnet18", channels_last=channels_last)
+    cfg = _cfg("batch_ensemble", "resnet18")
     cfg.model_options = {"width": 8}
     torch.manual_seed(0)
     model = build_method("batch_ensemble", model_spec(cfg, bundle), {})
     lit = LitUQ(model, cfg.train, len(bundle.train), None)
     lit.on_fit_start()
+    # the layout an accelerator run uses, forced here (the option is ignored on a CPU)
+    lit.channels_last = channels_last
+    if channels_last:
+        lit.model.to(memory_format=torch.channels_last)
     return lit
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # a step outside a Trainer
 def test_a_channels_last_step_has_the_loss_and_gradients_of_a_contiguous_one():
     """In float64 (float32 rounding differs between the layouts' kernels and a small-batch
-    BatchNorm network amplifies it to ~0.3 % of a gradient)."""
+    BatchNorm network amplifies it to ~0.3 % of a gradient); float64 convolutions do not go
+    through oneDNN, whose float32 channels-last kernels are unsafe on some CPUs."""
     bundle = colour_bundle(n=32)
     batch = (bundle.train.x.double() / 255, bundle.train.y)
     grads, losses = [], []
@@ -143,12 +148,31 @@ def test_a_channels_last_step_has_the_loss_and_gradients_of_a_contiguous_one():
         assert torch.allclose(g, grads[1][k], atol=1e-12), k
 
 
-def test_a_channels_last_run_saves_and_reloads_in_the_standard_layout(tmp_path):
+def test_channels_last_is_ignored_on_a_cpu_with_a_warning(tmp_path):
+    """oneDNN's float32 channels-last convolution backward crashes or hangs on some AVX2 CPUs
+    (a 1x1 stride-2 convolution from 4 channels at batch 50, as in a width-4 ResNet-18): on a
+    CPU the option is a warned no-op, the run trains in the standard layout and records so."""
+    assert channels_last_applies(True, "cuda") and not channels_last_applies(False, "cuda")
+    with pytest.warns(UserWarning, match="channels_last is ignored on a CPU"):
+        assert not channels_last_applies(True, torch.device("cpu"))
     bundle = colour_bundle(n=64)
     cfg = _cfg("batch_ensemble", "resnet18", epochs=1, optimizer="sgd", lr=0.02,
-               loader="tensor", channels_last=True)  # fmt: skip
-    cfg.model_options = {"width": 8}
-    model = train_run(cfg, tmp_path / "r", bundle=bundle)
+               loader="tensor", channels_last=True, batch_size=50)  # fmt: skip
+    cfg.model_options = {"width": 4}
+
+    class _Layout(L.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            w = pl_module.model.net.body.conv1.weight  # [8, 3, 3, 3]: the layouts differ
+            self.seen.append(w.is_contiguous(memory_format=torch.channels_last))
+
+    rec = _Layout()
+    with pytest.warns(UserWarning, match="channels_last is ignored on a CPU"):
+        model = train_run(cfg, tmp_path / "r", bundle=bundle, callbacks=[rec])
+    assert rec.seen and not any(rec.seen)
+    assert read_progress(tmp_path / "r")["chunks"][-1]["channels_last"] is False
     assert all(p.is_contiguous() for p in model.state_dict().values())
     train_run(cfg, tmp_path / "r", resume=True, bundle=bundle)  # a finished run reloads
     saved = _weights(tmp_path / "r")

@@ -9,6 +9,7 @@ Loss per batch: ``mean over S*B of CE(logits, y) + w_t * KL / N + aux`` where th
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning as L
 import torch
@@ -33,17 +34,20 @@ class LitUQ(L.LightningModule):
         # the compiled forward lives in a dict: as an attribute it would be registered as a
         # submodule and add its own keys to the checkpoints
         self._compiled: dict[str, object] = {}
+        #: channels-last in effect (``cfg.channels_last`` on a non-CPU device): set at fit start
+        self.channels_last = False
 
     def _inputs(self, x: torch.Tensor, augment: bool = False) -> torch.Tensor:
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
         if augment and self.augment is not None:
             x = self.augment(x, None)
-        if self.cfg.channels_last and x.dim() == 4:
+        if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
     def on_fit_start(self) -> None:
-        if self.cfg.channels_last:
+        self.channels_last = channels_last_applies(self.cfg.channels_last, self.device)
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
     def _forward(self, x: torch.Tensor, samples: int) -> torch.Tensor:
@@ -129,3 +133,24 @@ def warmup_cosine(epoch: int, warmup: int, epochs: int) -> float:
         return (epoch + 1) / warmup
     t = (epoch - warmup) / max(1, epochs - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def channels_last_applies(requested: bool, device: torch.device | str) -> bool:
+    """Whether the ``channels_last`` option takes effect on ``device``: only on accelerators.
+
+    On a CPU it is ignored with a warning: oneDNN's channels-last convolution backward crashes
+    (segmentation fault, double free) or never returns on some AVX2-only CPUs with torch 2.13
+    (e.g. a 1x1 stride-2 convolution from 3-4 channels at batch 16-50), and on the CPUs where it
+    runs it was measured no faster than the standard layout (BENCHMARKS.md, "channels-last on
+    CPU"). The standard layout computes the same function."""
+    if not requested:
+        return False
+    if torch.device(device).type == "cpu":
+        warnings.warn(
+            "channels_last is ignored on a CPU device: it is a GPU optimisation, and oneDNN's "
+            "channels-last convolution kernels crash or hang on some CPUs; training runs in the "
+            "standard memory layout (same results). Set channels_last=false to silence this.",
+            stacklevel=2,
+        )
+        return False
+    return True

@@ -346,6 +346,8 @@ def _fit(
     last = ckpt_dir / "last.safetensors"
     ckpt_path = str(last) if resume and last.is_file() else None
     train_loader, val_loader = _loaders(cfg, bundle, trainer.strategy.root_device, streams)
+    # what the run does, not only what was asked: channels-last is ignored on a CPU
+    info["channels_last"] = bool(t.channels_last) and trainer.strategy.root_device.type != "cpu"
     os.environ.setdefault("PL_DISABLE_FORK", "1")
     with quiet_lightning():
         trainer.fit(lit, train_loader, val_loader, ckpt_path=ckpt_path)
