@@ -87,3 +87,54 @@ def test_diagonal_laplace_retains_one_chunk_buffer_within_the_budget():
     assert len(la._jac) > 3  # several parameter chunks
     per_param = 5 * 8 * P  # h, jacobian energy, mean, layer index, fingerprint slack (float64)
     assert kept <= budget + per_param, (kept, budget + per_param)
+
+
+@pytest.mark.parametrize("write", ["imul", "setitem", "mul_", "replace"])
+@pytest.mark.parametrize("cls", [SubnetLaplace, DiagLaplace])
+def test_writes_to_the_curvature_invalidate_what_was_derived_from_it(cls, write):
+    """``la.ggn *= 100`` (or ``la.h``) after a marginal likelihood, a covariance and a
+    predictive were computed: each is recomputed from the written curvature, as a fresh object
+    given that curvature computes it (and the covariance is the closed-form inverse)."""
+    model, xt = _mlp(), _data(5, 3)[0]
+
+    def make():
+        if cls is SubnetLaplace:
+            return cls(model, torch.arange(0, 51, 3), prior_precision=0.7).fit(_data(30, 1))
+        return cls(model, prior_precision=0.7).fit(_data(30, 1))
+
+    la = make()
+    name = "ggn" if cls is SubnetLaplace else "h"
+    before = la.log_marginal_likelihood().item(), la.predictive(xt).probs.clone()
+    if write == "imul":
+        if cls is SubnetLaplace:
+            la.ggn *= 100.0
+        else:
+            la.h *= 100.0
+    elif write == "setitem":
+        t = getattr(la, name)
+        t[(0,) * t.dim()] += 50.0  # one diagonal entry
+    elif write == "mul_":
+        getattr(la, name).mul_(100.0)
+    else:
+        setattr(la, name, getattr(la, name) * 100.0)
+    written = getattr(la, name).clone()
+    fresh = make()
+    setattr(fresh, name, written)
+    assert la.log_marginal_likelihood().item() != pytest.approx(before[0], rel=1e-6)
+    assert la.log_marginal_likelihood().item() == pytest.approx(
+        fresh.log_marginal_likelihood().item(), rel=1e-12
+    )
+    assert not torch.allclose(la.predictive(xt).probs, before[1], atol=1e-9)
+    torch.testing.assert_close(la.predictive(xt).probs, fresh.predictive(xt).probs)
+    if cls is SubnetLaplace:
+        prior = torch.diag(la._prior_diag(la.prior_precision))
+        torch.testing.assert_close(la.posterior_covariance, torch.linalg.inv(written + prior))
+
+
+def test_a_curvature_of_the_wrong_shape_is_refused():
+    la = SubnetLaplace(_mlp(), torch.arange(10)).fit(_data(30, 1))
+    with pytest.raises(Exception, match=r"\[10, 10\] tensor"):
+        la.ggn = torch.eye(9, dtype=torch.float64)
+    d = DiagLaplace(_mlp()).fit(_data(30, 1))
+    with pytest.raises(Exception, match="GGN diagonal must be"):
+        d.h = torch.ones(3, dtype=torch.float64)

@@ -237,8 +237,16 @@ class _Laplace(abc.ABC):
         self._prior = self._as_prior(value)
         self._prior_generation += 1
 
+    def _curvature_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """The curvature tensors a structure keeps (GGN, its diagonal): part of every cache
+        stamp, so replacing one or writing into it in place also invalidates what was derived
+        from it."""
+        return ()
+
     def _stamp(self, uses_prior: bool) -> tuple:
-        fit = self._fit_generation
+        fit = (self._fit_generation,) + tuple(
+            None if t is None else (id(t), t._version) for t in self._curvature_tensors()
+        )
         return (fit, self._prior_generation) if uses_prior else (fit,)
 
     def _cached(self, key, build: Callable, uses_prior: bool = True):

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from .base import (
     _batches,
     _check_inputs,
@@ -41,10 +41,29 @@ class DiagLaplace(_Laplace):
         self.total = n_params(logits_model)
         super().__init__(logits_model, prior_precision, memory_budget, likelihood)
         self.mean = self._flat().double().cpu()
-        self.h: torch.Tensor | None = None
+        self._h: torch.Tensor | None = None
         self.layer_of = torch.cat(
             [torch.full((s.numel,), i, dtype=torch.long) for i, s in enumerate(self.slots)]
         )
+
+    @property
+    def h(self) -> torch.Tensor | None:
+        """The ``[P]`` float64 GGN diagonal (scaled to the data set). Writing to it (``la.h =
+        d``, ``la.h *= 2``) invalidates every quantity derived from it."""
+        return self._h
+
+    @h.setter
+    def h(self, value: torch.Tensor | None) -> None:
+        if value is not None and (
+            not isinstance(value, torch.Tensor) or tuple(value.shape) != (self.total,)
+        ):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
+            raise InputError(f"the GGN diagonal must be a [{self.total}] tensor, got {shape}")
+        self._h = value
+        self._fit_generation += 1
+
+    def _curvature_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return (self._h,)
 
     @property
     def n_prior_groups(self) -> int:

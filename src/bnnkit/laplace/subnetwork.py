@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from .base import (
     _batches,
     _check_inputs,
@@ -78,7 +78,27 @@ class SubnetLaplace(_Laplace):
         self.layer_names = names
         super().__init__(logits_model, prior_precision, memory_budget, likelihood)
         self.mean = self._snapshot().double().cpu()  # the MAP; set again by every fit
-        self.ggn: torch.Tensor | None = None
+        self._ggn: torch.Tensor | None = None
+
+    @property
+    def ggn(self) -> torch.Tensor | None:
+        """The ``[S, S]`` float64 GGN of the subnetwork (scaled to the data set). Writing to it
+        (``la.ggn = G``, ``la.ggn *= 2``, ``la.ggn[i, j] = v``) invalidates every quantity derived
+        from it (factors, eigenbasis, marginal likelihood)."""
+        return self._ggn
+
+    @ggn.setter
+    def ggn(self, value: torch.Tensor | None) -> None:
+        if value is not None:
+            S = self.n_params
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != (S, S):
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
+                raise InputError(f"the GGN must be a [{S}, {S}] tensor, got {shape}")
+        self._ggn = value
+        self._fit_generation += 1
+
+    def _curvature_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return (self._ggn,)
 
     @property
     def n_params(self) -> int:
