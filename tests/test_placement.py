@@ -8,6 +8,7 @@ from torch import nn
 
 from bnnkit import bayesify
 from bnnkit.models import build_model
+from bnnkit.models.placement import PlacementFallback
 
 KINDS = {
     "batch_ensemble": dict(members=3),
@@ -105,11 +106,13 @@ def test_training_and_untraceable_bodies_take_the_naive_path():
             n = x.size(0)
             return self.b(torch.relu(self.a(x))).reshape(n, -1)  # the prefix's batch size
 
+    reasons = {Branchy: "cannot trace", SizeReshape: "not a \\[B, ...\\] tensor"}
     for cls in (Branchy, SizeReshape):
         torch.manual_seed(1)
         net = bayesify(cls(), {"b": "rank1"}, members=2)
         xi = torch.randn(5, 4)
-        fast, naive = _both(net, xi, samples=2, schedule="fold")
+        with pytest.warns(PlacementFallback, match=reasons[cls]):
+            fast, naive = _both(net, xi, samples=2, schedule="fold")
         torch.testing.assert_close(fast, naive)
         assert fast.shape == (4, 5, 3)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from ..errors import InputError
 from ..nn.ensemble import EnsembleModule, _split, member_pass
-from .placement import PrefixSplit, run_prefix, split_prefix
+from .placement import NaivePath, PlacementFallback, PrefixSplit, run_prefix, split_prefix
 
 
 class Normalize(nn.Module):
@@ -134,9 +136,11 @@ class Folded(nn.Module):
 
     def _prefix_split(self) -> PrefixSplit | None:
         """The body's prefix/tail split, rebuilt whenever a module, parameter or buffer object
-        of the body is replaced (conversion, ``.to()``); values are read live."""
+        of the body is replaced (conversion, ``.to()``) or a module's train/eval mode changes
+        (it decides whether dropout and BatchNorm may run once); values are read live. None:
+        run the naive way (after a one-time warning when the split was refused)."""
         key = (
-            tuple((n, id(m)) for n, m in self.body.named_modules()),
+            tuple((n, id(m), m.training) for n, m in self.body.named_modules()),
             tuple(id(t) for t in self.body.parameters()),
             tuple(id(t) for t in self.body.buffers()),
         )
@@ -144,14 +148,31 @@ class Folded(nn.Module):
         if hit is None or hit[0] != key:
             hit = (key, split_prefix(self.body))
             self.__dict__["_split_cache"] = hit
+        if isinstance(hit[1], NaivePath):
+            self._placement_fallback(hit[1])
+            return None
         return hit[1]
+
+    def _placement_fallback(self, naive: NaivePath) -> None:
+        """Warn once per model and reason that the naive path runs."""
+        warned = self.__dict__.setdefault("_placement_warned", set())
+        if naive.reason not in warned:
+            warned.add(naive.reason)
+            warnings.warn(
+                f"placement-aware inference is off for this {type(self.body).__name__}: "
+                f"{naive.reason}. Every member and sample runs the whole network instead (the "
+                "same predictive, slower); prefix_once=False silences this.",
+                PlacementFallback,
+                stacklevel=2,
+            )
 
     def _forward_prefix_once(self, x: torch.Tensor, samples: int) -> torch.Tensor | None:
         split = self._prefix_split()
         if split is None or split.n_prefix_ops == 0:
             return None
         values = run_prefix(split, x)
-        if values is None:
+        if isinstance(values, NaivePath):
+            self._placement_fallback(values)
             return None
         if self._by_member(x):
             folded = [fold(v, samples) for v in values]
