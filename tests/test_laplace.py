@@ -2,6 +2,7 @@
 linearised loss, large-sample Monte Carlo, dense grids of the evidence."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -260,6 +261,30 @@ def test_scalar_marglik_matches_dense_grid_and_gridsearch_matches_brute_force():
                                atol=1e-8)  # fmt: skip
 
 
+def test_a_marglik_optimum_beyond_the_searched_range_is_warned_not_silent():
+    """Weights at zero (|theta|^2 = 0): the evidence rises for ever as the prior tightens, so
+    the optimum is the upper bound of the search; said with a warning, never silently. An
+    interior optimum (the test above) warns nothing; the lower bound is reached by a huge
+    |theta|^2 on directions without curvature."""
+    from bnnkit.laplace.base import LOG_PRIOR_BOUND, MarglikBoundWarning, _scalar_marglik_optimum
+
+    x, y = _data(40, seed=9)
+    model = _mlp(seed=7)
+    with torch.no_grad():
+        model[0].weight.zero_()  # the subnetwork: these 20 weights (their Jacobians are not 0)
+    la = SubnetLaplace(model, torch.arange(20)).fit((x, y))
+    with pytest.warns(MarglikBoundWarning, match="beyond"):
+        best = float(la.optimize_prior_precision("marglik"))
+    assert best == pytest.approx(math.exp(LOG_PRIOR_BOUND))
+    with pytest.warns(MarglikBoundWarning, match="below"):
+        low = _scalar_marglik_optimum(torch.zeros(5, dtype=torch.float64), 1e20, 5)
+    assert low == pytest.approx(math.exp(-LOG_PRIOR_BOUND))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MarglikBoundWarning)
+        interior = SubnetLaplace(_mlp(seed=7), torch.arange(43)).fit((x, y))
+        interior.optimize_prior_precision("marglik")
+
+
 def test_diag_laplace_equals_diagonal_of_full_ggn():
     model, (x, y) = _mlp(seed=8), _data(seed=11)
     J, _, _ = _full_jacobian(model, x)
@@ -424,3 +449,32 @@ def test_dense_algebra_on_the_models_device_gives_the_host_result():
         assert torch.equal(a, b)
     with pytest.raises(ConfigError, match="linalg_device"):
         SubnetLaplace(model, idx, linalg_device="gpu")
+
+
+def test_dense_algebra_on_another_device_works_on_a_transient_copy(monkeypatch):
+    """On another device than the host the GGN is copied there and the prior is added to the
+    copy in place. Without a second device, make the copy happen on the host: every result
+    equals the host path's, and the stored GGN is never written (a prior added to it in place
+    would double-count the prior in the next factorisation)."""
+    model, (x, y) = _mlp(), _data()
+    idx = torch.arange(0, 40, 2)
+    ref = SubnetLaplace(model, idx).fit((x, y))
+    ref.optimize_prior_precision("marglik", per_layer=True, steps=20)
+    expected = (ref.prior_precision, ref.predict(x), ref.posterior_covariance,
+                ref.log_marginal_likelihood(2.0))  # fmt: skip
+    copies = []
+
+    def elsewhere(self):
+        copies.append(1)
+        return self.ggn.clone()  # what ``.to(device)`` hands back on another device
+
+    monkeypatch.setattr(SubnetLaplace, "_ggn_la", elsewhere)
+    la = SubnetLaplace(model, idx, linalg_device="model").fit((x, y))
+    stored = la.ggn.clone()
+    la.optimize_prior_precision("marglik", per_layer=True, steps=20)
+    got = (la.prior_precision, la.predict(x), la.posterior_covariance,
+           la.log_marginal_likelihood(2.0))  # fmt: skip
+    assert copies, "the transient-copy path was not taken"
+    assert torch.equal(la.ggn, stored)
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

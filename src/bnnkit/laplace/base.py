@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -132,6 +133,15 @@ def probit_probs(f: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     return torch.softmax(f / torch.sqrt(1.0 + math.pi / 8.0 * var), dim=-1)
 
 
+#: the scalar marginal-likelihood search covers prior precisions in [e^-30, e^30]
+LOG_PRIOR_BOUND = 30.0
+
+
+class MarglikBoundWarning(UserWarning):
+    """The marginal-likelihood optimum of the prior precision lies outside the searched range;
+    the bound was used."""
+
+
 def _scalar_marglik_optimum(eigs: torch.Tensor, theta_sq: float, dim: int) -> float:
     """argmax over delta > 0 of ``dim/2 log delta - delta/2 theta_sq - 1/2 sum log(eigs+delta)``.
 
@@ -142,10 +152,26 @@ def _scalar_marglik_optimum(eigs: torch.Tensor, theta_sq: float, dim: int) -> fl
         d = math.exp(t)
         return 0.5 * dim - 0.5 * d * theta_sq - 0.5 * float((d / (lam + d)).sum())
 
-    lo, hi = -30.0, 30.0
+    lo, hi = -LOG_PRIOR_BOUND, LOG_PRIOR_BOUND
     if grad(hi) > 0:
+        warnings.warn(
+            f"the marginal likelihood still rises at prior precision e^{hi:g}: its optimum lies "
+            f"beyond (|theta|^2 = {theta_sq:.3g} over {dim} weights; the weights are ~0 or carry "
+            f"no curvature); the prior precision is set to e^{hi:g}. Check the subnetwork and the "
+            "fit data, or set the prior precision yourself",
+            MarglikBoundWarning,
+            stacklevel=3,
+        )
         return math.exp(hi)
     if grad(lo) < 0:
+        warnings.warn(
+            f"the marginal likelihood still rises at prior precision e^{lo:g}: its optimum lies "
+            f"below (|theta|^2 = {theta_sq:.3g} over {dim} weights); the prior precision is set "
+            f"to e^{lo:g}, an essentially flat prior. Check the fit data, or set the prior "
+            "precision yourself",
+            MarglikBoundWarning,
+            stacklevel=3,
+        )
         return math.exp(lo)
     for _ in range(200):
         mid = 0.5 * (lo + hi)
