@@ -12,7 +12,7 @@ from bnnkit.bench import BENCH_OPTIONS, BenchConfig
 from bnnkit.convert import KINDS
 from bnnkit.methods import METHODS, ModelSpec, build_method
 from bnnkit.models import MODEL_OPTIONS, build_model
-from bnnkit.options import Option
+from bnnkit.options import Option, OptionTable
 from bnnkit.train import RunConfig
 from bnnkit.train.config import DATA_OPTIONS, RUN_OPTIONS, TRAIN_OPTIONS
 
@@ -139,7 +139,12 @@ def test_laplace_call_options(call):
 
 def test_defaults_are_valid_and_typos_are_named():
     for m in METHODS.values():
-        assert m.options.resolve() == m.defaults
+        required = [o.name for o in m.options if o.required]
+        if required:  # no default to fall back on: the user must give it, and is told so
+            with pytest.raises(ConfigError, match=f"needs option {required[0]!r}"):
+                m.options.resolve()
+        else:
+            assert m.options.resolve() == m.defaults
     RunConfig().validate()
     BenchConfig().validate()
     with pytest.raises(ConfigError, match="no option 'sampels' \\(did you mean 'samples'\\?\\)"):
@@ -150,6 +155,16 @@ def test_defaults_are_valid_and_typos_are_named():
         bayesify(nn.Linear(3, 2), {"*": "batch_ensemble"}, members="four")
 
 
+def test_a_default_outside_its_own_declaration_fails_where_it_is_declared():
+    with pytest.raises(ValueError, match="default of option 'n' is invalid"):
+        OptionTable("t", [Option("n", "int", 0, "count", low=1)])
+    with pytest.raises(ValueError, match="defaults break a rule: a < b"):
+        OptionTable("t", [Option("a", "int", 2, "a"), Option("b", "int", 1, "b")],
+                    checks=[lambda o: "a < b" if o["a"] >= o["b"] else None])  # fmt: skip
+    with pytest.raises(ValueError, match="required option has no default"):
+        Option("plan", "json", {}, "a plan", required=True)
+
+
 def test_valid_values_pass_through_every_entry_point():
     """The same tables accept values inside their ranges (ints for floats too)."""
     model = build_method("rank1", SPEC, {"members": 2, "samples": 1, "prior_scale": 2})
@@ -158,3 +173,29 @@ def test_valid_values_pass_through_every_entry_point():
         nn.Sequential(nn.Linear(3, 4)), {"*": "mc_dropout"}, options={"mc_dropout": {"p": 0}}
     )
     assert net(torch.rand(2, 3)).shape == (1, 2, 4)
+
+
+def test_typed_configs_are_their_tables():
+    """Each typed config has one field per option of its table, with the table's default:
+    nothing declared twice, nothing to drift (the bench's defaults are its own table's)."""
+    import dataclasses
+
+    from bnnkit.options import declared_by
+    from bnnkit.train.config import DataConfig, TrainConfig
+
+    for cls, table in ((TrainConfig, TRAIN_OPTIONS), (DataConfig, DATA_OPTIONS),
+                       (BenchConfig, BENCH_OPTIONS)):  # fmt: skip
+        made = cls()
+        for o in table:
+            assert getattr(made, o.name) == o.default, (cls.__name__, o.name)
+        extra = {f.name for f in dataclasses.fields(cls)} - set(table.options)
+        assert cls is BenchConfig or not extra, extra
+    assert BenchConfig().epochs == 5 and TrainConfig().epochs == 10
+    a, b = BenchConfig(), BenchConfig()
+    a.angles.append(999)
+    assert 999 not in b.angles  # mutable defaults are not shared
+    with pytest.raises(TypeError, match="declared in train config already"):
+
+        @declared_by(TRAIN_OPTIONS)
+        class Twice:
+            epochs: int = 3

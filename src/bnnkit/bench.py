@@ -21,7 +21,7 @@ from .data import CORRUPTIONS, load_bundle
 from .errors import ConfigError
 from .evaluate import EvalConfig, evaluate
 from .methods import METHODS, UQModel, get_method, method_options
-from .options import Option, OptionTable
+from .options import Option, OptionTable, declared_by
 from .report import ResultStore, markdown, ood_summary, plain, shift_summary, summary
 from .report import figures as figs
 from .train import Budget, DataConfig, RunConfig, TrainConfig, check_writable, train_run
@@ -55,11 +55,12 @@ DEFAULT_CORRUPTIONS = [
 BENCH_OPTIONS = OptionTable(
     "bench config",
     [
-        TRAIN_OPTIONS["epochs"],
+        # the bench's own defaults: short training on a 16,000-image subset, 5,000 test images
+        TRAIN_OPTIONS["epochs"].with_default(5),
         Option("seeds", "int", 2, "seeds per method", low=1),
-        DATA_OPTIONS["subset"],
+        DATA_OPTIONS["subset"].with_default(16000),
         DATA_OPTIONS["val_size"],
-        Option("test_size", "int", None, "test and OOD images (null: all)", low=1,
+        Option("test_size", "int", 5000, "first N test and OOD images (null: all)", low=1,
                nullable=True),
         TRAIN_OPTIONS["batch_size"],
         TRAIN_OPTIONS["lr"],
@@ -72,8 +73,8 @@ BENCH_OPTIONS = OptionTable(
         Option("eval_batch_size", "int", 256, "rows per forward pass at evaluation (inputs x "
                "members x samples); larger on a GPU", low=1),
         Option("n_rotate", "int", 300, "images per rotation angle", low=1),
-        Option("angles", "int_list", [0], "rotation angles in degrees ([]: none)",
-               empty=True),
+        Option("angles", "int_list", list(range(0, 181, 15)), "rotation angles in degrees "
+               "([]: none)", empty=True),
         Option("model", "str", "lenet5", "architecture"),
         Option("dataset", "str", "fashion_mnist", "data set"),
         Option("out", "str", "runs/bench", "output directory"),
@@ -86,24 +87,14 @@ BENCH_OPTIONS = OptionTable(
 
 
 @dataclass
+@declared_by(BENCH_OPTIONS)
 class BenchConfig:
+    """A bench: one field per option of :data:`BENCH_OPTIONS`, plus the nested settings below
+    (lists of names and per-method mappings, checked by :meth:`validate`)."""
+
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    model: str = "lenet5"
     #: architecture options (e.g. ``{"width": 16}`` for a narrow ResNet-18)
     model_options: dict[str, Any] = field(default_factory=dict)
-    dataset: str = "fashion_mnist"
-    epochs: int = 5
-    seeds: int = 2
-    subset: int | None = 16000
-    val_size: int = 5000
-    test_size: int | None = 5000  # first N test (and OOD) images; None: all
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    kl_anneal_epochs: int = 0
-    ensemble_protocol: str = "repeat"
-    device: str = "auto"
-    out: str = "runs/bench"
     #: per-method option overrides; entries for methods not in ``methods`` are ignored
     method_options: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {
@@ -122,17 +113,9 @@ class BenchConfig:
     #: "laplace_subnetwork", "strategy": "random"}}``; their options override ``method_options``
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: further train config fields for every run (optimizer, loader, cutout, channels_last,
-    #: compile, precision, warmup_epochs, momentum, augment); the fields above win
+    #: compile, precision, warmup_epochs, momentum, augment); the options above win
     train_options: dict[str, Any] = field(default_factory=dict)
-    #: this call's time budget: training stops at an epoch boundary, finished runs are kept,
-    #: and the same command continues (exit status 75 from the CLI)
-    max_minutes: float | None = None
     corruptions: list[str] = field(default_factory=lambda: list(DEFAULT_CORRUPTIONS))
-    n_corrupt: int = 250  # per corruption and severity: 6 x 5 x 250 = 7,500 images
-    eval_batch_size: int = 256  # rows per forward pass at evaluation
-    n_rotate: int = 300  # per angle: 13 x 300 = 3,900 images
-    angles: list[int] = field(default_factory=lambda: list(range(0, 181, 15)))
-    progress: bool = True
 
     def validate(self) -> None:
         BENCH_OPTIONS.resolve({o.name: getattr(self, o.name) for o in BENCH_OPTIONS})

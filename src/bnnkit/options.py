@@ -10,6 +10,7 @@ search all read the same tables, so a value is checked the same way wherever it 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from collections.abc import Callable, Iterable
@@ -59,10 +60,18 @@ class Option:
     log: bool = False  # a search over this option samples it on a log scale
     #: kind "json": a function that returns the checked value or raises ConfigError
     validator: Callable[[Any], Any] | None = None
+    #: no default: the user must give a value (``default`` must then be None)
+    required: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"option {self.name}: unknown kind {self.kind!r}")
+        if self.required and self.default is not None:
+            raise ValueError(f"option {self.name}: a required option has no default")
+
+    def with_default(self, default: Any) -> Option:
+        """The same declaration with another default (e.g. a bench's shorter training)."""
+        return dataclasses.replace(self, default=default)
 
     def describe(self) -> str:
         """What is valid, in words: 'an int >= 1', 'one of a, b', ..."""
@@ -157,6 +166,25 @@ class OptionTable:
         self.owner = owner
         self.options = {o.name: o for o in options}
         self.checks = tuple(checks)  # cross-option rules: a message when violated
+        self._check_defaults()
+
+    def _check_defaults(self) -> None:
+        """Every declared default passes its own declaration (and the cross-option rules): a
+        default that drifted out of its range fails at import, not in a user's run."""
+        for o in self:
+            if o.required:
+                continue
+            try:
+                o.check(o.default, self.owner)
+            except ConfigError as e:
+                raise ValueError(
+                    f"{self.owner}: the default of option {o.name!r} is invalid: {e}"
+                ) from e
+        if not any(o.required for o in self):
+            for rule in self.checks:
+                msg = rule(self.defaults)
+                if msg:
+                    raise ValueError(f"{self.owner}: the defaults break a rule: {msg}")
 
     def __iter__(self):
         return iter(self.options.values())
@@ -199,6 +227,11 @@ class OptionTable:
             if key not in self.options:
                 raise self.unknown(key)
             out[key] = self.options[key].check(value, self.owner)
+        if fill:
+            missing = [o for o in self if o.required and out.get(o.name) is None]
+            if missing:
+                o = missing[0]
+                raise ConfigError(f"{self.owner} needs option {o.name!r}: {o.help}")
         for rule in self.checks:
             msg = rule({**self.defaults, **out})
             if msg:
@@ -207,3 +240,36 @@ class OptionTable:
 
     def help(self) -> str:
         return "\n".join(f"{o.name}={o.default!r}: {o.help} ({o.describe()})" for o in self)
+
+
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "choice": str,
+          "size": "str | int", "int_list": list[int], "json": Any}  # fmt: skip
+
+
+def declared_by(table: OptionTable):
+    """Class decorator (put it under ``@dataclass``): one field per option of ``table``, with
+    the option's default, so a typed config is its table and nothing more; the class adds only
+    fields that are not options (nested mappings, lists of names). A field written both in the
+    class and in the table is an error: every option is declared once."""
+
+    def wrap(cls):
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        twice = sorted(set(own) & set(table.options))
+        if twice:
+            raise TypeError(f"{cls.__name__}: {twice} are declared in {table.owner} already")
+        annotations = {}
+        for o in table:
+            t = _TYPES[o.kind]
+            annotations[o.name] = f"{t} | None" if o.nullable and isinstance(t, str) else (
+                t | None if o.nullable else t)  # fmt: skip
+            default = o.default
+            if isinstance(default, (list, dict)):
+                setattr(cls, o.name, dataclasses.field(
+                    default_factory=lambda d=default: type(d)(d)))  # fmt: skip
+            else:
+                setattr(cls, o.name, default)
+        cls.__annotations__ = {**annotations, **own}
+        cls.__options__ = table
+        return cls
+
+    return wrap

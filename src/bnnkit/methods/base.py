@@ -444,6 +444,7 @@ register(
                     "placement plan: a dict or the path of a plan.json "
                     "({layers: {name: kind}, members, samples, options})",
                     validator=_plan_option,
+                    required=True,
                 ),
                 KL_WEIGHT,
             ],

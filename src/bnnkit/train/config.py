@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from ..options import Option, OptionTable
+from ..options import Option, OptionTable, declared_by
 
 PRECISIONS = (
     "64-true", "64", "32-true", "32", "16-true", "16-mixed", "16", "bf16-true", "bf16-mixed",
@@ -117,38 +117,16 @@ def check_extras(
 
 
 @dataclass
+@declared_by(DATA_OPTIONS)
 class DataConfig:
-    dataset: str = "fashion_mnist"
-    val_size: int = 5000
-    subset: int | None = None
-    split_seed: int = 0
+    """Which data and how it is split: one field per option of :data:`DATA_OPTIONS`."""
 
 
 @dataclass
+@declared_by(TRAIN_OPTIONS)
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    kl_anneal_epochs: int = 0  # linear warm-up of the KL weight over this many epochs
-    #: folded ensembles: "repeat" (every member sees every example, the rank-1 protocol) or
-    #: "split" (the batch is divided among members, the original BatchEnsemble protocol)
-    ensemble_protocol: str = "repeat"
-    augment: bool | None = None  # None: crop+flip for 32x32 colour images only
-    cutout: int = 0  # cutout square side (pixels) when augmenting; 0: none
-    optimizer: str = "adam"  # adam | sgd (Nesterov momentum)
-    momentum: float = 0.9
-    warmup_epochs: int = 0  # linear warm-up, then cosine decay to 0 at `epochs`
-    #: "dataloader" (torch DataLoader) or "tensor" (bnnkit.data.TensorLoader: data on the device)
-    loader: str = "dataloader"
-    channels_last: bool = False
-    compile: str = "none"  # torch.compile mode of the training forward pass, or "none"
-    accelerator: str = "auto"
-    devices: int | str = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
-    num_nodes: int = 1
-    progress: bool = True
+    """How a run trains: one field per option of :data:`TRAIN_OPTIONS` (its type, default,
+    range and help are declared there, once)."""
 
 
 @dataclass
