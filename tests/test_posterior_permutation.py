@@ -145,6 +145,7 @@ class SharedWeight(nn.Module):
         return self.out(h + F.linear(h, self.fc2.weight))
 
 
+@pytest.mark.filterwarnings("ignore:permutation_spec leaves units fixed")
 @pytest.mark.parametrize("cls, groups", [(Unknown, {"d"}), (SharedWeight, set())])
 def test_unknown_operations_stay_fixed_and_the_function_is_kept(cls, groups):
     torch.manual_seed(0)
@@ -220,3 +221,134 @@ def test_arithmetic_on_sizes_is_not_a_tensor_op():
     state = rescale(state, sspec, random_scales(sspec))
     with torch.no_grad():
         torch.testing.assert_close(_load(model, state)(x), model(x), rtol=1e-9, atol=1e-10)
+
+
+# ---------------------------------------------------------------------- units on other axes
+
+
+class TokenHead(nn.Module):
+    """A Linear over tokens ``[B, T, D]`` (units on the last axis), optionally a BatchNorm1d whose
+    channels are the tokens, then ``flatten(1)`` and a Linear head: the head's columns hold ``T``
+    blocks of the ``D`` units, not ``D`` contiguous blocks."""
+
+    def __init__(self, T, D, bn):
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+        self.bn = nn.BatchNorm1d(T) if bn else nn.Identity()
+        self.head = nn.Linear(T * D, 3)
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.bn(F.relu(self.fc(x))), 1))
+
+
+@pytest.mark.parametrize("T, D, bn", [(4, 4, False), (4, 4, True), (3, 5, False), (5, 3, True)])
+def test_linear_over_tokens_then_flatten_keeps_the_function(T, D, bn):
+    torch.manual_seed(0)
+    model = TokenHead(T, D, bn).double().eval()
+    if bn:
+        with torch.no_grad():
+            model.bn.running_mean.normal_()
+            model.bn.running_var.uniform_(0.5, 2.0)
+            model.bn.weight.normal_()
+            model.bn.bias.normal_()
+    x = torch.randn(6, T, D, dtype=torch.float64)
+    spec = permutation_spec(model, x)
+    assert spec.groups == {"fc": D}
+    a = spec.axes["head.weight"][1]
+    assert (a.group, a.repeat, a.outer) == ("fc", 1, T)
+    assert not any(k.startswith("bn.") for k in spec.axes)  # its channels are tokens, not units
+    state = model.state_dict()
+    g = torch.Generator().manual_seed(1)
+    for transformed in [permute(state, spec, random_permutation(spec, g)) for _ in range(3)] + [
+        canonicalize(state, spec)
+    ]:
+        with torch.no_grad():
+            torch.testing.assert_close(_load(model, transformed)(x), model(x), rtol=0, atol=1e-10)
+    from bnnkit.posterior import align
+
+    shuffled = permute(state, spec, random_permutation(spec, g))
+    aligned = align(state, shuffled, spec)
+    assert all(torch.equal(aligned[k], state[k]) for k in state)
+
+
+class Transposed(nn.Module):
+    """Units moved by transposes and views: a Conv1d's channels become the last axis of
+    ``[B, L, C]`` (a Linear reads them), a LayerNorm normalises them; a ``[B, C, H*W]`` view puts
+    a Conv2d's channels on dim 1 where a Linear mixes positions instead (that group must end)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1d, self.ln, self.fc = (
+            nn.Conv1d(2, 4, 3, padding=1),
+            nn.LayerNorm(4),
+            nn.Linear(4, 5),
+        )
+        self.conv2d, self.pos = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(16, 2)
+        self.head = nn.Linear(5 * 6 + 3 * 2, 3)
+
+    def forward(self, x):
+        s = x.flatten(2)[:, :, :6]  # [B, 2, 6] sequences
+        h = self.fc(self.ln(F.relu(self.conv1d(s)).transpose(1, 2)))  # [B, 6, 5]
+        m = F.relu(self.conv2d(x))  # [B, 3, 4, 4]
+        p = self.pos(m.view(m.size(0), m.size(1), -1))  # [B, 3, 2]: mixes positions
+        return self.head(torch.cat([h.flatten(1), p.flatten(1)], 1))
+
+
+def test_units_follow_transposes_and_end_where_a_layer_reads_another_axis():
+    torch.manual_seed(0)
+    model = Transposed().double().eval()
+    with torch.no_grad():
+        model.ln.weight.normal_()
+        model.ln.bias.normal_()
+    x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="conv2d.*Linear at 'pos'"):
+        spec = permutation_spec(model, x)
+    assert set(spec.groups) == {"conv1d"}  # fc, pos feed torch.cat; conv2d ends at pos
+    assert spec.axes["fc.weight"] == {1: spec.axes["conv1d.weight"][0]}
+    assert set(spec.axes["ln.weight"]) == {0}
+    state = model.state_dict()
+    for transformed in (permute(state, spec, random_permutation(spec)), canonicalize(state, spec)):
+        with torch.no_grad():
+            torch.testing.assert_close(_load(model, transformed)(x), model(x), rtol=0, atol=1e-10)
+
+
+class AppliedTwice(nn.Module):
+    """One Linear applied to its own output, once on the input's (fixed) units."""
+
+    def __init__(self, pre):
+        super().__init__()
+        self.pre = nn.Linear(4, 4) if pre else nn.Identity()
+        self.fc, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(F.relu(self.fc(F.relu(self.fc(F.relu(self.pre(x)))))))
+
+
+@pytest.mark.parametrize("pre, groups", [(False, 0), (True, 1)])
+def test_a_layer_applied_twice_moves_alike_for_both_calls(pre, groups):
+    torch.manual_seed(0)
+    model = AppliedTwice(pre).double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    spec = permutation_spec(model, x)
+    assert len(spec.groups) == groups
+    state = model.state_dict()
+    for transformed in (permute(state, spec, random_permutation(spec)), canonicalize(state, spec)):
+        with torch.no_grad():
+            torch.testing.assert_close(_load(model, transformed)(x), model(x), rtol=0, atol=1e-10)
+
+
+def test_ops_that_end_a_group_are_named_once_and_known_models_warn_nothing():
+    import warnings
+
+    from bnnkit.posterior import graph
+
+    torch.manual_seed(0)
+    model, x = Unknown().double().eval(), torch.randn(3, 4, dtype=torch.float64)
+    graph._WARNED.clear()
+    with pytest.warns(UserWarning, match=r"a, b: torch\.cat .*c: F\.linear"):
+        permutation_spec(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        permutation_spec(model, x)  # once per process
+        for name in CASES:
+            permutation_spec(*_model(name))

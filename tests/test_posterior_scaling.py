@@ -4,10 +4,12 @@ generic convex solver; non-homogeneous activations are refused; BatchNorm is han
 touching the caller's model."""
 
 import copy
+import re
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bnnkit import ConfigError, InputError
@@ -138,3 +140,128 @@ def test_bad_scales_are_refused():
         rescale(model.state_dict(), spec, {g: -torch.ones(n, dtype=torch.float64)})
     with pytest.raises(InputError, match="unknown scale group"):
         rescale(model.state_dict(), spec, {"nope": torch.ones(n)})
+
+
+# ---------------------------------------------------------------------- ops on the units' axis
+
+
+class AfterRelu(nn.Module):
+    """``op(relu(layer(x)))`` then a Linear head; ``op`` decides whether the layer's units keep
+    their scaling symmetry."""
+
+    def __init__(self, op, conv):
+        super().__init__()
+        self.op, self.conv = op, conv
+        self.layer = nn.Conv2d(2, 4, 3) if conv else nn.Linear(5, 4)
+        self.head = nn.Linear(4 * 4 if conv and op in ("mean1", "mean1_function") else 4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.layer(x))
+        if self.op == "add_method":
+            h = h.add(1.0)
+        elif self.op == "add_op":
+            h = h + 1.0
+        elif self.op == "rsub":
+            h = 1.0 - h
+        elif self.op == "add_input":
+            h = h + x[:, :4]
+        elif self.op == "square":
+            h = h * h
+        elif self.op == "mean1":
+            h = h.mean(dim=1)
+        elif self.op == "mean1_function":
+            h = torch.mean(h, 1)
+        elif self.op == "mul":
+            h = h * 2.0 / 3.0
+        elif self.op == "neg_abs":
+            h = -h.abs()
+        elif self.op == "mean_spatial":
+            h = h.mean(dim=(2, 3), keepdim=True)
+        elif self.op == "amax_spatial":
+            h = torch.amax(h, dim=(2, 3))
+        if self.conv and self.op not in ("amax_spatial",):
+            h = h.flatten(1) if self.op != "mean_spatial" else h.view(h.size(0), -1)
+        return self.head(h)
+
+
+ENDS = {("add_method", False): ".add()", ("add_op", False): "operator.add",
+        ("rsub", False): "operator.sub", ("add_input", False): "operator.add",
+        ("square", False): "operator.mul", ("mean1", True): ".mean()",
+        ("mean1_function", True): "torch.mean"}  # fmt: skip
+KEEPS = [("mul", False), ("neg_abs", False), ("mean_spatial", True), ("amax_spatial", True)]
+
+
+@pytest.mark.parametrize("op, conv", [*ENDS, *KEEPS])
+def test_only_ops_homogeneous_on_the_units_axis_keep_the_group(op, conv):
+    """Adding a constant or an unscaled tensor, squaring, and a mean over the units' axis end
+    the group (with a warning naming the op); scalar factors, abs, negation and reductions over
+    other axes keep it. Either way rescaling and balancing keep the function."""
+    from bnnkit.posterior import graph
+
+    torch.manual_seed(0)
+    model = AfterRelu(op, conv).double().eval()
+    x = (
+        torch.randn(6, 2, 6, 6, dtype=torch.float64)
+        if conv
+        else torch.randn(6, 5, dtype=torch.float64)
+    )
+    graph._WARNED.clear()
+    ends = (op, conv) in ENDS
+    if ends:
+        with pytest.warns(UserWarning, match=f"scaling_spec.*layer: .*{re.escape(ENDS[op, conv])}"):
+            spec = scaling_spec(model, x)
+    else:
+        spec = scaling_spec(model, x)
+    assert ("layer" in spec.groups) != ends
+    state = model.state_dict()
+    g = torch.Generator().manual_seed(0)
+    for transformed in (
+        rescale(state, spec, random_scales(spec, g, spread=2.0)),
+        balance(state, spec),
+    ):
+        with torch.no_grad():
+            torch.testing.assert_close(_load(model, transformed)(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("final", [torch.sigmoid, lambda z: F.log_softmax(z, dim=1)])
+def test_an_activation_on_the_output_is_not_refused(final):
+    """A sigmoid or log-softmax on the logits acts on units that never move: the hidden ReLU
+    units keep their symmetry, and the function is kept."""
+    torch.manual_seed(0)
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return final(self.b(F.relu(self.a(x))))
+
+    model, x = Head().double(), torch.randn(5, 3, dtype=torch.float64)
+    spec = scaling_spec(model, x)
+    assert set(spec.groups) == {"a"}
+    with torch.no_grad():
+        torch.testing.assert_close(_load(model, balance(model.state_dict(), spec))(x), model(x))
+    with pytest.raises(ConfigError, match="positively homogeneous.*Sigmoid at .1."):
+        scaling_spec(nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 2)).double(), x)
+
+
+def test_balancing_that_runs_out_of_sweeps_says_so():
+    """An unconverged balance warns (how far off it is) instead of passing for the minimum-norm
+    representative; the converged one does not warn."""
+    import warnings
+
+    from bnnkit.posterior.scaling import BalanceWarning
+
+    model, x = _relu_model("mlp")  # two coupled groups: one sweep is not exact
+    spec = scaling_spec(model, x)
+    state = rescale(model.state_dict(), spec, random_scales(spec, torch.Generator().manual_seed(0)))
+    with pytest.warns(BalanceWarning, match="did not converge in 2 sweeps.*max_sweeps"):
+        early = balance(state, spec, max_sweeps=2)
+    with torch.no_grad():
+        torch.testing.assert_close(_load(model, early)(x), model(x), rtol=1e-9, atol=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bal = balance(state, spec)
+    a, b = _masses(bal, spec, next(iter(spec.groups)))
+    torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)

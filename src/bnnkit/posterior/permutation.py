@@ -1,16 +1,24 @@
 """Permutation symmetries of a network: which axes of which tensors move together when the hidden
 units (features, channels) of a layer are reordered, derived from the traced graph.
 
-A :class:`PermutationSpec` names *groups* of hidden units. A group is created by a ``Linear`` or
-``Conv2d`` output and follows the tensor through operations that act per channel (activations,
-dropout, pooling, BatchNorm, which moves its affine parameters and running statistics with its
-channels); ``Flatten`` of a ``[C, H, W]`` map turns a channel group into one whose units span
-``H*W`` consecutive features (``Axis.repeat``); adding two tensors (a residual connection) merges
-their groups into one, the residual stream. The network's input and output are never permuted:
-a group that reaches either, or any operation the rules do not know (``torch.cat``, attention,
-a parameter used outside its module, grouped convolutions, ...), is left fixed, which is always
-correct, only less symmetry removed. :func:`permutation_spec` derives the spec with
-``torch.fx``; a spec can also be written by hand for untraceable models.
+A :class:`PermutationSpec` names *groups* of hidden units. A group is created by a ``Linear``
+(units on its output's last axis: features of ``[B, D]``, or of every token of ``[B, T, D]``) or
+a convolution (channels) and follows the tensor through the ops that are proven equivariant on
+the axis its units sit on (:mod:`.graph` walks the graph, the table below holds the rules):
+elementwise activations, dropout and softmax on any axis; pooling over other axes; BatchNorm,
+LayerNorm and PReLU, whose per-unit parameters and statistics move with the units when they act
+on the units' axis (and stay when they act on another); reductions over other axes, or over the
+units' axis (a symmetric function of them: the group is complete there); reshapes, flattens and
+transposes, which the units follow wherever they land (``flatten(1)`` of a ``[C, H, W]`` map: each
+channel spans ``H*W`` consecutive features, ``Axis.repeat``; of tokens ``[T, D]`` with units on
+``D``: ``T`` blocks of ``D`` units, ``Axis.outer``); and elementwise arithmetic, where the groups
+of the tracked operands become one (a residual stream) and any other operand must be the same for
+every unit. The network's input and output are never permuted; a group that reaches any other op
+(``torch.cat``, attention, indexing, a weight used outside its module, grouped convolutions, an
+op on another axis than the rules allow...) is left fixed, which is always correct, only less
+symmetry removed, with a one-time :class:`~.graph.SymmetryWarning` naming the op.
+:func:`permutation_spec` derives the spec with ``torch.fx``; a spec can also be written by hand
+for untraceable models.
 
 Functions take and return state dicts (never the caller's model): :func:`permute` applies one
 permutation per group, :func:`random_permutation` draws them, :func:`canonical_permutation`
@@ -27,37 +35,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, InputError
-
-# modules and functions that act per channel: a permutation of channels commutes with them
-_ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.PReLU,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity,
-    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-)  # fmt: skip
-_ELEMENTWISE_FUNCTIONS = {
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu,
-    F.silu, F.mish, torch.tanh, torch.sigmoid, F.softplus, F.hardswish, F.hardtanh, F.dropout,
-    F.dropout2d, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.abs, operator.neg,
-}  # fmt: skip
-_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "abs", "neg", "contiguous", "clone",
-                        "detach", "float", "double"}  # fmt: skip
-_MERGING = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub,
-            operator.mul, operator.imul, torch.mul}  # fmt: skip
-_MERGING_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_"}
-_PARAMETER_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
+from ..errors import InputError
+from . import graph
+from .graph import node_shape, traced, unit_rows  # noqa: F401 - node_shape, traced: re-exported
 
 
 @dataclass(frozen=True)
 class Axis:
-    """One permuted axis of a tensor: its units belong to ``group``; each unit spans ``repeat``
-    consecutive entries (a flattened ``[C, H, W]`` map: ``repeat = H*W``)."""
+    """One permuted axis of a tensor: it holds ``outer`` blocks of the units of ``group``, each
+    unit spanning ``repeat`` consecutive entries (a flattened ``[C, H, W]`` map: ``repeat = H*W``;
+    flattened tokens ``[T, D]`` with units on ``D``: ``outer = T``)."""
 
     group: str
     repeat: int = 1
+    outer: int = 1
 
 
 @dataclass
@@ -76,298 +67,130 @@ class PermutationSpec:
                 raise InputError(f"the permutation spec names {key!r}, which the state lacks")
             t = state[key]
             for ax, a in axes.items():
-                if ax >= t.dim() or t.shape[ax] != self.groups[a.group] * a.repeat:
+                if ax >= t.dim() or t.shape[ax] != self.groups[a.group] * a.repeat * a.outer:
                     raise InputError(
                         f"{key} has shape {tuple(t.shape)}; axis {ax} should hold "
-                        f"{self.groups[a.group]} units x {a.repeat} of group {a.group!r}"
+                        f"{a.outer} x {self.groups[a.group]} units x {a.repeat} of group "
+                        f"{a.group!r}"
                     )
 
 
-class _Groups:
-    """Union-find over group ids; a group touching the input, the output or an unknown op is
-    fixed (never permuted)."""
-
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-        self.fixed: list[bool] = []
-        self.size: list[int | None] = []
-        self.name: list[str] = []
-
-    def new(self, name: str, size: int | None, fixed: bool = False) -> int:
-        self.parent.append(len(self.parent))
-        self.fixed.append(fixed)
-        self.size.append(size)
-        self.name.append(name)
-        return len(self.parent) - 1
-
-    def find(self, g: int) -> int:
-        while self.parent[g] != g:
-            self.parent[g] = self.parent[self.parent[g]]
-            g = self.parent[g]
-        return g
-
-    def union(self, a: int, b: int) -> int:
-        a, b = self.find(a), self.find(b)
-        if a == b:
-            return a
-        if b < a:
-            a, b = b, a
-        self.parent[b] = a  # the earlier group names the merged one
-        self.fixed[a] = self.fixed[a] or self.fixed[b]
-        if self.size[a] is not None and self.size[b] is not None and self.size[a] != self.size[b]:
-            self.fixed[a] = True  # cannot happen in a valid graph; stay safe
-        self.size[a] = self.size[a] if self.size[a] is not None else self.size[b]
-        return a
-
-    def fix(self, g: int) -> None:
-        self.fixed[self.find(g)] = True
-
-    def fix_output(self, val: dict, node) -> None:
-        """``node``'s output is tracked by a new fixed group."""
-        val[node] = (self.new(node.name, None, fixed=True), 1)
-
-    def fix_inputs(self, val: dict, node) -> None:
-        """Every tracked input of ``node`` (an op the rules do not know) is fixed."""
-        for a in node.all_input_nodes:
-            if a in val:
-                self.fix(val[a][0])
+# ---------------------------------------------------------------------- rules (data)
 
 
-def node_shape(node) -> tuple | None:
-    """The traced output shape of an fx node (None for non-tensors)."""
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+def _batchnorm(w: graph.Walk, node, mod) -> None:
+    """Per-channel (axis 1) affine map with statistics over every other axis: on the channel
+    axis its parameters and running statistics move with the units; on another axis it acts
+    alike on every unit (statistics over that axis are symmetric in the units)."""
+    t = w.unary(node)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        if getattr(mod, name, None) is not None:
+            if t is not None and t.axis == 1:
+                w.mark(f"{node.target}.{name}", 0, t, "with")
+            else:
+                w.pin(f"{node.target}.{name}", 0)
+    w.keep(node, t)
 
 
-def traced(model: nn.Module, example_input: torch.Tensor, spec_name: str):
-    """``model`` traced by ``torch.fx`` with tensor shapes recorded on ``example_input`` (eval
-    mode, no gradients; the model's mode is restored); a clear error if it cannot be traced."""
-    import torch.fx
-    from torch.fx.passes.shape_prop import ShapeProp
+def _layernorm(w: graph.Walk, node, mod) -> None:
+    """Normalises the last ``k`` axes: symmetric in units there when ``k == 1`` (the affine
+    parameters move with them), and acts alike on every unit of an earlier axis."""
+    t, src = w.unary(node), w.shape(node.args[0])
+    k = len(mod.normalized_shape)
+    moves = t is not None and src is not None and k == 1 and t.axis == len(src) - 1
+    for name in ("weight", "bias"):
+        if getattr(mod, name, None) is not None:
+            w.mark(f"{node.target}.{name}", 0, t, "with") if moves else \
+                w.pin(f"{node.target}.{name}", 0)  # fmt: skip
+    if t is None or moves or (src is not None and t.axis < len(src) - k):
+        return w.keep(node, t)
+    w.end(node, f"{graph.describe(node)} normalises the units with other axes")
 
-    try:
-        gm = torch.fx.symbolic_trace(model)
-    except Exception as e:  # noqa: BLE001 - fx raises many types; the message is what matters
-        raise ConfigError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}); write its {spec_name} by hand"
-        ) from e
-    was = model.training
-    gm.eval()
-    with torch.no_grad():
-        ShapeProp(gm).propagate(example_input)
-    gm.train(was)
-    return gm
+
+def _prelu(w: graph.Walk, node, mod) -> None:
+    """One slope per channel (axis 1): the slopes move with units on that axis."""
+    t = w.unary(node)
+    if mod.num_parameters > 1:
+        if t is not None and t.axis == 1:
+            w.mark(f"{node.target}.weight", 0, t, "with")
+        else:
+            w.pin(f"{node.target}.weight", 0)
+    w.keep(node, t)
+
+
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softsign,
+    nn.LogSigmoid, nn.Tanhshrink, nn.Softmax, nn.LogSoftmax, nn.Softmin,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+)  # fmt: skip
+_ELEMENTWISE_FUNCTIONS = (
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu,
+    F.gelu, F.silu, F.mish, F.softplus, F.hardswish, F.hardsigmoid, F.hardtanh, F.softsign,
+    F.logsigmoid, F.softmax, F.log_softmax, F.tanh, F.sigmoid, torch.tanh, torch.sigmoid,
+    torch.softmax, torch.log_softmax, torch.abs, torch.neg, operator.neg, operator.pos, torch.exp,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+)  # fmt: skip
+_ELEMENTWISE_METHODS = (
+    "relu", "relu_", "sigmoid", "tanh", "abs", "neg", "exp", "softmax", "log_softmax", "clone",
+    "detach", "float", "double", "half", "to",
+)  # fmt: skip
+_ARITHMETIC_FUNCTIONS = (
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+    operator.truediv, operator.itruediv, operator.pow, torch.add, torch.sub, torch.mul,
+    torch.div, torch.pow,
+)  # fmt: skip
+_ARITHMETIC_METHODS = ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow")
+_REDUCTIONS = (torch.mean, torch.sum, torch.amax, torch.amin)
+
+RULES = graph.Rules(
+    name="permutation_spec",
+    modules=[
+        ((nn.Linear,), graph.linear),
+        (graph.CONVS, graph.conv),
+        (graph.BATCHNORMS, _batchnorm),
+        ((nn.LayerNorm,), _layernorm),
+        ((nn.PReLU,), _prelu),
+        (_ELEMENTWISE_MODULES, graph.elementwise),
+        *[(types, graph.pooling(k)) for types, k in graph.POOLS],
+        ((nn.Flatten, nn.Unflatten), graph.reshape),
+    ],
+    functions={f: graph.elementwise for f in _ELEMENTWISE_FUNCTIONS}
+    | {f: graph.merge_equivariant for f in _ARITHMETIC_FUNCTIONS}
+    | {f: graph.reduction("invariant") for f in _REDUCTIONS}
+    | graph.pooling_functions()
+    | graph.structural_functions(),
+    methods={m: graph.elementwise for m in _ELEMENTWISE_METHODS}
+    | {m: graph.merge_equivariant for m in _ARITHMETIC_METHODS}
+    | {m: graph.reduction("invariant") for m in ("mean", "sum", "amax", "amin")}
+    | graph.structural_methods(),
+)
 
 
 def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
     """Derive the permutation groups of ``model`` by tracing it with ``torch.fx`` on
-    ``example_input`` (shapes are needed for ``Flatten``). Refuses, with the reason, a model
+    ``example_input`` (shapes tell where the units sit). Refuses, with the reason, a model
     ``torch.fx`` cannot trace: write a :class:`PermutationSpec` by hand for it."""
-    import torch.fx
-
     gm = traced(model, example_input, "PermutationSpec")
-    modules = dict(gm.named_modules())
-    G = _Groups()
-    val: dict = {}  # node -> (group id, repeat) for tensors whose dim 1 / last dim is tracked
-    key_axes: dict[str, list[tuple[int, int, int]]] = {}  # key -> [(axis, gid, repeat)]
-    producers: dict[int, list[str]] = {}
-    frozen: set[str] = set()
-
-    shape = node_shape
-
-    def fixed_output(node):
-        G.fix_output(val, node)
-
-    def fix_inputs(node):
-        G.fix_inputs(val, node)
-
-    def merge(node, ins):
-        """Elementwise ops of several tensors (a residual add): their groups become one."""
-        tracked = [v for v in ins if v is not None]
-        if not tracked:  # arithmetic on sizes or other non-tensors
-            return
-        if len({v[1] for v in tracked}) > 1:
-            fix_inputs(node)
-            fixed_output(node)
-            return
-        gid = tracked[0][0]
-        for v in tracked[1:]:
-            gid = G.union(gid, v[0])
-        val[node] = (gid, tracked[0][1])
-
-    def mark(key, axis, gid, repeat=1):
-        key_axes.setdefault(key, []).append((axis, gid, repeat))
-
-    for node in gm.graph.nodes:
-        ins = [val.get(a) for a in node.all_input_nodes]
-        first = val.get(node.args[0]) if node.args and isinstance(node.args[0], torch.fx.Node) \
-            else None  # fmt: skip
-        if node.op == "placeholder":
-            fixed_output(node)
-        elif node.op == "output":
-            fix_inputs(node)
-        elif node.op == "get_attr":
-            # a parameter or buffer used by a function, not (only) by its module: it cannot be
-            # permuted along any axis, so every group on its axes is fixed at the end; whatever
-            # consumes it is an unknown op (fixed below)
-            frozen.add(node.target)
-            fixed_output(node)
-        elif node.op == "call_module":
-            mod = modules[node.target]
-            prefix = node.target + "." if node.target else ""
-            if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-                groups_ok = getattr(mod, "groups", 1) == 1
-                out_size = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
-                gid = G.new(node.target, out_size, fixed=not groups_ok)
-                if first is not None:
-                    if groups_ok:
-                        mark(prefix + "weight", 1, first[0], first[1])
-                    else:
-                        G.fix(first[0])
-                mark(prefix + "weight", 0, gid)
-                if mod.bias is not None:
-                    mark(prefix + "bias", 0, gid)
-                producers.setdefault(gid, []).extend(
-                    [prefix + "weight"] + ([prefix + "bias"] if mod.bias is not None else [])
-                )
-                val[node] = (gid, 1)
-            elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                if first is None:
-                    fixed_output(node)
-                    continue
-                for name in ("weight", "bias", "running_mean", "running_var"):
-                    if getattr(mod, name, None) is not None:
-                        mark(prefix + name, 0, first[0], first[1])
-                val[node] = first
-            elif isinstance(mod, _ELEMENTWISE_MODULES) and first is not None:
-                if isinstance(mod, nn.PReLU) and mod.num_parameters > 1:
-                    mark(prefix + "weight", 0, first[0], first[1])
-                val[node] = first
-            elif isinstance(mod, nn.Flatten) and first is not None:
-                val[node] = _flatten(G, first, shape(node.args[0]), mod.start_dim, mod.end_dim)
-            else:
-                fix_inputs(node)
-                fixed_output(node)
-                for k, _ in mod.named_parameters(prefix=node.target):
-                    mark(k, -1, G.new(k, None, fixed=True))
-        elif node.op == "call_function":
-            fn = node.target
-            if fn in _ELEMENTWISE_FUNCTIONS and first is not None:
-                val[node] = first
-            elif fn in _MERGING:
-                merge(node, ins)
-            elif fn is torch.flatten and first is not None:
-                start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-                end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-                val[node] = _flatten(G, first, shape(node.args[0]), start, end)
-            elif fn is operator.getitem and first is None:
-                continue  # indexing a shape tuple or similar: no tensor to track
-            else:
-                fix_inputs(node)
-                if shape(node) is not None:
-                    fixed_output(node)
-        elif node.op == "call_method":
-            m = node.target
-            if m in _ELEMENTWISE_METHODS and first is not None:
-                val[node] = first
-            elif m in _MERGING_METHODS:
-                merge(node, ins)
-            elif m in ("view", "reshape", "flatten") and first is not None:
-                src, dst = shape(node.args[0]), shape(node)
-                if m == "flatten":
-                    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-                    val[node] = _flatten(G, first, src, start, -1)
-                elif src is not None and dst is not None and len(dst) == 2 and dst[0] == src[0]:
-                    val[node] = _flatten(G, first, src, 1, -1)
-                elif src == dst:
-                    val[node] = first
-                else:
-                    fix_inputs(node)
-                    fixed_output(node)
-            elif m == "size" or m == "dim":
-                continue
-            elif m == "mean" and first is not None and _reduces_spatial_only(node):
-                val[node] = first
-            else:
-                fix_inputs(node)
-                if shape(node) is not None:
-                    fixed_output(node)
-
-    for key in frozen:
-        for _, gid, _ in key_axes.get(key, []):
-            G.fix(gid)
-    # assemble: roots that are not fixed, in order of creation (topological)
-    roots = {}
-    for gid in range(len(G.parent)):
-        r = G.find(gid)
-        if not G.fixed[r] and G.size[r] is not None and r not in roots:
-            roots[r] = G.name[r]
+    walked = graph.walk(model, gm, RULES)
     axes: dict[str, dict[int, Axis]] = {}
-    for key, entries in key_axes.items():
-        for axis, gid, repeat in entries:
-            r = G.find(gid)
-            if axis < 0 or r not in roots:
-                continue
-            prev = axes.setdefault(key, {}).get(axis)
-            new = Axis(roots[r], repeat)
-            if prev is not None and prev != new:  # a module applied twice with other groups
-                raise ConfigError(
-                    f"{key} is used with two different permutation groups ({prev.group}, "
-                    f"{new.group}); write the PermutationSpec by hand"
-                )
-            axes[key][axis] = new
-    # a key some use of which is fixed must not be permuted on that axis
-    for key, entries in key_axes.items():
-        for axis, gid, _ in entries:
-            if axis >= 0 and G.find(gid) not in roots and key in axes:
-                axes[key].pop(axis, None)
-    axes = {k: v for k, v in axes.items() if v}
-    prods = {roots[G.find(g)]: [] for g in producers if G.find(g) in roots}
-    for g, keys in producers.items():
-        if G.find(g) in roots:
-            prods[roots[G.find(g)]].extend(keys)
-    groups = {name: G.size[r] for r, name in roots.items()}
-    return PermutationSpec(groups, axes, prods)
-
-
-def _flatten(G: _Groups, first, src_shape, start, end):
-    gid, repeat = first
-    if src_shape is None:
-        G.fix(gid)
-        return (G.new("flatten", None, fixed=True), 1)
-    nd = len(src_shape)
-    start, end = start % nd, end % nd
-    if start == end:
-        return first
-    if start != 1 or end != nd - 1:
-        G.fix(gid)
-        return (G.new("flatten", None, fixed=True), 1)
-    spatial = 1
-    for d in src_shape[2:]:
-        spatial *= d
-    return (gid, repeat * spatial)
-
-
-def _reduces_spatial_only(node) -> bool:
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if dims is None:
-        return False
-    dims = [dims] if isinstance(dims, int) else list(dims)
-    meta = node.args[0].meta.get("tensor_meta")
-    nd = len(meta.shape) if meta is not None else 4
-    return all(d % nd >= 2 for d in dims)
+    producers: dict[str, list[str]] = {}
+    for name, m in walked.marks:
+        axes.setdefault(m.key, {})[m.axis] = Axis(name, m.repeat, m.outer)
+        if m.role == "in" and m.key not in producers.get(name, []):
+            producers.setdefault(name, []).append(m.key)
+    return PermutationSpec(walked.groups, axes, producers)
 
 
 # ---------------------------------------------------------------------- applying permutations
 
 
-def _permute_axis(t: torch.Tensor, axis: int, perm: torch.Tensor, repeat: int) -> torch.Tensor:
-    if repeat == 1:
+def _permute_axis(t: torch.Tensor, axis: int, perm: torch.Tensor, a: Axis) -> torch.Tensor:
+    if a.repeat == 1 and a.outer == 1:
         return t.index_select(axis, perm)
     shape = t.shape
-    v = t.reshape(*shape[:axis], len(perm), repeat, *shape[axis + 1 :])
-    return v.index_select(axis, perm).reshape(shape)
+    v = t.reshape(*shape[:axis], a.outer, len(perm), a.repeat, *shape[axis + 1 :])
+    return v.index_select(axis + 1, perm).reshape(shape)
 
 
 def permute(
@@ -386,7 +209,7 @@ def permute(
     for key, t in state.items():
         for axis, a in spec.axes.get(key, {}).items():
             if a.group in perms:
-                t = _permute_axis(t, axis, perms[a.group].to(t.device), a.repeat)
+                t = _permute_axis(t, axis, perms[a.group].to(t.device), a)
         out[key] = t.clone() if t is state[key] else t  # never shares the caller's storage
     return out
 
@@ -412,9 +235,9 @@ def invert(perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------- canonical order
 
 
-def _unit_rows(t: torch.Tensor, axis: int, repeat: int) -> torch.Tensor:
+def _unit_rows(t: torch.Tensor, axis: int, a: Axis) -> torch.Tensor:
     """``[units, rest]``: the entries of each unit of ``axis`` of ``t``."""
-    return t.movedim(axis, 0).reshape(t.shape[axis] // repeat, -1)
+    return unit_rows(t, axis, t.shape[axis] // (a.repeat * a.outer), a.repeat, a.outer)
 
 
 def canonical_permutation(
@@ -446,10 +269,10 @@ def canonical_permutation(
             t = cur[key]
             if all(a.group in ties for _, a in others):
                 for ax, a in others:
-                    t = _symmetrise(t, ax, a.repeat, ties[a.group])
-                exact.append(_unit_rows(t, 0, axes[0].repeat))
+                    t = _symmetrise(t, ax, a, ties[a.group])
+                exact.append(_unit_rows(t, 0, axes[0]))
             else:
-                unordered.append(torch.sort(_unit_rows(t, 0, axes[0].repeat), dim=1).values)
+                unordered.append(torch.sort(_unit_rows(t, 0, axes[0]), dim=1).values)
         outgoing = [torch.sort(t, dim=1).values for t in _outgoing(cur, spec, g)]
         key_mat = torch.cat(exact + unordered + outgoing, dim=1)
         key_mat = torch.cat([key_mat.norm(dim=1, keepdim=True), key_mat], dim=1)
@@ -471,25 +294,25 @@ def canonical_permutation(
 
 
 def _outgoing(cur, spec: PermutationSpec, g: str) -> list[torch.Tensor]:
-    """``[units, entries]`` blocks of the weights that read group ``g`` (a unit's entries are
-    contiguous along the axis, ``repeat`` of them per unit)."""
+    """``[units, entries]`` blocks of the weights that read group ``g`` (every entry of a unit
+    along the axis: ``outer`` blocks of ``repeat``)."""
     n = spec.groups[g]
-    return [cur[key].movedim(ax, 0).reshape(n, -1)
+    return [unit_rows(cur[key], ax, n, a.repeat, a.outer)
             for key, axes in spec.axes.items() for ax, a in axes.items()
             if ax != 0 and a.group == g]  # fmt: skip
 
 
-def _symmetrise(t: torch.Tensor, axis: int, repeat: int, blocks: list[torch.Tensor]):
+def _symmetrise(t: torch.Tensor, axis: int, a: Axis, blocks: list[torch.Tensor]):
     """``t`` with the units of each tied block along ``axis`` replaced by their values sorted
     across the block (per remaining coordinate): invariant to the order within each tie."""
     if not blocks:
         return t
     shape = t.shape
-    n = shape[axis] // repeat
-    v = t.reshape(*shape[:axis], n, repeat, *shape[axis + 1 :]).clone()
+    n = shape[axis] // (a.repeat * a.outer)
+    v = t.reshape(*shape[:axis], a.outer, n, a.repeat, *shape[axis + 1 :]).clone()
     for b in blocks:
-        sub = v.index_select(axis, b)
-        v.index_copy_(axis, b, torch.sort(sub, dim=axis).values)
+        sub = v.index_select(axis + 1, b)
+        v.index_copy_(axis + 1, b, torch.sort(sub, dim=axis + 1).values)
     return v.reshape(shape)
 
 
@@ -552,8 +375,8 @@ def weight_matching(
             for key, axes in spec.axes.items():
                 for ax, a in axes.items():
                     if a.group == g:
-                        A = ref[key].movedim(ax, 0).reshape(n, -1)
-                        B = others[key].movedim(ax, 0).reshape(n, -1)
+                        A = unit_rows(ref[key], ax, n, a.repeat, a.outer)
+                        B = unit_rows(others[key], ax, n, a.repeat, a.outer)
                         cost += A @ B.T
             _, col = linear_sum_assignment(cost.numpy(), maximize=True)
             new = torch.as_tensor(col, dtype=torch.long)
