@@ -7,6 +7,7 @@ command after an interruption loses no completed work.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 from dataclasses import asdict, dataclass, field
@@ -19,14 +20,14 @@ from tqdm.auto import tqdm
 from . import io
 from .data import CORRUPTIONS, load_bundle
 from .errors import ConfigError
-from .evaluate import EvalConfig, evaluate
+from .evaluate import EVAL_OPTIONS, EvalConfig, evaluate
 from .methods import METHODS, UQModel, get_method, method_options
 from .options import Option, OptionTable, declared_by
 from .report import ResultStore, markdown, ood_summary, plain, shift_summary, summary
 from .report import figures as figs
-from .train import Budget, DataConfig, RunConfig, TrainConfig, check_writable, train_run
+from .train import Budget, check_writable, train_run
 from .train.chunks import device_name
-from .train.config import DATA_OPTIONS, TRAIN_OPTIONS, check_extras
+from .train.config import DATA_OPTIONS, TRAIN_OPTIONS, check_extras, run_config
 from .train.run import check_same_config, is_complete
 
 DEFAULT_METHODS = [
@@ -69,12 +70,10 @@ BENCH_OPTIONS = OptionTable(
         TRAIN_OPTIONS["ensemble_protocol"],
         Option("device", "choice", "auto", "where to train and evaluate",
                choices=("auto", "cpu", "cuda", "gpu", "mps")),
-        Option("n_corrupt", "int", 250, "images per corruption and severity", low=1),
-        Option("eval_batch_size", "int", 256, "rows per forward pass at evaluation (inputs x "
-               "members x samples); larger on a GPU", low=1),
-        Option("n_rotate", "int", 300, "images per rotation angle", low=1),
-        Option("angles", "int_list", list(range(0, 181, 15)), "rotation angles in degrees "
-               "([]: none)", empty=True),
+        EVAL_OPTIONS["n_corrupt"].with_default(250),
+        dataclasses.replace(EVAL_OPTIONS["batch_size"], name="eval_batch_size"),
+        EVAL_OPTIONS["n_rotate"].with_default(300),
+        EVAL_OPTIONS["angles"],
         Option("model", "str", "lenet5", "architecture"),
         Option("dataset", "str", "fashion_mnist", "data set"),
         Option("out", "str", "runs/bench", "output directory"),
@@ -84,6 +83,10 @@ BENCH_OPTIONS = OptionTable(
                low_open=True, nullable=True),
     ],
 )  # fmt: skip
+
+
+#: the bench's options that are train options of every run (they win over ``train_options``)
+_BENCH_TRAIN_FIELDS = [o.name for o in BENCH_OPTIONS if o.name in TRAIN_OPTIONS]
 
 
 @dataclass
@@ -264,24 +267,18 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
             run_dir = out / "runs" / f"{method}-seed{seed}"
             base_method, options = cfg.resolve(method)
             posthoc_of = get_method(base_method).posthoc_of
-            rc = RunConfig(
+            rc = run_config(
                 method=base_method,
                 method_options=options,
                 model=cfg.model,
-                model_options=dict(cfg.model_options),
+                model_options=cfg.model_options,
                 seed=seed,
-                data=DataConfig(cfg.dataset, cfg.val_size, cfg.subset),
-                train=TrainConfig(
-                    **cfg.train_options,
-                    epochs=cfg.epochs,
-                    batch_size=cfg.batch_size,
-                    lr=cfg.lr,
-                    weight_decay=cfg.weight_decay,
-                    kl_anneal_epochs=cfg.kl_anneal_epochs,
-                    ensemble_protocol=cfg.ensemble_protocol,
-                    accelerator=_accelerator(cfg.device),
-                    progress=cfg.progress,
-                ),
+                data={"dataset": cfg.dataset, "val_size": cfg.val_size, "subset": cfg.subset},
+                train_options=cfg.train_options,
+                train={
+                    **{k: getattr(cfg, k) for k in _BENCH_TRAIN_FIELDS},
+                    "accelerator": _accelerator(cfg.device),
+                },
             )
             pred_path = run_dir / "predictions.safetensors"
             done = store.has(method, cfg.dataset, cfg.model, seed) and pred_path.is_file()

@@ -23,21 +23,42 @@ from tqdm.auto import tqdm
 from . import metrics
 from .data import CORRUPTIONS, DataBundle, corrupt, rotate_by
 from .errors import ConfigError
+from .options import Option, OptionTable, declared_by
 from .predictive import Predictive
+
+EVAL_OPTIONS = OptionTable(
+    "evaluation config",
+    [
+        Option("severities", "int_list", [1, 2, 3, 4, 5], "corruption severities", low=1,
+               high=5),
+        Option("n_corrupt", "int", 2000, "test images per corruption and severity", low=1),
+        Option("angles", "int_list", list(range(0, 181, 15)), "rotation angles in degrees "
+               "([]: none)", empty=True),
+        Option("n_rotate", "int", 2000, "test images per rotation angle", low=1),
+        Option("latency_batch", "int", 128, "images per timed forward pass", low=1),
+        Option("latency_repeats", "int", 20, "timed passes (the median is reported)", low=1),
+        Option("batch_size", "int", 256, "rows per forward pass at evaluation (inputs x "
+               "members x samples); larger on a GPU", low=1),
+        Option("seed", "int", 0, "seed of the corruptions' random draws", low=0),
+        Option("progress", "bool", True, "progress bars"),
+    ],
+)  # fmt: skip
 
 
 @dataclass
+@declared_by(EVAL_OPTIONS)
 class EvalConfig:
+    """What an evaluation measures: one field per option of :data:`EVAL_OPTIONS`, plus the
+    corruptions (names checked against the registry)."""
+
     corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
-    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
-    n_corrupt: int = 2000  # test images used for every corruption / severity
-    angles: list[int] = field(default_factory=lambda: list(range(0, 181, 15)))
-    n_rotate: int = 2000
-    latency_batch: int = 128
-    latency_repeats: int = 20
-    batch_size: int = 256  # rows per forward pass (inputs x members x samples)
-    seed: int = 0
-    progress: bool = True
+
+    def validate(self) -> EvalConfig:
+        EVAL_OPTIONS.resolve({o.name: getattr(self, o.name) for o in EVAL_OPTIONS})
+        bad = [c for c in self.corruptions if c not in CORRUPTIONS]
+        if bad:
+            raise ConfigError(f"unknown corruption(s) {bad}; valid: {', '.join(CORRUPTIONS)}")
+        return self
 
 
 def classification_rows(pred: Predictive, labels: torch.Tensor, split: str, full: bool = True):
@@ -173,10 +194,7 @@ def evaluate(model, bundle: DataBundle, cfg: EvalConfig | None = None):
     :class:`UQModel`, or your own wrapper). ``artefacts`` holds test mean probabilities,
     labels and OOD scores for figures.
     """
-    cfg = cfg or EvalConfig()
-    unknown = [c for c in cfg.corruptions if c not in CORRUPTIONS]
-    if unknown:
-        raise ConfigError(f"unknown corruption(s) {unknown}; valid: {', '.join(CORRUPTIONS)}")
+    cfg = (cfg or EvalConfig()).validate()
     spec = getattr(model, "spec", None)
     n_classes = getattr(spec, "num_classes", None) or getattr(model, "num_classes", None)
     if n_classes is not None and n_classes != bundle.num_classes:

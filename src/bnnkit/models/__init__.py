@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import ConfigError, unknown_name
 from ..options import Option, OptionTable
 from .base import Folded, Normalize, Stacked, check_images, fold
+from .placement import PlacementFallback
 from .zoo import MLP, LeNet5, ResNet18, WideResNet28
 
 MODELS = {
@@ -49,6 +50,7 @@ def build_model(name: str, input_shape, num_classes: int, mean=0.0, std=1.0, **k
 
 
 __all__ = [
+    "PlacementFallback",
     "MODELS",
     "MODEL_OPTIONS",
     "build_model",

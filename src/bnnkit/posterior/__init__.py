@@ -3,6 +3,7 @@ symmetries of networks, canonical forms and alignment, and measures between sets
 
 from .collect import collect_reference, collect_samples, collect_swag
 from .collection import Collection, Member
+from .graph import SymmetryWarning
 from .independent import train_independent
 from .mmd import MMDAggResult, mmd2, mmd_agg_test
 from .modes import (
@@ -28,11 +29,21 @@ from .permutation import (
     weight_matching,
 )
 from .samples import network_samples
-from .scaling import ScalingSpec, balance, balancing_scales, random_scales, rescale, scaling_spec
+from .scaling import (
+    BalanceWarning,
+    ScalingSpec,
+    balance,
+    balancing_scales,
+    random_scales,
+    rescale,
+    scaling_spec,
+)
 from .swag import SWAG, fit_swag, swag_states
 from .tools import canonical_collection, compare, function_vectors
 
 __all__ = [
+    "SymmetryWarning",
+    "BalanceWarning",
     "Axis",
     "PermutationSpec",
     "permutation_spec",

@@ -164,6 +164,34 @@ class RunConfig:
         return _from_dict(cls, d, "run config")
 
 
+def run_config(
+    *,
+    method: str,
+    model: str,
+    seed: int,
+    data: dict[str, Any],
+    train: dict[str, Any],
+    train_options: dict[str, Any] | None = None,
+    method_options: dict[str, Any] | None = None,
+    model_options: dict[str, Any] | None = None,
+) -> RunConfig:
+    """The config of one run that a bench, a search or the search's final comparison makes:
+    the tables' defaults, then ``train_options`` (a recipe shared by all the owner's runs, e.g.
+    the GPU one), then ``train`` (the owner's own fields, which win); ``data`` over the data
+    defaults. Fields are passed by name and every value is checked against the tables here."""
+    t = TRAIN_OPTIONS.resolve({**(train_options or {}), **train})
+    d = DATA_OPTIONS.resolve(dict(data))
+    return RunConfig(
+        method=method,
+        method_options=dict(method_options or {}),
+        model=model,
+        model_options=dict(model_options or {}),
+        seed=seed,
+        data=DataConfig(**d),
+        train=TrainConfig(**t),
+    )
+
+
 def _from_dict(cls, d: dict[str, Any], where: str):
     if not isinstance(d, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(d).__name__}")
