@@ -273,3 +273,153 @@ def test_download_fashion_mnist_end_to_end_from_a_mirror(tmp_path, monkeypatch, 
         assert [p.name for p in (store / "fashion-mnist").iterdir() if p.name.startswith(".")] == []
     finally:
         server.shutdown()
+
+
+# ---------------------------------------------------------------- the split cache
+
+
+def _write_mnist(path, seed, n=30):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 10, n).astype(np.uint8)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, x_train=x, y_train=y, x_test=x, y_test=y)
+    tmp.replace(path)
+    return torch.from_numpy(x)[:, None], torch.from_numpy(y).long()
+
+
+def test_split_cache_follows_the_files_it_read(tmp_path, monkeypatch):
+    """A changed $BNNKIT_DATA, a file replaced by another one, or a file rewritten in place
+    (same size) is read again; unchanged files are read once."""
+    import os
+
+    monkeypatch.setattr(sources, "_CACHE", {})
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    xa, ya = _write_mnist(a / "mnist.npz", 1)
+    xb, yb = _write_mnist(b / "mnist.npz", 2)
+    reads = []
+    real = sources.read_npz
+    monkeypatch.setattr(sources, "read_npz", lambda p, k: reads.append(p) or real(p, k))
+    for root, (x, y) in ((a, (xa, ya)), (b, (xb, yb)), (a, (xa, ya))):
+        monkeypatch.setenv("BNNKIT_DATA", str(root))
+        got = sources.load_split("mnist", "test")
+        assert torch.equal(got[0], x) and torch.equal(got[1], y), root
+    n = len(reads)
+    sources.load_split("mnist", "test")
+    assert len(reads) == n  # unchanged files: served from the cache
+    xc, yc = _write_mnist(a / "mnist.npz", 3)  # replaced (a new file under the same name)
+    assert torch.equal(sources.load_split("mnist", "test")[0], xc)
+    p = a / "mnist.npz"
+    st = p.stat()
+    xd, _ = _write_mnist(a / "mnist.npz.new", 4)
+    p.write_bytes((a / "mnist.npz.new").read_bytes())  # same size, same inode, new contents
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert p.stat().st_ino == st.st_ino and p.stat().st_size == st.st_size
+    assert torch.equal(sources.load_split("mnist", "test")[0], xd)
+
+
+def test_split_cache_hands_out_no_shared_tensors(tmp_path, monkeypatch):
+    """A caller writing into what it got (normalising in place, say) changes nothing for the
+    next caller: plain splits, derived sets and bundles."""
+    monkeypatch.setattr(sources, "_CACHE", {})
+    monkeypatch.setenv("BNNKIT_DATA", str(tmp_path))
+    x, y = _write_mnist(tmp_path / "mnist.npz", 5, n=60)
+    imgs = np.random.default_rng(6).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "cifar10_test.npz", x_test=imgs, y_test=np.arange(12) % 10)
+    grey = sources.load_split("cifar10_grey", "test")[0].clone()
+    for _ in range(2):
+        gx, gy = sources.load_split("mnist", "test")
+        assert torch.equal(gx, x) and torch.equal(gy, y)
+        gx.zero_(), gy.fill_(3)
+        cx, _ = sources.load_split("cifar10", "test")
+        cx.fill_(255)
+        assert torch.equal(sources.load_split("cifar10_grey", "test")[0], grey)
+        b = load_bundle("mnist", val_size=10, ood=[])
+        assert torch.equal(b.test.x, x) and torch.equal(b.test.y, y)
+        b.test.x.mul_(0), b.train.y.add_(1)
+
+
+# ---------------------------------------------------------------- `bnnkit data` and mirrors
+
+
+@pytest.fixture
+def fake_fm(tmp_path, monkeypatch):
+    """Only ``tmp_path`` is searched; it holds small Fashion-MNIST look-alikes whose recorded
+    checksums are patched to theirs, and a random mnist.npz (a mismatch)."""
+    monkeypatch.setattr(sources, "search_roots", lambda: [tmp_path])
+    monkeypatch.setattr(sources, "_CACHE", {})
+    fm = tmp_path / "fashion-mnist"
+    fm.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 30), ("t10k", 10)):
+        write_idx_images(fm / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx_labels(fm / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    for files in sources.DATASETS["fashion_mnist"].files.values():
+        for f in files:
+            digest = sources.sha256_file(tmp_path / f.name, decompress=True)
+            monkeypatch.setattr(f, "sha256", (digest,))
+    _write_mnist(tmp_path / "mnist.npz", 0)
+    return tmp_path
+
+
+def test_data_command_fails_on_a_missing_or_damaged_data_set(fake_fm, capsys):
+    from bnnkit.cli import main
+
+    # the default set is fine, but a file present (mnist.npz) fails its check
+    assert main(["data"]) == 2
+    out, err = capsys.readouterr()
+    assert "MISMATCH" in out and err.startswith("bnnkit: error: mnist: ")
+    assert "does not match" in err and "bnnkit data --download mnist" in err
+    assert main(["data", "--no-verify"]) == 0  # not checked, so not known to be damaged
+    capsys.readouterr()
+    (fake_fm / "mnist.npz").unlink()
+    assert main(["data"]) == 0  # optional sets may be missing: listed with how to get them
+    out = capsys.readouterr().out
+    assert "svhn" in out and "MISSING" in out and "to get it" in out
+    assert main(["data", "fashion_mnist"]) == 0
+    capsys.readouterr()
+    # named data sets must be there
+    assert main(["data", "fashion_mnist", "svhn"]) == 2
+    err = capsys.readouterr().err
+    assert "svhn is missing; to get it: convert SVHN" in err and "fashion_mnist" not in err
+    # a damaged file of a data set without a download source: replace it by hand
+    (fake_fm / "cifar100_test.npz").write_bytes(b"PK\x03\x04not an npz")
+    assert main(["data", "cifar100"]) == 2
+    err = capsys.readouterr().err
+    assert "replace it with the original file" in err
+    # the default set missing: a failure even with no names, naming the fix
+    for p in (fake_fm / "fashion-mnist").iterdir():
+        p.unlink()
+    assert main(["data", "--no-verify"]) == 2
+    err = capsys.readouterr().err
+    assert "fashion_mnist is missing" in err and "apt-get install -y dataset-fashion-mnist" in err
+    assert main(["data", "nonesuch"]) == 2
+    assert "unknown data set 'nonesuch'" in capsys.readouterr().err
+
+
+def test_mirror_download_accepts_any_recorded_checksum_and_only_those(
+    http_server, tmp_path, monkeypatch, capsys
+):
+    """A mirror's mnist.npz is checked against every accepted sha256 (not only the first)."""
+    import hashlib
+
+    from bnnkit.cli import main
+
+    served = b"bnnkit test payload" * 100  # the fixture's blob, served as mnist.npz below
+    good = hashlib.sha256(served).hexdigest()
+    store = tmp_path / "store"
+    monkeypatch.setenv("BNNKIT_DATA", str(store))
+    monkeypatch.setattr(sources, "search_roots", lambda: [store])
+    monkeypatch.setattr(sources, "_CACHE", {})
+    (tmp_path / "served" / "mnist.npz").write_bytes(served)
+    monkeypatch.setenv("BNNKIT_DATA_MIRROR", http_server)
+    monkeypatch.setattr(sources._MNIST_FILE, "sha256", ("0" * 64, good))
+    assert sources.fetch("mnist") == [store / "mnist.npz"]
+    assert (store / "mnist.npz").read_bytes() == served
+    (store / "mnist.npz").unlink()
+    monkeypatch.setattr(sources._MNIST_FILE, "sha256", ("0" * 64, "1" * 64))
+    assert main(["data", "--download", "mnist", "--no-verify"]) == 2
+    err = capsys.readouterr().err
+    assert "checksum mismatch" in err and "1" * 64 in err and "0" * 64 in err
+    assert list(store.iterdir()) == []

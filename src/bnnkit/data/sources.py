@@ -27,6 +27,9 @@ from .transforms import grey_resize
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
+#: the data set the commands use when none is named (`bnnkit data` requires it)
+DEFAULT_DATASET = "fashion_mnist"
+
 
 def search_roots() -> list[Path]:
     roots = []
@@ -60,19 +63,20 @@ def sha256_file(path: Path, decompress: bool = False, gzipped: bool | None = Non
 def download(
     url: str,
     dest: Path,
-    sha256: str | None = None,
+    sha256: str | tuple[str, ...] | None = None,
     timeout: float = 60.0,
     decompressed_sha256: tuple[str, ...] | None = None,
 ) -> Path:
     """Fetch ``url`` to ``dest`` atomically and durably (a temporary file in ``dest``'s folder,
     fsynced, then renamed); raise :class:`DataError` on a checksum mismatch, keeping nothing.
 
-    ``sha256``: digest of the bytes as served. ``decompressed_sha256``: accepted digests of the
-    gzip-decompressed bytes instead (mirrors re-gzip idx files, so only their content is
-    stable)."""
+    ``sha256``: digest of the bytes as served, or a tuple of accepted digests.
+    ``decompressed_sha256``: accepted digests of the gzip-decompressed bytes instead (mirrors
+    re-gzip idx files, so only their content is stable)."""
     from .. import io
 
     dest = Path(dest)
+    accepted = (sha256,) if isinstance(sha256, str) else sha256
 
     def fetch_into(tmp: str) -> None:
         h = hashlib.sha256()
@@ -80,10 +84,10 @@ def download(
             for chunk in iter(lambda: resp.read(1 << 20), b""):
                 h.update(chunk)
                 out.write(chunk)
-        if sha256 is not None and h.hexdigest() != sha256:
+        if accepted is not None and h.hexdigest() not in accepted:
             raise DataError(
-                f"checksum mismatch for {url}: expected sha256 {sha256}, got {h.hexdigest()}; "
-                "the file was not kept. Retry, or fetch it by hand and check it."
+                f"checksum mismatch for {url}: expected sha256 {' or '.join(accepted)}, got "
+                f"{h.hexdigest()}; the file was not kept. Retry, or fetch it by hand and check it."
             )
         if decompressed_sha256 is not None:
             try:
@@ -352,18 +356,49 @@ def locate_split(name: str, split: str) -> list[Path]:
     return paths
 
 
-_CACHE: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+#: (name, split) -> (fingerprint of the files read, images, labels). The fingerprint holds each
+#: resolved file's path, inode, size and modification time, so a changed ``$BNNKIT_DATA`` or a
+#: replaced file is read again; the cached tensors are never handed out (callers get copies).
+_CACHE: dict[tuple[str, str], tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+
+
+def _fingerprint(name: str, split: str) -> tuple:
+    """What a split's contents depend on: its files as found now (a derived set: its source's)."""
+    ds = get_spec(name)
+    files = locate_split(ds.derived[0] if ds.derived is not None else name, split)
+    out = []
+    for p in files:
+        st = p.stat()
+        out.append((str(p.resolve()), st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
 
 
 def load_split(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(images uint8 [N, C, H, W], labels int64 [N])`` of a data set split."""
+    """Return ``(images uint8 [N, C, H, W], labels int64 [N])`` of a data set split.
+
+    Read once per process while its files stay the same; every call returns its own copy, so a
+    caller that writes into the tensors changes nothing for the next one."""
+    x, y = _cached(name, split)
+    return x.clone(), y.clone()
+
+
+def _cached(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached tensors themselves: read-only by contract (module-internal)."""
     key = (name, split)
-    if key in _CACHE:
-        return _CACHE[key]
+    stamp = _fingerprint(name, split)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1], hit[2]
+    xt, yt = _read_split(name, split)
+    _CACHE[key] = (stamp, xt, yt)
+    return xt, yt
+
+
+def _read_split(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     ds = get_spec(name)
     if ds.derived is not None:
         source, derive = ds.derived
-        sx, y = load_split(source, split)
+        sx, y = _cached(source, split)
         x = derive(sx).numpy()
         y = y.numpy()
     elif name == "fashion_mnist":
@@ -388,7 +423,6 @@ def load_split(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     yt = torch.from_numpy(y.astype(np.int64))
     if yt.min() < 0 or yt.max() >= ds.num_classes:
         raise DataError(f"{name} {split}: labels outside [0, {ds.num_classes - 1}]")
-    _CACHE[key] = (xt, yt)
     return xt, yt
 
 
@@ -434,16 +468,19 @@ def fetch(name: str) -> list[Path]:
                 continue
             if f.url is None:
                 raise DataError(f"{name!r} has no download source; {ds.hint}")
+            if not f.sha256:
+                raise DataError(
+                    f"{f.name} has no known sha256, so it is never downloaded; {ds.hint}"
+                )
             dest = download_root() / f.name
             mirror = os.environ.get("BNNKIT_DATA_MIRROR")
             url = f"{mirror.rstrip('/')}/{f.name}" if mirror else f.url
-            if f.url_sha256 is not None and not mirror:
+            if f.name.endswith(".gz"):
+                # idx .gz files: the gzip wrapper varies between mirrors, the content does not
+                download(url, dest, decompressed_sha256=tuple(f.sha256))
+            elif f.url_sha256 is not None and not mirror:
                 download(url, dest, f.url_sha256)
-            else:
-                # a mirror, or idx .gz files whose gzip wrapper varies between mirrors: the
-                # check is on the content (decompressed if gzip)
-                gz = f.name.endswith(".gz")
-                download(url, dest, None if gz else f.sha256[0], decompressed_sha256=(
-                    tuple(f.sha256) if gz else None))  # fmt: skip
+            else:  # a mirror: any of the accepted versions of the file
+                download(url, dest, tuple(f.sha256))
             got.append(dest)
     return got

@@ -3,13 +3,15 @@
 Conventions (the ones used by torch-uncertainty and most UQ papers):
 - ``nll``: mean over examples of ``-log p(y|x)``, probabilities clamped at 1e-12.
 - ``brier``: mean over examples of ``sum_c (p_c - 1[y=c])^2`` (range [0, 2]).
-- ``ece``: top-label expected calibration error with ``n_bins`` equal-width bins (L1).
+- ``ece``: top-label expected calibration error (L1) over ``n_bins`` equal-width bins that are
+  closed on the right: bin ``m`` holds the confidences in ``(m / n_bins, (m + 1) / n_bins]``
+  (edges computed in float64; a confidence of exactly 0 joins the first bin), as in Guo et al.
+  (2017). ``reliability`` uses the same bins.
 """
 
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.classification import multiclass_calibration_error
 
 from ..errors import InputError
 from ._checks import as_probs
@@ -34,24 +36,29 @@ def brier(probs, labels: torch.Tensor) -> float:
     return ((p - onehot) ** 2).sum(-1).mean().item()
 
 
-def ece(probs, labels: torch.Tensor, n_bins: int = 15) -> float:
+def _binned(probs, labels: torch.Tensor, n_bins: int):
+    """Per-bin sums of (confidence, correct) and counts, float64, with the module's bins."""
     if n_bins < 1:
         raise InputError(f"n_bins must be >= 1, got {n_bins}")
     p = as_probs(probs, labels)
-    return multiclass_calibration_error(
-        p, labels.long(), num_classes=p.shape[1], n_bins=n_bins, norm="l1"
-    ).item()
+    conf, pred = p.max(-1)
+    conf = conf.double()
+    correct = (pred == labels).double()
+    inner = torch.arange(1, n_bins, dtype=torch.float64) / n_bins
+    idx = torch.bucketize(conf, inner, right=False)  # inner[i-1] < conf <= inner[i]
+    count = torch.bincount(idx, minlength=n_bins).double()
+    conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
+    acc_sum = torch.bincount(idx, weights=correct, minlength=n_bins)
+    return conf_sum, acc_sum, count
+
+
+def ece(probs, labels: torch.Tensor, n_bins: int = 15) -> float:
+    conf_sum, acc_sum, count = _binned(probs, labels, n_bins)
+    return ((conf_sum - acc_sum).abs().sum() / count.sum()).item()
 
 
 def reliability(probs, labels: torch.Tensor, n_bins: int = 15):
     """Per-bin (confidence, accuracy, count) for reliability diagrams. Returns three tensors."""
-    p = as_probs(probs, labels)
-    conf, pred = p.max(-1)
-    correct = (pred == labels).float()
-    edges = torch.linspace(0, 1, n_bins + 1)
-    idx = torch.bucketize(conf, edges[1:-1], right=False)
-    count = torch.bincount(idx, minlength=n_bins).float()
-    conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
-    acc_sum = torch.bincount(idx, weights=correct, minlength=n_bins)
+    conf_sum, acc_sum, count = _binned(probs, labels, n_bins)
     safe = count.clamp_min(1)
-    return conf_sum / safe, acc_sum / safe, count
+    return (conf_sum / safe).float(), (acc_sum / safe).float(), count.float()
