@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +39,7 @@ def main() -> None:
     a = ap.parse_args()
     cores = os.cpu_count() or 1
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, local_postgres(Path(tmp) / "pg") as url:
+    with local_postgres() as url:
         for n in (1, a.workers):
             out = Path(a.out) / f"workers{n}"
             start = time.perf_counter()

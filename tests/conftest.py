@@ -37,12 +37,13 @@ def ood_root(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def postgres_url(tmp_path_factory):
+def postgres_url():
     """A throw-away PostgreSQL cluster on a Unix socket (Debian's postgresql package; initdb
-    runs as the postgres user when the tests run as root), stopped and removed afterwards."""
+    runs as the postgres user when the tests run as root) in a temporary directory of its own,
+    stopped and removed afterwards, also when tests fail."""
     from bnnkit.search.localdb import local_postgres, postgres_bindir
 
     if postgres_bindir() is None:
         pytest.skip("PostgreSQL is not installed (make test installs Debian's postgresql)")
-    with local_postgres(tmp_path_factory.mktemp("pg") / "cluster") as url:
+    with local_postgres() as url:
         yield url

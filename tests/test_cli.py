@@ -189,3 +189,29 @@ def test_bench_variant_errors(variants, match, tmp_path):
     cfg.out = str(tmp_path / "o")
     with pytest.raises(ConfigError, match=match):
         cfg.validate()
+
+
+def test_a_refused_train_leaves_nothing_and_the_corrected_command_runs(capsys, tmp_path):
+    """Every refusal comes before the first write: the run directory is not even made, so the
+    corrected command is not refused as 'already holds an interrupted run'."""
+    from bnnkit.train import is_complete
+
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps({"layers": {"fc": "mc_dropout"}, "samples": 2}))
+    bad.write_text(json.dumps({"layers": {"nope": "mc_dropout"}, "samples": 2}))
+    out = tmp_path / "run"
+    common = ["train", "--model", "mlp", "--epochs", "1", "--subset", "256", "--batch-size",
+              "64", "--quiet", "--out", str(out)]  # fmt: skip
+    for extra, match in (
+        (["--plan", str(bad)], "plan layer 'nope' matches no"),
+        (["--plan", str(good), "--strategy", "nonsense"], "Lightning refused"),
+        (["--plan", str(good), "--subset", "100000"], "is more than the 55,000 training"),
+        (["--plan", str(good), "--option", "nope=1"], "nope"),
+    ):
+        code, _, err = run_cli(capsys, *common, *extra)
+        assert code == 2 and match in err and "Traceback" not in err, err
+        assert not out.exists()
+    code, out_text, err = run_cli(capsys, *common, "--plan", str(good))
+    assert code == 0, err
+    assert is_complete(out)
+    assert json.loads((out / "config.json").read_text())["method"] == "placement"

@@ -55,6 +55,27 @@ def test_objectives_of_a_candidate():
     assert other.val_nll != obj.val_nll  # the seed reaches the dropout masks
 
 
+def test_objectives_of_a_deterministic_candidate_against_plain_torch():
+    """NLL from the network's logits by cross entropy, AUROC by counting pairs (ties half):
+    neither goes through the code under test's predictive or metric helpers."""
+    torch.manual_seed(0)
+    model = build_method("placement", SPEC, {"plan": {"layers": {"fc": "deterministic"}}})
+    model.temperature.fill_(1.7)
+    x, y = torch.rand(40, 1, 4, 4), torch.randint(0, 3, (40,))
+    ood = torch.rand(25, 1, 4, 4) * 0.2
+    obj = evaluate_candidate(model, (x, y), ood, latency_batch=16, repeats=2)
+    model.eval()
+    with torch.no_grad():
+        logits = lambda t: model.net(t, 1).reshape(len(t), 3) / 1.7  # noqa: E731
+        nll = torch.nn.functional.cross_entropy(logits(x).double(), y)
+        ent = lambda t: -(t.softmax(-1) * t.log_softmax(-1)).sum(-1)  # noqa: E731
+        e_in, e_out = ent(logits(x).double()), ent(logits(ood).double())
+    pairs = [(o > i) + 0.5 * (o == i) for i in e_in.tolist() for o in e_out.tolist()]
+    assert obj.val_nll == pytest.approx(float(nll), rel=1e-5)
+    assert obj.ood_auroc == pytest.approx(sum(pairs) / len(pairs), abs=1e-6)
+    assert obj.flops_per_image == sum(LAYER_FLOPS)
+
+
 @pytest.mark.parametrize("kind", ["lpbnn", "rank1", "variational", "batch_ensemble"])
 def test_flops_of_every_kind_under_no_grad(kind):
     """The counter's module tracker failed on LP-BNN's VAE under no_grad."""
@@ -91,23 +112,54 @@ def test_scrambled_images_permute_whole_tiles_of_each_image(hw):
     assert not torch.equal(y, x)
 
 
-def test_search_ood_families_are_deterministic_images_from_validation_data():
+def _is_tile_permutation(img, src, grid=4):
+    """Brute force: the ``grid`` x ``grid`` tiles of ``img`` are those of ``src``, each once."""
+    h, w = img.shape[-2] // grid, img.shape[-1] // grid
+    cut = lambda t: [t[:, r * h : (r + 1) * h, c * w : (c + 1) * w]  # noqa: E731
+                     for r in range(grid) for c in range(grid)]  # fmt: skip
+    left = cut(src)
+    for tile in cut(img):
+        k = next((k for k, t in enumerate(left) if torch.equal(t, tile)), None)
+        if k is None:
+            return False
+        left.pop(k)
+    return True
+
+
+def _smooth_images(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 1, 5, 5, generator=g)
+    return torch.nn.functional.interpolate(coarse, size=(28, 28), mode="bilinear")
+
+
+def test_search_ood_families_are_made_from_validation_images_only():
     from bnnkit import ConfigError
-    from bnnkit.data import corrupt
     from bnnkit.search.objectives import OOD_FAMILIES, SEARCH_CORRUPTIONS, search_ood_set
 
-    x = torch.rand(40, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    x, other = _smooth_images(40, 1), _smooth_images(40, 2)
     for fam in OOD_FAMILIES:
         o = search_ood_set(fam, x, 60, seed=2)
         assert o.shape == (60, 1, 28, 28) and 0 <= o.min() and o.max() <= 1
         assert torch.equal(o, search_ood_set(fam, x, 60, seed=2))
         assert not torch.equal(o, search_ood_set(fam, x, 60, seed=3))
-    assert torch.equal(search_ood_set("synthetic", x, 60, 2), search_ood_images((1, 28, 28), 60, 2))
-    # corrupted: validation images, each part under its severity-5 corruption
-    g = torch.Generator().manual_seed(2 + 7919)
-    pick = x[torch.randint(40, (60,), generator=g)]
-    parts = torch.tensor_split(pick, len(SEARCH_CORRUPTIONS))
-    ref = torch.cat([corrupt(p, c, 5, 2) for p, c in zip(parts, SEARCH_CORRUPTIONS)])
-    assert torch.allclose(search_ood_set("corrupted", x, 60, 2), ref.clamp(0, 1))
+    # synthetic: no validation image enters
+    assert torch.equal(
+        search_ood_set("synthetic", x, 60, 2), search_ood_set("synthetic", other, 60, 2)
+    )
+    # scrambled: every image is a jigsaw of one validation image
+    for img in search_ood_set("scrambled", x, 60, 2):
+        assert any(_is_tile_permutation(img, v) for v in x)
+    # corrupted: its contrast share is the closed form of severity-5 contrast (the image pulled
+    # to its mean by 0.15) of validation images, and no other image is
+    contrast = lambda v: ((v - v.mean()) * 0.15 + v.mean()).clamp(0, 1)  # noqa: E731
+    corrupted = search_ood_set("corrupted", x, 60, 2)
+    hits = [any(torch.allclose(img, contrast(v), atol=1e-6) for v in x) for img in corrupted]
+    assert sum(hits) == 60 // len(SEARCH_CORRUPTIONS)
+    # mixed: a third of jigsaws; the synthetic share does not depend on the validation images
+    mixed, mixed_other = search_ood_set("mixed", x, 60, 2), search_ood_set("mixed", other, 60, 2)
+    same = (mixed == mixed_other).flatten(1).all(1)
+    assert int(same.sum()) == 60 - 2 * (60 // 3)
+    jigsaws = [any(_is_tile_permutation(img, v) for v in x) for img in mixed]
+    assert sum(jigsaws) == 60 // 3 and not any(j and s for j, s in zip(jigsaws, same.tolist()))
     with pytest.raises(ConfigError, match="unknown search OOD family 'test'"):
         search_ood_set("test", x, 10)

@@ -372,33 +372,57 @@ def _posterior_modes(a) -> None:
 
 
 def cmd_data(a) -> int:
+    """List data sets, where they are, their sizes and checksums. Exits non-zero, naming the fix,
+    when a named data set (or, with no names, the default one) is missing, or when any file
+    that is present fails its sha256 check."""
     from .data import DATASETS, fetch, get_spec, locate_split, verify
-    from .data.sources import count
+    from .data.sources import DEFAULT_DATASET, count
     from .errors import DataError
 
-    names = [a.download] if a.download else list(DATASETS)
+    for name in [*a.names, *([a.download] if a.download else [])]:
+        get_spec(name)  # an unknown name is refused before anything is downloaded
+    requested = list(dict.fromkeys([*a.names, *([a.download] if a.download else [])]))
     if a.download:
         got = fetch(a.download)
         print(f"downloaded {len(got)} file(s) for {a.download}" if got else "already present")
-    for name in names:
+    required = set(requested) if requested else {DEFAULT_DATASET}
+    problems = []
+    for name in requested or list(DATASETS):
         spec = get_spec(name)
-        counts, where = [], set()
-        ok = True
+        counts, folders, missing, unreadable = [], set(), False, None
         for split in spec.files:
             try:
-                where.update(str(p.parent) for p in locate_split(name, split))
-                counts.append(f"{split} {count(name, split):,}")
+                folders.update(str(p.parent) for p in locate_split(name, split))
             except DataError:
-                ok = False
-        state = ", ".join(counts) if ok else "MISSING"
+                missing = True
+                continue
+            try:
+                counts.append(f"{split} {count(name, split):,}")
+            except DataError as e:
+                unreadable = str(e).splitlines()[0]
+        state = "MISSING" if missing else "UNREADABLE" if unreadable else ", ".join(counts)
         print(f"{name:<14} {spec.input_shape}  {spec.num_classes} classes  {state}")
-        if ok:
-            print(f"    found in {', '.join(sorted(where))}")
-        if not ok:
+        if folders:
+            print(f"    found in {', '.join(sorted(folders))}")
+        if missing:
             print(f"    to get it: {spec.hint}")
-        if not a.no_verify or not ok:
-            for fname, where, status in verify(name):
-                print(f"    {fname:<36} {status:<12} {where}")
+            if name in required:
+                problems.append(f"{name} is missing; to get it: {spec.hint}")
+        if unreadable:
+            print(f"    {unreadable}")
+        rows = verify(name) if not a.no_verify or missing else []
+        for fname, where, status in rows:
+            print(f"    {fname:<36} {status:<12} {where}")
+        bad = [(fname, where) for fname, where, status in rows if status.startswith("MISMATCH")]
+        for fname, where in bad:
+            fix = (f"delete it and run `bnnkit data --download {name}`"
+                   if any(f.url for fs in spec.files.values() for f in fs if f.name == fname)
+                   else f"replace it with the original file ({spec.hint})")  # fmt: skip
+            problems.append(f"{name}: {where} does not match its recorded sha256; {fix}")
+        if unreadable and not bad:
+            problems.append(f"{name}: {unreadable}")
+    if problems:
+        raise DataError("; ".join(problems))
     return 0
 
 
@@ -597,6 +621,13 @@ def build_parser() -> argparse.ArgumentParser:
     po.set_defaults(func=cmd_posterior)
 
     d = sub.add_parser("data", help="list data sets, where they are, counts, sha256 checks")
+    d.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help="data sets to check (default: all, and fail only if the default one, "
+        "fashion_mnist, is missing or a file present fails its sha256 check)",
+    )
     d.add_argument("--no-verify", action="store_true", help="skip the sha256 check of files")
     d.add_argument("--download", metavar="NAME", help="download a data set (needs internet)")
     d.set_defaults(func=cmd_data)

@@ -21,6 +21,7 @@ from .. import io
 from ..data import load_bundle
 from ..errors import ConfigError
 from ..metrics import accuracy, auroc, entropy_score, nll
+from ..options import Option, OptionTable, declared_by
 from ..posterior.collect import build_from
 from ..posterior.collection import Collection
 from ..posterior.mmd import mmd2, mmd_agg_test, pairwise
@@ -39,36 +40,43 @@ from ..posterior.tools import canonical_collection, example_input, member_probs,
 from ..predictive import Predictive
 from . import figures
 
+REPORT_OPTIONS = OptionTable(
+    "posterior report",
+    [
+        Option("reference", "str", None, "the reference collection (directory)", required=True),
+        Option("out", "str", "runs/posterior/report", "output directory"),
+        Option("dataset", "str", "fashion_mnist", "data set of the networks"),
+        Option("probe", "int", 500, "probe images for function-space MMD and mutual "
+               "information (test set, and each OOD set)", low=2),
+        Option("modes_members", "int", 16, "members per collection for the barrier matrix "
+               "(n (n - 1) / 2 paths)", low=2),
+        Option("modes_threshold", "float", 0.05, "a barrier below this (nats of test NLL) joins "
+               "two networks into one mode", low=0.0, low_open=True),
+        Option("loss_images", "int", 1000, "test images for losses along paths and on the "
+               "plane", low=2),
+        Option("path_points", "int", 11, "points along each interpolation path", low=2),
+        Option("plane_grid", "int", 17, "grid points per side of the loss plane", low=2),
+        Option("alpha", "float", 0.05, "level of the MMD tests", low=0.0, high=1.0,
+               low_open=True, high_open=True),
+        Option("seed", "int", 0, "seed of probes, permutation tests and planes", low=0),
+    ],
+)  # fmt: skip
+
 
 @dataclass
+@declared_by(REPORT_OPTIONS)
 class PosteriorReportConfig:
-    reference: str
+    """A posterior report: one field per option of :data:`REPORT_OPTIONS`, plus the named
+    collections to compare with the reference."""
+
     collections: dict[str, str] = field(default_factory=dict)
-    out: str = "runs/posterior/report"
-    dataset: str = "fashion_mnist"
-    #: probe images for function-space MMD and mutual information (test set, and each OOD set)
-    probe: int = 500
-    #: members per collection for the barrier matrix (n (n - 1) / 2 paths)
-    modes_members: int = 16
-    #: a barrier below this (nats of test NLL) joins two networks into one mode
-    modes_threshold: float = 0.05
-    #: test images for losses along paths and on the plane
-    loss_images: int = 1000
-    path_points: int = 11
-    plane_grid: int = 17
-    alpha: float = 0.05
-    seed: int = 0
 
     def check(self) -> None:
-        for name in ("probe", "modes_members", "loss_images", "plane_grid"):
-            if getattr(self, name) < 2:
-                raise ConfigError(f"{name} must be >= 2, got {getattr(self, name)}")
-        if self.path_points < 2:
-            raise ConfigError(f"path_points must be >= 2, got {self.path_points}")
-        if not 0 < self.alpha < 1:
-            raise ConfigError(f"alpha must be in (0, 1), got {self.alpha}")
-        if self.modes_threshold <= 0:
-            raise ConfigError(f"modes_threshold must be > 0, got {self.modes_threshold}")
+        REPORT_OPTIONS.resolve({o.name: getattr(self, o.name) for o in REPORT_OPTIONS})
+        if not isinstance(self.collections, dict):
+            raise ConfigError(
+                f"collections must be a mapping NAME -> DIR, got {self.collections!r}"
+            )
         for name in self.collections:
             if not name or "/" in name or name == "reference":
                 raise ConfigError(f"collection name {name!r} is not usable as a folder name")

@@ -3,10 +3,11 @@ the bench's training, evaluated beside the baselines on the test set and the tes
 the search never saw), in a bench results store under ``OUT/final``.
 
 Up to four plans of the Pareto front are retrained (fewer when they coincide): ``searched``, the
-chosen plan of ``plan.json`` (the fastest within 2% of the best validation NLL),
+chosen plan of ``plan.json`` (the cheapest within 2% of the best validation NLL),
 ``searched_nll``, the front's best validation NLL, ``searched_ood``, its best search OOD AUROC,
-and ``searched_fast``, the fastest plan within 2% of the deterministic baseline's validation NLL
-and with at least its search OOD AUROC (when the search scored that baseline). The comparison
+and ``searched_fast``, the cheapest plan (fewest FLOPs per image) within 2% of the deterministic
+baseline's validation NLL and with at least its search OOD AUROC (when the search scored that
+baseline). The comparison
 (``comparison.md``) gives, for each searched plan against each baseline, the latency ratio
 (baseline ms / searched ms, > 1: the searched plan is faster) and the relative differences in test
 NLL and in OOD AUROC on every test OOD set. Beside MC dropout as bnnkit runs it (the layers
@@ -63,9 +64,10 @@ def final_plans(out: str | Path) -> dict[str, PlacementPlan]:
 
 
 def _fastest_not_worse_than_deterministic(out: Path, front: list[dict]) -> dict | None:
-    """The fastest front plan whose validation NLL is within 2% of the deterministic
-    baseline's and whose search OOD AUROC is at least its: the cheapest uncertainty that
-    costs nothing in fit (None without a scored deterministic baseline)."""
+    """The cheapest front plan (fewest FLOPs per image, a deterministic cost; the earliest
+    trial among equals) whose validation NLL is within 2% of the deterministic baseline's and
+    whose search OOD AUROC is at least its: the cheapest uncertainty that costs nothing in fit
+    (None without a scored deterministic baseline)."""
     if not (out / "baselines.csv").is_file():
         return None
     with open(out / "baselines.csv", newline="") as f:
@@ -75,7 +77,7 @@ def _fastest_not_worse_than_deterministic(out: Path, front: list[dict]) -> dict 
     ok = [r for r in front
           if float(r["val_nll"]) <= 1.02 * float(det["val_nll"])
           and float(r["ood_auroc"]) >= float(det["ood_auroc"])]  # fmt: skip
-    return min(ok, key=lambda r: float(r["latency_ms"])) if ok else None
+    return min(ok, key=lambda r: (float(r["flops_per_image"]), int(r["trial"]))) if ok else None
 
 
 def final_comparison(

@@ -1,6 +1,13 @@
 """The placement search as an Optuna study: NSGA-II over placement plans, three objectives
-(validation NLL down, search-time OOD AUROC up, predict latency down), a storage URL so that a
+(validation NLL down, search-time OOD AUROC up, prediction cost down), a storage URL so that a
 stopped search continues and several workers can share one study.
+
+The cost the sampler sees is the counted FLOPs of one prediction per image (placement-aware:
+a deterministic prefix once, the stochastic tail once per member and sample), a deterministic
+function of the plan: the plans a search proposes depend only on its seed and settings, never
+on timing noise. The measured predict latency is recorded beside it (trial user attribute
+``objectives``, ``pareto.csv``, ``pareto.png``) and is what ``--max-latency-ms`` constrains
+(a search with that constraint depends on timing near the limit).
 
 Each trial samples a plan from the :class:`~bnnkit.search.space.SearchSpace` through
 ``trial.suggest_categorical`` and trains it with the ``placement`` method into a run directory
@@ -20,6 +27,9 @@ import fcntl
 import hashlib
 import io as stdio
 import json
+import os
+import socket
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -27,7 +37,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import optuna
-from optuna.storages._heartbeat import get_heartbeat_thread
 from tqdm.auto import tqdm
 
 from .. import io
@@ -40,8 +49,12 @@ from ..train.config import check_extras
 from .objectives import OOD_FAMILIES, evaluate_candidate, search_ood_set
 from .space import DEFAULT_KINDS, SearchSpace
 
-DIRECTIONS = ("minimize", "maximize", "minimize")  # val NLL, OOD AUROC, latency
-OBJECTIVES = ("val_nll", "ood_auroc", "latency_ms")
+DIRECTIONS = ("minimize", "maximize", "minimize")  # val NLL, OOD AUROC, FLOPs per image
+#: what the sampler sees: all three are deterministic functions of the plan, the seed and the
+#: settings (measured latency is reported beside them, never fed to the sampler)
+OBJECTIVES = ("val_nll", "ood_auroc", "flops_per_image")
+#: the objectives of studies made before the cost became deterministic
+_OLD_OBJECTIVES = ["val_nll", "ood_auroc", "latency_ms"]
 
 
 @dataclass
@@ -72,7 +85,10 @@ class SearchConfig:
     #: best with the test OOD sets; noise images alone are unstable across seeds (BENCHMARKS.md)
     ood_family: str = "mixed"
     latency_batch: int = 128
-    heartbeat: int = 30  # seconds; a trial silent for 2 heartbeats is failed and retried
+    #: seconds between a trial's heartbeats; a trial silent for 2 heartbeats (or, created by a
+    #: worker killed before its first heartbeat, unclaimed for 2 heartbeats) is failed and its
+    #: plan retried
+    heartbeat: int = 30
     #: optional constraints: plans above them are infeasible (NSGA-II's constrained domination)
     max_latency_ms: float | None = None
     max_parameters: int | None = None
@@ -88,9 +104,10 @@ class SearchConfig:
     progress: bool = True
 
     def storage_url(self) -> str:
+        """The storage URL (nothing is created: the default SQLite file is made when the
+        study is, after every check passed)."""
         if self.storage:
             return self.storage
-        Path(self.out).mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{Path(self.out).resolve() / 'search.sqlite3'}"
 
 
@@ -145,6 +162,82 @@ def _sampler(cfg: SearchConfig):
 _SCHEMA_LOCK_KEY = int.from_bytes(hashlib.sha256(b"bnnkit.search schema").digest()[:7], "big")
 
 
+def _require_optuna() -> None:
+    """The Optuna API the search relies on: heartbeats recorded on an ``RDBStorage``, stale
+    trials failed by ``optuna.storages.fail_stale_trials`` and re-queued by
+    ``RetryHeartbeatStaleTrialCallback`` (pinned to optuna 5 in the package metadata)."""
+    needed = (
+        hasattr(optuna.storages.RDBStorage, "record_heartbeat"),
+        hasattr(optuna.storages, "fail_stale_trials"),
+        hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"),
+    )
+    if not all(needed):
+        raise ConfigError(
+            f"the placement search needs optuna 5's heartbeat API, found optuna "
+            f"{optuna.__version__}; install a supported version: pip install 'optuna>=5,<6'"
+        )
+
+
+def _shown(url: str) -> str:
+    """``url`` with its password hidden, for messages."""
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: shown as given
+        return url
+
+
+def _engine(url: str):
+    """A SQLAlchemy engine for ``url`` (nothing connects yet), or a ConfigError that names what
+    is wrong with the URL."""
+    import sqlalchemy
+    import sqlalchemy.exc
+
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+        # an unreachable host fails within seconds instead of the system's TCP timeout
+        args = {"connect_timeout": 10} if parsed.get_backend_name() == "postgresql" else {}
+        return sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=args)
+    except sqlalchemy.exc.ArgumentError as e:  # NoSuchModuleError: an unknown dialect
+        raise ConfigError(
+            f"--storage {url!r} is not a database URL SQLAlchemy can open "
+            f"({str(e).splitlines()[0]}); use sqlite:///PATH or "
+            "postgresql+psycopg://USER@HOST/DATABASE"
+        ) from None
+    except ImportError as e:  # the dialect is known, its driver is not installed
+        raise ConfigError(
+            f"the database driver for --storage {_shown(url)} is not installed ({e}); install "
+            "it (postgresql+psycopg:// needs: pip install 'psycopg[binary]') or use "
+            "sqlite:///PATH"
+        ) from None
+
+
+def _check_reachable(url: str) -> None:
+    """Connect once: a server that is down, a wrong host or database, or a missing socket is
+    refused here, at once, rather than retried as if it were a table-creation race."""
+    import sqlalchemy
+    import sqlalchemy.exc
+
+    engine = _engine(url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT 1"))
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        cause = getattr(e, "orig", None) or e
+        first = next((line for line in str(cause).splitlines() if line.strip()), type(e).__name__)
+        fix = (
+            "check that the file's directory exists and is writable"
+            if url.startswith("sqlite")
+            else "start the server, or fix the host, socket, user or database in the URL"
+        )
+        raise ConfigError(
+            f"cannot reach the database at --storage {_shown(url)} ({first.strip()}); {fix}"
+        ) from None
+    finally:
+        engine.dispose()
+
+
 @contextmanager
 def _schema_lock(url: str):
     """Hold a PostgreSQL session-level advisory lock while the schema and the study are created:
@@ -156,7 +249,7 @@ def _schema_lock(url: str):
     if not url.startswith("postgresql"):
         yield
         return
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    engine = _engine(url)
     try:
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
@@ -170,55 +263,91 @@ def _schema_lock(url: str):
         engine.dispose()
 
 
-def _open_study(cfg: SearchConfig, attempts: int = 10) -> optuna.Study:
-    """Create or load the study. Workers started together on a fresh database would race to
-    create its schema and the study: on PostgreSQL an advisory lock serialises them; elsewhere
-    the loser of such a race retries."""
+def _is_race(e: BaseException) -> bool:
+    """Whether ``e`` is a lost race of workers creating one schema or study (retried), not a
+    fault of the database or the URL (refused at once)."""
     import sqlalchemy.exc
 
+    if isinstance(e, optuna.exceptions.StorageInternalError):
+        return e.__cause__ is not None and _is_race(e.__cause__)
+    if isinstance(e, (sqlalchemy.exc.IntegrityError, optuna.exceptions.DuplicatedStudyError)):
+        return True
+    if isinstance(e, sqlalchemy.exc.ProgrammingError):
+        # PostgreSQL: DuplicateTable / DuplicateObject (SQLSTATE 42P07 / 42710)
+        return getattr(getattr(e, "orig", None), "sqlstate", None) in ("42P07", "42710")
+    if isinstance(e, sqlalchemy.exc.OperationalError):  # SQLite: a busy file, a created table
+        text = str(e).lower()
+        return "locked" in text or "already exists" in text
+    return False
+
+
+def _retrying(cfg: SearchConfig, make, attempts: int):
+    """``make()`` under the schema lock, retried while it loses creation races."""
+    import sqlalchemy.exc
+
+    url = cfg.storage_url()
     for attempt in range(attempts):
         try:
-            with _schema_lock(cfg.storage_url()):
-                return _create_or_load(cfg)
+            with _schema_lock(url):
+                return make()
         except (
-            sqlalchemy.exc.IntegrityError,
-            sqlalchemy.exc.OperationalError,
-            sqlalchemy.exc.ProgrammingError,
+            sqlalchemy.exc.SQLAlchemyError,
             optuna.exceptions.DuplicatedStudyError,
             optuna.exceptions.StorageInternalError,
         ) as e:
-            # PostgreSQL reports a lost CREATE TABLE race as DuplicateTable / DuplicateObject
-            # (SQLSTATE 42P07 / 42710, a ProgrammingError); any other ProgrammingError (no
-            # permission, wrong database) is not a race and is not retried.
-            sqlstate = getattr(getattr(e, "orig", None), "sqlstate", None)
-            racing = not isinstance(e, sqlalchemy.exc.ProgrammingError) or sqlstate in (
-                "42P07",
-                "42710",
-            )
-            if not racing or attempt == attempts - 1:
+            if not _is_race(e) or attempt == attempts - 1:
                 raise ConfigError(
-                    f"cannot open the Optuna study {cfg.study!r} at {cfg.storage_url()}: "
-                    f"{str(e).splitlines()[0]}; check the storage URL and that the database runs"
+                    f"cannot open the Optuna study {cfg.study!r} at {_shown(url)}: "
+                    f"{str(e).splitlines()[0]}; check the storage URL, the database's "
+                    "permissions and that its server runs"
                 ) from e
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
 
 
-def _create_or_load(cfg: SearchConfig) -> optuna.Study:
-    storage = optuna.storages.RDBStorage(
-        cfg.storage_url(),
-        heartbeat_interval=cfg.heartbeat,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-            max_retry=3
-        ),
-    )
-    return optuna.create_study(
-        storage=storage,
-        study_name=cfg.study,
-        directions=list(DIRECTIONS),
-        sampler=_sampler(cfg),
-        load_if_exists=True,
-    )
+def _open_storage(cfg: SearchConfig, attempts: int = 10) -> optuna.storages.RDBStorage:
+    """The study's storage with heartbeats, its schema created if the database is fresh. The
+    URL and the server are checked first (one clear error, no retries)."""
+    _require_optuna()
+    url = cfg.storage_url()
+    _engine(url).dispose()  # the URL names a dialect and driver we have
+    if not cfg.storage:  # the default SQLite file lives in --out
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    _check_reachable(url)
+
+    def make():
+        with warnings.catch_warnings():  # heartbeats are "experimental" in optuna 5
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=cfg.heartbeat,
+                grace_period=2 * cfg.heartbeat,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=3
+                ),
+            )
+
+    return _retrying(cfg, make, attempts)
+
+
+def _create_study(cfg: SearchConfig, storage, attempts: int = 10) -> optuna.Study:
+    def make():
+        return optuna.create_study(
+            storage=storage,
+            study_name=cfg.study,
+            directions=list(DIRECTIONS),
+            sampler=_sampler(cfg),
+            load_if_exists=True,
+        )
+
+    return _retrying(cfg, make, attempts)
+
+
+def _open_study(cfg: SearchConfig, attempts: int = 10) -> optuna.Study:
+    """Create or load the study. Workers started together on a fresh database would race to
+    create its schema and the study: on PostgreSQL an advisory lock serialises them; elsewhere
+    the loser of such a race retries."""
+    return _create_study(cfg, _open_storage(cfg, attempts), attempts)
 
 
 #: the settings that decide a candidate's objectives: a study (and an output directory, which
@@ -227,11 +356,16 @@ SETTINGS = ("dataset", "model", "epochs", "subset", "val_size", "batch_size", "l
             "kinds", "members", "samples", "n_ood", "ood_family", "latency_batch",
             "train_options", "model_options")  # fmt: skip
 #: settings added after studies were first stored: a stored study without them had these
-_SETTING_DEFAULTS = {"train_options": {}, "model_options": {}}
+_SETTING_DEFAULTS = {"train_options": {}, "model_options": {}, "objectives": _OLD_OBJECTIVES}
 
 
 def _settings(cfg: SearchConfig) -> dict:
     return {k: getattr(cfg, k) for k in SETTINGS}
+
+
+def _study_settings(cfg: SearchConfig) -> dict:
+    """What a study pins: the candidates' settings and the objectives its sampler saw."""
+    return {**_settings(cfg), "objectives": list(OBJECTIVES)}
 
 
 def _differences(old: dict, new: dict) -> str:
@@ -242,6 +376,8 @@ def _differences(old: dict, new: dict) -> str:
 
 
 def _check_out_settings(cfg: SearchConfig) -> None:
+    """Refuse an output directory whose candidates were evaluated with other settings (reads
+    only: the settings are written by :func:`_write_out_settings` once every check passed)."""
     path = Path(cfg.out) / "search_settings.json"
     if path.is_file():
         diff = _differences(json.loads(path.read_text()), _settings(cfg))
@@ -250,41 +386,106 @@ def _check_out_settings(cfg: SearchConfig) -> None:
                 f"{cfg.out} holds candidates evaluated with other settings ({diff}); their "
                 "objectives are not comparable: use another --out, or the same settings"
             )
-    else:
+
+
+def _write_out_settings(cfg: SearchConfig) -> None:
+    path = Path(cfg.out) / "search_settings.json"
+    if not path.is_file():
         io.atomic_write_text(path, json.dumps(_settings(cfg), indent=2))
 
 
-def _check_study_settings(study: optuna.Study, cfg: SearchConfig) -> None:
+def _study_refusal(cfg: SearchConfig, old: dict) -> ConfigError | None:
+    diff = _differences(old, _study_settings(cfg))
+    if not diff:
+        return None
+    fix = "start another with --study NAME"
+    if "objectives" in diff:
+        fix = "start another with --study NAME (its sampler saw other objectives)"
+    return ConfigError(
+        f"the study {cfg.study!r} holds trials evaluated with other settings ({diff}); "
+        f"continue it with the same settings, or {fix}"
+    )
+
+
+def _check_study_settings(storage, cfg: SearchConfig) -> None:
+    """Refuse a stored study pinned to other settings (reads only; an absent study passes)."""
+    try:
+        study_id = storage.get_study_id_from_name(cfg.study)
+    except KeyError:
+        return
+    old = storage.get_study_user_attrs(study_id).get("settings")
+    if old is not None and (err := _study_refusal(cfg, old)) is not None:
+        raise err
+
+
+def _pin_study_settings(study: optuna.Study, cfg: SearchConfig) -> None:
     old = study.user_attrs.get("settings")
     if old is None:
-        study.set_user_attr("settings", _settings(cfg))
-        return
-    diff = _differences(old, _settings(cfg))
-    if diff:
-        raise ConfigError(
-            f"the study {cfg.study!r} holds trials evaluated with other settings ({diff}); "
-            "continue it with the same settings, or start another with --study NAME"
-        )
+        study.set_user_attr("settings", _study_settings(cfg))
+    elif (err := _study_refusal(cfg, old)) is not None:  # pinned by a worker started meanwhile
+        raise err
 
 
 def plan_hash(plan: PlacementPlan) -> str:
     return hashlib.sha256(plan.key().encode()).hexdigest()[:16]
 
 
+class _Heartbeat:
+    """A trial's liveness signal: one heartbeat recorded at once, then one every ``interval``
+    seconds from a thread, until :meth:`close`."""
+
+    def __init__(self, storage, trial_id: int, interval: float) -> None:
+        storage.record_heartbeat(trial_id)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._beat, args=(storage, trial_id, interval), daemon=True
+        )
+        self._thread.start()
+
+    def _beat(self, storage, trial_id: int, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception:  # a missed beat; the grace period is two of them
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class PlacementSearch:
     """One worker of a placement search (start several on one storage URL for more)."""
 
     def __init__(self, cfg: SearchConfig) -> None:
+        """Check everything, then write: a refused search leaves the output directory and the
+        study as it found them, so the corrected command is not refused in turn."""
         self.cfg = cfg
         if cfg.trials < 1:
             raise ConfigError(f"trials must be >= 1, got {cfg.trials}")
+        if not isinstance(cfg.heartbeat, int) or cfg.heartbeat < 1:
+            raise ConfigError(f"heartbeat must be a whole number of seconds >= 1, got "
+                              f"{cfg.heartbeat!r}")  # fmt: skip
+        _sampler(cfg)  # the sampler's name and population
         check_extras("search", cfg.train_options, cfg.model, cfg.model_options,
                      reserved=("epochs", "batch_size", "lr", "progress"),
                      fixed={"epochs": cfg.epochs, "batch_size": cfg.batch_size,
                             "lr": cfg.lr})  # fmt: skip
+        if cfg.ood_family not in OOD_FAMILIES:
+            raise ConfigError(
+                f"unknown search OOD family {cfg.ood_family!r}; use one of "
+                + ", ".join(OOD_FAMILIES)
+            )
         self.bundle = load_bundle(
             cfg.dataset, val_size=cfg.val_size, subset=cfg.subset, split_seed=cfg.seed, ood=[]
         )
+        if cfg.subset is not None and len(self.bundle.train) < cfg.subset:
+            n = len(self.bundle.train)
+            raise ConfigError(
+                f"--subset {cfg.subset} is more than the {n:,} training examples of "
+                f"{cfg.dataset} (beside its {cfg.val_size:,} validation images); use --subset "
+                f"{n} or less, or --subset all"
+            )
         from ..models import build_model
 
         backbone = build_model(
@@ -293,17 +494,18 @@ class PlacementSearch:
         self.space = SearchSpace(
             backbone, kinds=cfg.kinds, members=cfg.members, samples=cfg.samples
         )
-        if cfg.ood_family not in OOD_FAMILIES:
-            raise ConfigError(
-                f"unknown search OOD family {cfg.ood_family!r}; use one of "
-                + ", ".join(OOD_FAMILIES)
-            )
         self.val = (self.bundle.val.float(), self.bundle.val.y)
         self.ood = search_ood_set(cfg.ood_family, self.val[0], cfg.n_ood, seed=cfg.seed)
         _check_out_settings(cfg)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.study = _open_study(cfg)
-        _check_study_settings(self.study, cfg)
+        self.storage = _open_storage(cfg)
+        _check_study_settings(self.storage, cfg)
+        # every check passed: from here on the search writes
+        self.study = _create_study(cfg, self.storage)
+        _pin_study_settings(self.study, cfg)
+        _write_out_settings(cfg)
+        self._study_id = self.storage.get_study_id_from_name(cfg.study)
+        self._adopted: set[int] = set()
 
     # ------------------------------------------------------------------ one trial
     def run_config(self, plan: PlacementPlan) -> RunConfig:
@@ -367,6 +569,9 @@ class PlacementSearch:
     def completed(self) -> list[optuna.trial.FrozenTrial]:
         return self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
+    def _trial_id(self, number: int) -> int:
+        return self.storage.get_trial_id_from_study_id_trial_number(self._study_id, number)
+
     def _over_budget(self, trial: optuna.Trial) -> bool:
         """Whether ``cfg.trials`` live trials (complete, running or waiting) were created
         before this one: trial numbers are assigned in the database, so workers racing for
@@ -380,32 +585,67 @@ class PlacementSearch:
                   if t.number < trial.number]  # fmt: skip
         return len(before) >= self.cfg.trials
 
+    def reap(self) -> None:
+        """Fail the trials of dead workers, so that the budget counts live trials only.
+
+        Trials whose heartbeats stopped are failed by Optuna's stale-trial check, which
+        re-queues their plans. A worker killed after creating its trial but before its first
+        heartbeat leaves a trial that check never sees (it has no heartbeat to be stale): a live
+        worker marks its trial (user attribute ``worker``) right after the first heartbeat, so
+        a running trial without the mark gets one heartbeat from here, the first time this
+        worker sees it, and is failed like any other when no owner continues it."""
+        running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        for t in running:
+            if "worker" not in t.user_attrs and t.number not in self._adopted:
+                self._adopted.add(t.number)
+                self.storage.record_heartbeat(self._trial_id(t.number))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)
+
+    def _counts(self) -> tuple[int, int]:
+        """(complete, running) trials of the study."""
+        states = [t.state for t in self.study.get_trials(deepcopy=False)]
+        return (
+            states.count(optuna.trial.TrialState.COMPLETE),
+            states.count(optuna.trial.TrialState.RUNNING),
+        )
+
     def run(self) -> Path:
         """Ask, evaluate and tell until the study holds ``cfg.trials`` completed trials."""
         bar = tqdm(total=self.cfg.trials, disable=not self.cfg.progress, desc="search")
+        pause = min(float(self.cfg.heartbeat), 5.0)
         while True:
-            done = len(self.completed())
+            self.reap()
+            done, running = self._counts()
             bar.n = min(done, self.cfg.trials)
             bar.refresh()
             if done >= self.cfg.trials:
                 break
-            optuna.storages.fail_stale_trials(self.study)  # trials of killed workers: retried
+            if done + running >= self.cfg.trials:
+                # the last slots are held by other workers' running trials: wait for them to
+                # finish (or to be failed as stale, which re-queues their plans), creating
+                # no trial meanwhile
+                time.sleep(pause)
+                continue
             with warnings.catch_warnings():  # heartbeats are run below, around the trial
                 warnings.filterwarnings("ignore", ".*Heartbeat of storage.*")
                 trial = self.study.ask()
-            if self._over_budget(trial):
-                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                if len(self.completed()) >= self.cfg.trials:
-                    break
-                time.sleep(1.0)  # other workers hold the last slots; wait for them
-                continue
             try:
-                # heartbeats while the trial runs: if this worker dies, another fails the
+                # the heartbeat first: if this worker dies from here on, another fails the
                 # trial after the grace period and the retry callback re-queues its plan
-                with get_heartbeat_thread(trial._trial_id, self.study._storage):
+                beat = _Heartbeat(self.storage, self._trial_id(trial.number), self.cfg.heartbeat)
+                try:
+                    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+                    if self._over_budget(trial):  # a race for the last slot, lost: once
+                        trial.set_user_attr("over_budget", True)
+                        self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                        continue
                     values = self.objective(trial)
+                finally:
+                    beat.close()
             except BaseException:
-                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
                 raise
             self.study.tell(trial, values)
         bar.close()
@@ -450,8 +690,9 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def choose(rows: list[dict], nll_tolerance: float = 0.02) -> dict:
-    """The Pareto plan to deploy: the fastest whose validation NLL is within ``nll_tolerance``
-    (relative) of the front's best."""
+    """The Pareto plan to deploy: the cheapest (fewest FLOPs per image; the earliest trial among
+    equals) whose validation NLL is within ``nll_tolerance`` (relative) of the front's best. A
+    deterministic cost, so that the same search chooses the same plan whatever the timing."""
     best = min(r["val_nll"] for r in rows)
     ok = [r for r in rows if r["val_nll"] <= best * (1 + nll_tolerance)]
-    return min(ok, key=lambda r: r["latency_ms"])
+    return min(ok, key=lambda r: (r["flops_per_image"], r.get("trial", 0)))

@@ -91,12 +91,22 @@ class RNGState(L.Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_writable(path: Path) -> None:
+def check_writable(path: Path, create: bool = True) -> None:
+    """Refuse an output directory that cannot be made or written. ``create=False`` checks
+    without changing the file system (the nearest existing directory takes a probe file that
+    is gone at once): a command that may still refuse must not leave a directory behind."""
+    import tempfile
+
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".bnnkit-write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(existing))
+        with tempfile.TemporaryFile(dir=existing, prefix=".bnnkit-write-test"):
+            pass
     except OSError as e:
         raise ConfigError(
             f"output directory {path} is not writable ({e.strerror}); choose another with --out"
@@ -218,9 +228,11 @@ def train_run(
     ``callbacks``: extra Lightning callbacks (early stopping, custom logging, ...).
     """
     run_dir = Path(run_dir)
+    # every check first, then the first write (config.json): a refused command leaves the run
+    # directory as it found it, and the corrected command is not refused in turn
     cfg.validate()
     method = get_method(cfg.method)
-    check_writable(run_dir)
+    check_writable(run_dir, create=False)
     last = run_dir / "checkpoints" / "last.safetensors"
     if (run_dir / "config.json").is_file() and not resume and not _is_worker():
         state = "a finished run" if is_complete(run_dir) else "an interrupted run"
@@ -248,19 +260,30 @@ def train_run(
         )
     if len(bundle.train) == 0:
         raise ConfigError("the training set is empty; check --subset and the data set")
-    config_path = run_dir / "config.json"
-    io.atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    if cfg.data.subset is not None and len(bundle.train) < cfg.data.subset:
+        n = len(bundle.train)
+        raise ConfigError(
+            f"--subset {cfg.data.subset} is more than the {n:,} training examples of "
+            f"{bundle.name} (beside its validation images); use --subset {n} or less, or "
+            "--subset all"
+        )
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     spec = model_spec(cfg, bundle)
-    model = build_method(cfg.method, spec, cfg.method_options)
+    model = build_method(cfg.method, spec, cfg.method_options)  # a bad plan is refused here
+    fitting = not (method.posthoc_of is not None and base_model is not None)
+    # Lightning's refusals (strategy, devices, precision) too, before anything is written
+    fit = _trainer(cfg, run_dir, model, bundle, callbacks or [], budget) if fitting else None
+    config_path = run_dir / "config.json"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    io.atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
     t0 = time.time()
     trained_epochs = 0
     is_zero = True
-    if method.posthoc_of is not None and base_model is not None:
+    if fit is None:
         model.load_state_dict(base_model.state_dict())
     else:
-        is_zero, trained_epochs = _fit(cfg, run_dir, model, bundle, resume, callbacks or [], budget)
+        is_zero, trained_epochs = _fit(cfg, run_dir, model, bundle, resume, fit)
         if trained_epochs < cfg.train.epochs:
             return model  # stopped by the budget: resumable, not complete
     train_seconds = time.time() - t0
@@ -289,15 +312,16 @@ def train_run(
     return model
 
 
-def _fit(
+def _trainer(
     cfg: RunConfig,
     run_dir: Path,
     model: UQModel,
     bundle: DataBundle,
-    resume,
     callbacks,
     budget: Budget | None = None,
 ):
+    """The Lightning module and trainer of a run (nothing written yet; Lightning's refusal of
+    the set-up is a ConfigError here)."""
     t = cfg.train
     augment = _augment(cfg, bundle)
     # the tensor loader augments whole batches itself, on the training device, from its own
@@ -343,6 +367,13 @@ def _fit(
                 f"Lightning refused the training set-up (accelerator={t.accelerator!r}, "
                 f"devices={t.devices!r}, strategy={t.strategy!r}, precision={t.precision!r}): {e}"
             ) from e
+    return lit, trainer, streams, info
+
+
+def _fit(cfg: RunConfig, run_dir: Path, model: UQModel, bundle: DataBundle, resume, fit):
+    lit, trainer, streams, info = fit
+    t = cfg.train
+    ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.safetensors"
     ckpt_path = str(last) if resume and last.is_file() else None
     train_loader, val_loader = _loaders(cfg, bundle, trainer.strategy.root_device, streams)
