@@ -35,7 +35,11 @@ def _both(net, x, samples, schedule):
 
 
 def _batch_seen(module, net, x, samples):
+    """Rows ``module`` sees in one call, after a first call (which also checks the prefix on
+    ``2B`` rows: models/placement.py)."""
     seen = []
+    with torch.no_grad():
+        net(x, samples)
     h = module.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
     with torch.no_grad():
         net(x, samples)

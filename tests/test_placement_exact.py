@@ -389,3 +389,130 @@ def test_augmented_assignment_is_traced_in_place():
     fast, naive, fallbacks = _both(net, x)
     torch.testing.assert_close(fast, naive)
     assert not fallbacks and isinstance(split_prefix(net.body), PrefixSplit)
+
+
+# --- the prefix must compute each row from that row alone, batch on axis 0 -------------------
+
+T = 4  # tokens; the batch below has T rows too, so a moved batch axis still has B entries
+BATCH_OPS = {  # op -> (before the first stochastic layer, row by row with the batch on axis 0)
+    "softmax over the batch": False,
+    "std over the batch": False,
+    "sum over the batch": False,
+    "positions (arange over tokens)": False,
+    "transpose(0, 1)": False,
+    "softmax over units": True,
+    "mean over tokens": True,
+    "transpose(1, 2) and back": True,
+}
+
+
+class BatchOp(nn.Module):
+    """``[B, T, 4]`` tokens; ``op`` runs before the stochastic layer ``mid``."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.stem, self.mid, self.head = nn.Linear(4, D), nn.Linear(D, D), nn.Linear(D, 3)
+
+    def forward(self, x):
+        h, op, extra = self.stem(x), self.op, 0.0
+        if op == "softmax over the batch":
+            h = h.softmax(0)
+        elif op == "std over the batch":
+            h = (h - h.mean(0)) / h.std(0)
+        elif op == "sum over the batch":
+            h = h / h.abs().sum(0)
+        elif op == "positions (arange over tokens)":
+            extra = torch.arange(x.shape[1], dtype=x.dtype)[:, None]
+        elif op == "softmax over units":
+            h = h.softmax(-1)
+        elif op == "mean over tokens":
+            h = h - h.mean(1, keepdim=True)
+        elif op == "transpose(1, 2) and back":
+            h = h.transpose(1, 2).tanh().transpose(1, 2)
+        if op == "transpose(0, 1)":  # time-major [T, B, D] through a row-wise stochastic layer
+            h = self.mid(h.transpose(0, 1)).transpose(0, 1).reshape(-1, T, D)
+        else:
+            h = self.mid(h) + extra
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("kind", ["batch_ensemble", "mc_dropout", "variational"])  # on tokens
+@pytest.mark.parametrize("op", list(BATCH_OPS))
+def test_prefixes_that_mix_rows_or_move_the_batch_axis_take_the_naive_path(kind, op):
+    """Naive inference runs the prefix on the batch repeated R times: an op over the batch (a
+    softmax, std or sum over it) then sees R copies of every row, and a value whose first axis
+    is not the batch (positions over T = B tokens, a time-major transpose) is repeated along
+    the wrong axis. Both pass the allow-list and the [B, ...] shape check; the split must still
+    equal naive inference, and say why it is not used. Row-wise ops keep the split."""
+    if op == "transpose(0, 1)" and kind == "batch_ensemble":
+        pytest.skip("members split axis 0, which the naive path gives the tokens")
+    torch.manual_seed(0)
+    net = bayesify(BatchOp(op), {"mid": kind}, **KINDS[kind])
+    x = torch.randn(T, T, 4)  # B == T
+    for schedule in ("fold", "members"):
+        fast, naive, fallbacks = _both(net, x, samples=2, schedule=schedule)
+        torch.testing.assert_close(fast, naive)
+        if BATCH_OPS[op]:
+            assert not fallbacks, fallbacks
+        else:
+            assert len(fallbacks) == (schedule == "fold"), fallbacks  # once per model
+            assert all("row by row" in f for f in fallbacks), fallbacks
+
+
+# --- module state: buffers are read live, assignments in forward are not traced away ----------
+
+
+class Stateful(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, D), nn.Linear(D, 3)
+        self.register_buffer("temperature", torch.ones(()))
+        self.register_buffer("ema", torch.zeros(D))
+        self.track = False
+
+    def forward(self, x):
+        h = self.a(x) / self.temperature.clamp(min=1e-3)  # an op on a buffer alone
+        if self.track:  # state kept between calls, as users write it
+            self.ema = 0.9 * self.ema + 0.1 * h.mean(0).detach()
+            self.last_features = h
+        return self.head(h)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_buffers_are_read_live_by_the_split(kind):
+    """torch.fx folds an op on a buffer alone into a constant unless buffers are graph inputs:
+    the cached split would keep the value the buffer had when it was traced."""
+    torch.manual_seed(0)
+    net = bayesify(Stateful(), {"head": kind}, **KINDS[kind])
+    x = torch.randn(5, 4)
+    _both(net, x)  # traced with temperature 1
+    net.body.temperature.fill_(3.0)  # same tensor object: the split is not rebuilt
+    fast, naive, fallbacks = _both(net, x)
+    torch.testing.assert_close(fast, naive)
+    assert not fallbacks
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_forward_that_assigns_state_is_not_broken_by_tracing(kind):
+    """Tracing runs the forward on proxies: ``self.ema = ...`` would leave a proxy in the
+    user's model (and the graph would not assign at all). The model stays intact, the naive path
+    runs with a warning naming the attribute, and its state is what naive inference leaves."""
+    nets, x = [], torch.randn(5, 4)
+    for prefix_once in (True, False):
+        torch.manual_seed(0)
+        body = Stateful()
+        body.track = True
+        net = bayesify(body, {"head": kind}, **KINDS[kind]).eval()
+        net.prefix_once = prefix_once
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.manual_seed(1)
+            out = [net(x, 2) for _ in range(2)]
+        nets.append((net, out, [str(w.message) for w in caught]))
+    (fast, fast_out, fallbacks), (naive, naive_out, _) = nets
+    assert type(fast.body.ema) is torch.Tensor and "ema" in dict(fast.body.named_buffers())
+    torch.testing.assert_close(fast.body.ema, naive.body.ema)
+    torch.testing.assert_close(fast.body.last_features, naive.body.last_features)
+    torch.testing.assert_close(fast_out, naive_out)
+    assert len(fallbacks) == 1 and "assigns 'ema'" in fallbacks[0], fallbacks

@@ -30,14 +30,20 @@ Running the prefix once and the tail after it is exact only under two preconditi
   prefix value is not known. Augmented assignments (``h += y``) and item assignments are
   traced as the in-place ops they are (plain ``torch.fx`` records ``h += y`` as ``h + y``).
 
-When a check fails, the body cannot be traced (data-dependent control flow), or the prefix hands
-the tail a value that is not a ``[B, ...]`` tensor (e.g. ``x.size(0)`` used in a later reshape),
-the model warns once with the reason (:class:`PlacementFallback`) and runs the naive way (input
-repeated at the entry), which is always exact. An error raised by this module's own code is not
-taken for an untraceable body: it propagates. The split is only used in eval mode: in training,
-BatchNorm's running variance is updated with the unbiased batch variance, whose correction
-depends on the batch size. A custom layer kind marks itself stochastic with
-``bnnkit_stochastic = True``.
+A third precondition depends on shapes and is checked on the first input (:func:`run_prefix`):
+every value the prefix hands over is computed row by row with the batch on axis 0, so that
+repeating the batch repeats it (not so after a softmax, sum or std over the batch, or a
+``transpose(0, 1)`` whose other axis has B entries). Buffers are graph inputs, read live.
+
+When a check fails, the body cannot be traced (data-dependent control flow) or assigns
+attributes in its forward (``self.ema = ...``: tracing would leave proxies there; the model is
+restored), or the prefix hands the tail a value that is not a ``[B, ...]`` tensor (e.g.
+``x.size(0)`` used in a later reshape), the model warns once with the reason
+(:class:`PlacementFallback`) and runs the naive way (input repeated at the entry), which is always
+exact. An error raised by this module's own code is not taken for an untraceable body: it
+propagates. The split is only used in eval mode: in training, BatchNorm's running variance is
+updated with the unbiased batch variance, whose correction depends on the batch size. A custom
+layer kind marks itself stochastic with ``bnnkit_stochastic = True``.
 """
 
 from __future__ import annotations
@@ -117,6 +123,9 @@ for _op in _AUGMENTED:
 
 
 class _Tracer(fx.Tracer):
+    # a buffer is a graph input (get_attr), read live: not folded into a constant at tracing
+    proxy_buffer_attributes = True
+
     @_own
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return is_stochastic(m) or super().is_leaf_module(m, qualname)
@@ -341,6 +350,8 @@ class PrefixSplit:
     prefix: fx.GraphModule
     tail: fx.GraphModule
     n_prefix_ops: int  # call nodes in the prefix (0: nothing to save)
+    checked: bool = False  # the boundary values were found to be computed row by row
+    refused: str | None = None  # why they are not (then the naive path runs)
 
 
 @dataclass(frozen=True)
@@ -429,9 +440,48 @@ def _check(nodes: list[fx.Node], tail: set, modules: dict) -> str | None:
     return None
 
 
+def _attributes(body: nn.Module) -> list:
+    """Each module's attributes, parameters, buffers and children (what a forward that
+    assigns ``self.x = ...`` changes), to restore after tracing."""
+    return [
+        (name, m, {k: dict(v) if k in _SLOTS else v for k, v in m.__dict__.items()})
+        for name, m in body.named_modules(remove_duplicate=False)
+    ]
+
+
+_SLOTS = ("_parameters", "_buffers", "_modules")
+
+
+def _restore(body: nn.Module, saved: list) -> str | None:
+    """Undo the attribute assignments the forward made while it was traced (a buffer set to a
+    proxy would break the model); name the first one, None if there was none. The constants
+    ``torch.fx`` itself stores on the root (``_tensor_constant*``) stay: the graph reads them."""
+    assigned = None
+    for name, m, before in saved:
+        now = m.__dict__
+        for key in list(now):
+            if key in _SLOTS:
+                slot, old = now[key], before[key]
+                changed = [k for k in slot if k not in old or slot[k] is not old[k]]
+                changed += [k for k in old if k not in slot]
+                if changed:
+                    assigned = assigned or f"'{'.'.join(filter(None, (name, changed[0])))}'"
+                    slot.clear()
+                    slot.update(old)
+            elif key not in before:
+                if not (m is body and key.startswith("_tensor_constant")):
+                    assigned = assigned or f"'{'.'.join(filter(None, (name, key)))}'"
+                    del now[key]
+            elif now[key] is not before[key]:
+                assigned = assigned or f"'{'.'.join(filter(None, (name, key)))}'"
+                now[key] = before[key]
+    return assigned
+
+
 def split_prefix(body: nn.Module) -> PrefixSplit | NaivePath | None:
     """The prefix/tail split of ``body``; :class:`NaivePath` with the reason when running the
     prefix once would not be exact (or cannot be checked); None without a stochastic layer."""
+    saved = _attributes(body)
     try:
         graph = _Tracer().trace(body)
     except _OwnError as e:  # a bug of this module, not the user's forward: let it surface
@@ -441,6 +491,13 @@ def split_prefix(body: nn.Module) -> PrefixSplit | NaivePath | None:
         return NaivePath(
             f"torch.fx cannot trace the body ({type(e).__name__}: {msg[:200]}); data-dependent "
             "control flow is the usual cause"
+        )
+    finally:
+        assigned = _restore(body, saved)
+    if assigned:
+        return NaivePath(
+            f"the forward assigns {assigned} (state kept between calls, which tracing cannot "
+            "record)"
         )
     modules = dict(body.named_modules())
     nodes = list(graph.nodes)
@@ -490,7 +547,9 @@ def split_prefix(body: nn.Module) -> PrefixSplit | NaivePath | None:
 
 def run_prefix(split: PrefixSplit, x: torch.Tensor) -> list[torch.Tensor] | NaivePath:
     """Boundary values for ``x``, or :class:`NaivePath` when they cannot be repeated (not all
-    ``[B, ...]`` tensors): the caller then runs the naive way."""
+    ``[B, ...]`` tensors, or not computed row by row): the caller then runs the naive way."""
+    if split.refused is not None:
+        return NaivePath(split.refused)
     values = split.prefix(x)
     B = x.shape[0]
     for v in values:
@@ -504,4 +563,44 @@ def run_prefix(split: PrefixSplit, x: torch.Tensor) -> list[torch.Tensor] | Naiv
                 f"the part before the first stochastic layer hands {what} to the rest, not a "
                 f"[B, ...] tensor with B = {B} (e.g. x.size(0) used after that layer)"
             )
+    if not split.checked:
+        split.refused = _not_row_by_row(split, x)
+        split.checked = split.refused is None
+        if split.refused is not None:
+            return NaivePath(split.refused)
     return list(values)
+
+
+def _not_row_by_row(split: PrefixSplit, x: torch.Tensor) -> str | None:
+    """Why a boundary value is not computed row by row, batch on axis 0 (row ``b`` from input
+    row ``b`` alone: repeating the batch then repeats the value); None when it is. An op that
+    mixes the rows (a softmax, sum or std over the batch) or moves the batch axis (a
+    ``transpose(0, 1)`` whose other axis happens to have B entries) passes the allow-list and
+    the shape check but not this: the prefix runs, once per split, on ``[x, x]`` and on
+    ``[x, z]`` with ``z`` other rows, and the first half of every value must not change.
+    (``z`` is not a permutation of the rows of ``x``: a softmax over the batch would not see it.)"""
+    axes = [d for d in range(1, x.dim()) if x.shape[d] > 1]
+    others = ([x.roll(1, axes[-1])] if axes else []) + [x[:1].expand_as(x)]
+    z = next((o for o in others if not torch.equal(o, x)), None)
+    if z is None:  # every row and entry equal: nothing to tell the rows apart by
+        return None
+    B = x.shape[0]
+    with torch.no_grad():
+        same, other = split.prefix(torch.cat([x, x])), split.prefix(torch.cat([x, z]))
+    outputs = next(n for n in split.prefix.graph.nodes if n.op == "output").args[0]
+    for node, a, b in zip(outputs, same, other):
+        shape_ok = a.dim() >= 1 and a.shape[0] == 2 * B and a.shape == b.shape
+        if shape_ok and (a.is_floating_point() or a.is_complex()):
+            scale = float(torch.nan_to_num(a[:B].abs(), 0.0, 0.0, 0.0).amax()) if a.numel() else 0
+            tol = 64 * torch.finfo(a.dtype).eps
+            ok = torch.allclose(a[:B], b[:B], rtol=tol, atol=tol * scale, equal_nan=True)
+        else:
+            ok = shape_ok and torch.equal(a[:B], b[:B])
+        if not ok:
+            return (
+                f"the value {_name(node)} the part before the first stochastic layer hands to "
+                "the rest is not computed row by row with the batch on axis 0 (an op mixes the "
+                "rows of the batch, e.g. a softmax, sum or std over it, or moves its axis, e.g. "
+                "x.transpose(0, 1)); keep batch-wide ops after the first stochastic layer"
+            )
+    return None
