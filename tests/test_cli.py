@@ -50,7 +50,7 @@ def test_evaluate_needs_a_trained_run(capsys, tmp_path):
 
 def test_bad_subset_and_option(capsys, tmp_path):
     code, _, err = run_cli(capsys, "bench", "--subset", "lots", "--out", str(tmp_path))
-    assert code == 2 and "--subset takes a number" in err
+    assert code == 2 and "argument --subset: expected an int >= 1, or 'all'" in err
     code, _, err = run_cli(capsys, "train", "--option", "p", "--out", str(tmp_path / "x"))
     assert code == 2 and "key=value" in err
 

@@ -273,3 +273,138 @@ def declared_by(table: OptionTable):
         return cls
 
     return wrap
+
+
+# ------------------------------------------------------------------ command-line flags
+
+#: what a nullable option's flag takes for null: ``--subset all``, ``--max-latency-ms none``
+NULL_WORDS = ("all", "none", "null")
+
+
+class _Null:
+    """A nullable option's flag given as 'all' / 'none' (a flag not given parses to None)."""
+
+    def __repr__(self) -> str:
+        return "NULL"
+
+
+NULL = _Null()
+
+
+def flag_name(option: Option, rename: dict[str, str] | None = None) -> str:
+    """``--batch-size`` for option ``batch_size`` (``rename``: option name -> flag name)."""
+    return "--" + (rename or {}).get(option.name, option.name).replace("_", "-")
+
+
+def describe_flag(option: Option) -> str:
+    """What a flag of ``option`` takes, in words (the declaration's, in command-line terms)."""
+    text = option.describe().removesuffix(" (or null)")
+    if option.kind == "int_list":
+        text = text.replace("a list of ints", "comma-separated ints", 1)
+        if option.empty:
+            text += " ('' for none)"
+    if option.kind == "json":
+        text += " (JSON)"
+    if option.nullable:
+        text += ", or " + " / ".join(repr(w) for w in NULL_WORDS[:2]) + " for null"
+    return text
+
+
+def flag_type(option: Option) -> Callable[[str], Any]:
+    """The argparse ``type`` of a flag of ``option``: text -> the checked value, or NULL for a
+    nullable option's 'all' / 'none'; anything the declaration refuses is an argparse error."""
+    import argparse
+
+    def convert(text: str):
+        t = text.strip()
+        if option.nullable and t.lower() in NULL_WORDS:
+            return NULL
+        k = option.kind
+        try:
+            if k == "int":
+                value: Any = int(t)
+            elif k == "float":
+                value = float(t)
+            elif k == "bool":
+                if t.lower() not in ("true", "false"):
+                    raise ValueError(t)
+                value = t.lower() == "true"
+            elif k == "int_list":
+                value = [int(p) for p in t.split(",")] if t else []
+            elif k == "json":
+                import json
+
+                value = json.loads(t)
+            else:  # str, choice, size
+                value = t
+            return option.check(value)
+        except (ValueError, ConfigError):
+            raise argparse.ArgumentTypeError(
+                f"expected {describe_flag(option)}, got {text!r}"
+            ) from None
+
+    convert.__name__ = option.kind
+    return convert
+
+
+def add_arguments(
+    parser,
+    table: OptionTable,
+    names: Iterable[str] | None = None,
+    rename: dict[str, str] | None = None,
+    exclude: Iterable[str] = (),
+) -> list[str]:
+    """One ``--flag`` per option of ``table`` on an argparse ``parser`` (``names``: only these;
+    ``exclude``: not these; ``rename``: option name -> flag name). The flag converts and checks
+    its text by the option's declaration (ints, numbers, ``true`` / ``false``, a choice,
+    comma-separated int lists, 'all' / 'none' for a nullable option's null), its help is the
+    option's help and what is valid, and its default is None: "not given", so that the
+    config's default, the table's, applies (:func:`given` collects the given ones). A required
+    option's flag is required. Returns the option names that got a flag."""
+    wanted = None if names is None else set(names)
+    skip = set(exclude)
+    unknown = sorted(((wanted or set()) | skip | set(rename or {})) - set(table.options))
+    if unknown:
+        raise ValueError(f"{table.owner} has no option(s) {unknown}")
+    added = []
+    for o in table:
+        if (wanted is not None and o.name not in wanted) or o.name in skip:
+            continue
+        default = "required" if o.required else f"default: {_shown_default(o)}"
+        kw: dict[str, Any] = {
+            "dest": o.name,
+            "default": None,
+            "type": flag_type(o),
+            "help": f"{o.help} [{describe_flag(o)}; {default}]".replace("%", "%%"),
+        }
+        flag = flag_name(o, rename)
+        if o.kind == "choice":
+            kw["metavar"] = "{" + ",".join(map(str, o.choices)) + "}"
+        else:
+            kw["metavar"] = flag[2:].upper().replace("-", "_")
+        if o.required:
+            kw["required"] = True
+        parser.add_argument(flag, **kw)
+        added.append(o.name)
+    return added
+
+
+def _shown_default(o: Option) -> str:
+    if o.default is None:
+        return "null"
+    if isinstance(o.default, bool):
+        return str(o.default).lower()
+    if o.kind == "int_list":
+        return ",".join(map(str, o.default)) or "''"
+    return str(o.default)
+
+
+def given(args, table: OptionTable) -> dict[str, Any]:
+    """The options of ``table`` whose flags were given in ``args`` (an argparse namespace from
+    :func:`add_arguments`), by option name; a nullable option's 'all' / 'none' is None."""
+    out = {}
+    for o in table:
+        value = getattr(args, o.name, None)
+        if value is not None:
+            out[o.name] = None if value is NULL else value
+    return out

@@ -18,6 +18,7 @@ MC dropout usually is, the whole network every pass: the comparison the literatu
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import statistics
 from collections import defaultdict
@@ -93,18 +94,24 @@ def final_comparison(
     out = Path(out)
     plans = final_plans(out)
     scfg = json.loads((out / "search_config.json").read_text())
-    cfg = bench if bench is not None else BenchConfig()
-    cfg.dataset, cfg.model = scfg["dataset"], scfg["model"]
-    cfg.model_options = dict(scfg.get("model_options", {}))
-    cfg.train_options = {**scfg.get("train_options", {}), **cfg.train_options}
-    cfg.out = str(out / "final")
+    base_cfg = bench if bench is not None else BenchConfig()
     base = list(baselines if baselines is not None else scfg.get("baselines", []))
     variants = {label: {"method": "placement", "plan": p.to_dict()} for label, p in plans.items()}
     if "mc_dropout" in base:  # the same network run the usual way: the whole net every pass
         base.insert(base.index("mc_dropout") + 1, "mc_dropout_full")
         variants["mc_dropout_full"] = {"method": "mc_dropout", "prefix_once": False}
-    cfg.methods = base + list(plans)
-    cfg.variants = {**cfg.variants, **variants}
+    # the bench's training and evaluation on the search's data, model and train options (the
+    # bench's own train options win); the given config is left as it was
+    cfg = dataclasses.replace(
+        base_cfg,
+        dataset=scfg["dataset"],
+        model=scfg["model"],
+        model_options=dict(scfg.get("model_options", {})),
+        train_options={**scfg.get("train_options", {}), **base_cfg.train_options},
+        out=str(out / "final"),
+        methods=base + list(plans),
+        variants={**base_cfg.variants, **variants},
+    )
     table = run_bench(cfg, log=log)
     with ResultStore(Path(cfg.out) / "results.sqlite") as store:
         rows = store.rows(dataset=cfg.dataset, model=cfg.model)

@@ -101,8 +101,12 @@ def forward_flops(model, x: torch.Tensor) -> float:
     """FLOPs of one prediction forward for the batch ``x`` (all members and samples).
 
     Counted with gradients enabled: the counter's module tracker hooks the autograd graph and
-    fails on some layers (LP-BNN's VAE) under ``no_grad``; nothing is kept."""
+    fails on some layers (LP-BNN's VAE) under ``no_grad``; nothing is kept. One uncounted call
+    first: a folded network checks and caches its prefix split on its first call (the check
+    runs part of the network on extra rows), which prediction pays once, not per batch."""
     model.eval()
+    with torch.no_grad():
+        model.net(x, model.eval_samples)
     with torch.enable_grad(), FlopCounterMode(display=False) as counter:
         model.net(x, model.eval_samples)
     return float(counter.get_total_flops())

@@ -23,6 +23,7 @@ the alternative. Multi-objective trials cannot be pruned: every candidate trains
 from __future__ import annotations
 
 import csv
+import dataclasses
 import fcntl
 import hashlib
 import io as stdio
@@ -42,10 +43,12 @@ from tqdm.auto import tqdm
 from .. import io
 from ..data import load_bundle
 from ..errors import ConfigError
+from ..evaluate import EVAL_OPTIONS
+from ..options import Option, OptionTable, declared_by
 from ..plan import PlacementPlan
 from ..report.figures import pareto_plot
-from ..train import DataConfig, RunConfig, TrainConfig, train_run
-from ..train.config import check_extras
+from ..train import RunConfig, train_run
+from ..train.config import DATA_OPTIONS, RUN_OPTIONS, TRAIN_OPTIONS, check_extras, run_config
 from .objectives import OOD_FAMILIES, evaluate_candidate, search_ood_set
 from .space import DEFAULT_KINDS, SearchSpace
 
@@ -57,41 +60,60 @@ OBJECTIVES = ("val_nll", "ood_auroc", "flops_per_image")
 _OLD_OBJECTIVES = ["val_nll", "ood_auroc", "latency_ms"]
 
 
+SEARCH_OPTIONS = OptionTable(
+    "search config",
+    [
+        Option("out", "str", "runs/search", "output directory"),
+        DATA_OPTIONS["dataset"],
+        RUN_OPTIONS["model"],
+        # the proxy: 3 epochs on 8,000 images ranks plans by validation NLL about as well as a
+        # second seed of the bench's 5 epochs on 16,000 (BENCHMARKS.md, Kendall tau)
+        dataclasses.replace(TRAIN_OPTIONS["epochs"], default=3,
+                            help="training epochs per candidate"),
+        dataclasses.replace(DATA_OPTIONS["subset"], default=8000,
+                            help="training examples per candidate (null: all)"),
+        DATA_OPTIONS["val_size"].with_default(2000),
+        TRAIN_OPTIONS["batch_size"],
+        TRAIN_OPTIONS["lr"],
+        dataclasses.replace(RUN_OPTIONS["seed"], help="seed of the sampler, the candidates' "
+                            "training and the train/validation split"),
+        Option("trials", "int", 20, "completed trials in the study (all workers)", low=1),
+        Option("storage", "str", None, "Optuna storage URL (null: a SQLite file in out)",
+               nullable=True),
+        Option("study", "str", "bnnkit-search", "study name (workers on one storage share it)"),
+        Option("sampler", "choice", "nsga2", "NSGA-II (several objectives) or TPE",
+               choices=("nsga2", "tpe")),
+        # its first generation is random, so a small budget needs a small population to evolve
+        # at all (Optuna's default, 50, would make 40 trials random)
+        Option("population", "int", 16, "NSGA-II generation size", low=2),
+        Option("members", "int_list", [2, 4], "ensemble sizes a plan may use", low=1),
+        Option("samples", "int_list", [1, 2, 4, 8], "posterior samples a plan may use", low=1),
+        Option("n_ood", "int", 1000, "search-time OOD images", low=1),
+        # "mixed" agrees best with the test OOD sets; noise images alone are unstable across
+        # seeds (BENCHMARKS.md)
+        Option("ood_family", "choice", "mixed", "search-time OOD images, never test data "
+               "(see objectives.search_ood_set)", choices=OOD_FAMILIES),
+        EVAL_OPTIONS["latency_batch"],
+        # a trial silent for 2 heartbeats (or, created by a worker killed before its first
+        # heartbeat, unclaimed for 2 heartbeats) is failed and its plan retried
+        Option("heartbeat", "int", 30, "seconds between trial heartbeats", low=1),
+        Option("max_latency_ms", "float", None, "constraint: predict latency per batch in ms "
+               "(null: none)", low=0.0, low_open=True, nullable=True),
+        Option("max_parameters", "int", None, "constraint: parameter count (null: none)",
+               low=1, nullable=True),
+        Option("progress", "bool", True, "progress bars"),
+    ],
+)  # fmt: skip
+
+
 @dataclass
+@declared_by(SEARCH_OPTIONS)
 class SearchConfig:
-    out: str = "runs/search"
-    dataset: str = "fashion_mnist"
-    model: str = "lenet5"
-    #: the proxy: 3 epochs on 8,000 images ranks plans by validation NLL about as well as a
-    #: second seed of the bench's 5 epochs on 16,000 (BENCHMARKS.md, Kendall tau)
-    epochs: int = 3
-    subset: int | None = 8000
-    val_size: int = 2000
-    batch_size: int = 128
-    lr: float = 1e-3
-    seed: int = 0
-    trials: int = 20  # completed trials in the study, across workers
-    storage: str | None = None  # default: sqlite in OUT
-    study: str = "bnnkit-search"
-    sampler: str = "nsga2"
-    #: NSGA-II's generation size: its first generation is random, so a small budget needs a
-    #: small population to evolve at all (Optuna's default, 50, would make 40 trials random)
-    population: int = 16
+    """A placement search: one field per option of :data:`SEARCH_OPTIONS` (plans above the
+    optional constraints are infeasible: NSGA-II's constrained domination), plus the lists and
+    mappings below."""
+
     kinds: list[str] = field(default_factory=lambda: list(DEFAULT_KINDS))
-    members: list[int] = field(default_factory=lambda: [2, 4])
-    samples: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    n_ood: int = 1000
-    #: search-time OOD images (never test data), see objectives.search_ood_set: "mixed" agrees
-    #: best with the test OOD sets; noise images alone are unstable across seeds (BENCHMARKS.md)
-    ood_family: str = "mixed"
-    latency_batch: int = 128
-    #: seconds between a trial's heartbeats; a trial silent for 2 heartbeats (or, created by a
-    #: worker killed before its first heartbeat, unclaimed for 2 heartbeats) is failed and its
-    #: plan retried
-    heartbeat: int = 30
-    #: optional constraints: plans above them are infeasible (NSGA-II's constrained domination)
-    max_latency_ms: float | None = None
-    max_parameters: int | None = None
     #: methods trained and scored with the same proxy, marked on the Pareto plot
     baselines: list[str] = field(
         default_factory=lambda: ["deterministic", "mc_dropout", "deep_ensemble"]
@@ -101,7 +123,42 @@ class SearchConfig:
     train_options: dict = field(default_factory=dict)
     #: architecture options (e.g. ``{"width": 16}``)
     model_options: dict = field(default_factory=dict)
-    progress: bool = True
+
+    def validate(self) -> SearchConfig:
+        """Every option against :data:`SEARCH_OPTIONS`, the lists' types, and the train and
+        model options with the search's own values (ConfigError before any work)."""
+        if self.ood_family not in OOD_FAMILIES:
+            raise ConfigError(
+                f"unknown search OOD family {self.ood_family!r}; use one of "
+                + ", ".join(OOD_FAMILIES)
+            )
+        SEARCH_OPTIONS.resolve({o.name: getattr(self, o.name) for o in SEARCH_OPTIONS})
+        for name in ("kinds", "baselines"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name} must be a list of names, got {value!r}")
+        check_extras("search", self.train_options, self.model, self.model_options,
+                     reserved=("epochs", "batch_size", "lr", "progress"),
+                     fixed={"epochs": self.epochs, "batch_size": self.batch_size,
+                            "lr": self.lr})  # fmt: skip
+        return self
+
+    def run_config(self, method: str, method_options: dict | None = None) -> RunConfig:
+        """The config of one candidate or baseline run: the tables' defaults, the search's
+        ``train_options``, then its own epochs, batch size and learning rate; the data split
+        seeded by the search's seed."""
+        return run_config(
+            method=method,
+            method_options=method_options,
+            model=self.model,
+            model_options=self.model_options,
+            seed=self.seed,
+            data={"dataset": self.dataset, "val_size": self.val_size, "subset": self.subset,
+                  "split_seed": self.seed},
+            train_options=self.train_options,
+            train={"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
+                   "progress": False},
+        )  # fmt: skip
 
     def storage_url(self) -> str:
         """The storage URL (nothing is created: the default SQLite file is made when the
@@ -460,22 +517,8 @@ class PlacementSearch:
     def __init__(self, cfg: SearchConfig) -> None:
         """Check everything, then write: a refused search leaves the output directory and the
         study as it found them, so the corrected command is not refused in turn."""
-        self.cfg = cfg
-        if cfg.trials < 1:
-            raise ConfigError(f"trials must be >= 1, got {cfg.trials}")
-        if not isinstance(cfg.heartbeat, int) or cfg.heartbeat < 1:
-            raise ConfigError(f"heartbeat must be a whole number of seconds >= 1, got "
-                              f"{cfg.heartbeat!r}")  # fmt: skip
+        self.cfg = cfg.validate()
         _sampler(cfg)  # the sampler's name and population
-        check_extras("search", cfg.train_options, cfg.model, cfg.model_options,
-                     reserved=("epochs", "batch_size", "lr", "progress"),
-                     fixed={"epochs": cfg.epochs, "batch_size": cfg.batch_size,
-                            "lr": cfg.lr})  # fmt: skip
-        if cfg.ood_family not in OOD_FAMILIES:
-            raise ConfigError(
-                f"unknown search OOD family {cfg.ood_family!r}; use one of "
-                + ", ".join(OOD_FAMILIES)
-            )
         self.bundle = load_bundle(
             cfg.dataset, val_size=cfg.val_size, subset=cfg.subset, split_seed=cfg.seed, ood=[]
         )
@@ -509,17 +552,7 @@ class PlacementSearch:
 
     # ------------------------------------------------------------------ one trial
     def run_config(self, plan: PlacementPlan) -> RunConfig:
-        c = self.cfg
-        return RunConfig(
-            method="placement",
-            method_options={"plan": plan.to_dict()},
-            model=c.model,
-            model_options=dict(c.model_options),
-            seed=c.seed,
-            data=DataConfig(c.dataset, c.val_size, c.subset, c.seed),
-            train=TrainConfig(**c.train_options, epochs=c.epochs, batch_size=c.batch_size,
-                              lr=c.lr, progress=False),
-        )  # fmt: skip
+        return self.cfg.run_config("placement", {"plan": plan.to_dict()})
 
     def evaluate(self, plan: PlacementPlan) -> dict[str, float]:
         """Train (or resume, or reuse) the candidate and measure its objectives. A lock file
@@ -528,9 +561,8 @@ class PlacementSearch:
         return self._evaluate_run(self.run_config(plan), run)
 
     def evaluate_baseline(self, method: str) -> dict[str, float]:
-        cfg = self.run_config(PlacementPlan({self.space.units[0]: "deterministic"}))
-        cfg.method, cfg.method_options = method, {}
-        return self._evaluate_run(cfg, Path(self.cfg.out) / "baselines" / method)
+        run = Path(self.cfg.out) / "baselines" / method
+        return self._evaluate_run(self.cfg.run_config(method), run)
 
     def _evaluate_run(self, cfg: RunConfig, run: Path) -> dict[str, float]:
         run.mkdir(parents=True, exist_ok=True)
