@@ -1,7 +1,9 @@
-"""Real data sets, splits, OOD pairs and corruptions (plain torch, no torchvision)."""
+"""Real data sets, splits, OOD pairs and corruptions (plain torch, no torchvision); segmentation
+label maps with a held-out-class anomaly protocol (:mod:`bnnkit.data.segmentation`)."""
 
 from .bundle import OOD_PAIRS, DataBundle, Split, load_bundle, to_float, train_val_indices
 from .corruptions import CORRUPTIONS, corrupt, rotate_by
+from .segmentation import IGNORE_INDEX, SegSplit, load_camvid
 from .sources import DATASETS, download, fetch, get_spec, load_split, locate_split, verify
 
 __all__ = [
@@ -21,4 +23,7 @@ __all__ = [
     "verify",
     "fetch",
     "download",
+    "SegSplit",
+    "load_camvid",
+    "IGNORE_INDEX",
 ]

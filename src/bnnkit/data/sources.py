@@ -172,6 +172,9 @@ class DatasetSpec:
     classes: list[str] = field(default_factory=list)
     #: a data set computed from another one's files: (source name, images -> images)
     derived: tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
+    #: "classification" (labels [N]) or "segmentation" (label maps [N, H, W], read by
+    #: :mod:`bnnkit.data.segmentation`, e.g. ``load_camvid``; :func:`load_split` refuses them)
+    task: str = "classification"
 
 
 _FM = "fashion-mnist/"
@@ -199,6 +202,10 @@ _CIFAR10_TRAIN_SHA = [
     "fd9e12036be24c94f6edfb4e954b546fa153e538f12f3429ed7dfc523cc58d55",
 ]
 _NPZ_HINT = "place the .npz files (x_*/y_* arrays, NHWC uint8) in $BNNKIT_DATA or ~/.cache/bnnkit"
+
+_CAMVID = FileSpec(
+    "camvid.npz", ("d461c312cc3413fc785ee780a8d89742f9b65f2e4827b46b8379c0f6e7680240",)
+)
 
 _CIFAR10_TEST = FileSpec(
     "cifar10_test.npz", ("84736cdd9e713ddd8fc4a2070e1c726747f370070cdadd5bf276d408e7b090e2",)
@@ -322,6 +329,31 @@ DATASETS: dict[str, DatasetSpec] = {
         "convert SVHN's test_32x32.mat to svhn_test.npz (x_test NHWC uint8, y_test 0..9) "
         "and put it in $BNNKIT_DATA",
     ),
+    # semantic segmentation (SegNet split, half resolution); label 11 (= num_classes) is void
+    "camvid": DatasetSpec(
+        "camvid",
+        {"train": [_CAMVID], "val": [_CAMVID], "test": [_CAMVID]},
+        (3, 180, 240),
+        11,
+        (0.4124, 0.4256, 0.4331),  # of the training images
+        (0.3022, 0.3066, 0.3024),
+        "put camvid.npz (CamVid, SegNet split at 180x240: x_/y_/names_<split> arrays and "
+        "class_names) in $BNNKIT_DATA or ~/.cache/bnnkit",
+        [
+            "Sky",
+            "Building",
+            "Pole",
+            "Road",
+            "Pavement",
+            "Tree",
+            "SignSymbol",
+            "Fence",
+            "Car",
+            "Pedestrian",
+            "Bicyclist",
+        ],  # fmt: skip
+        task="segmentation",
+    ),
 }
 
 
@@ -396,6 +428,11 @@ def _cached(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _read_split(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     ds = get_spec(name)
+    if ds.task != "classification":
+        raise DataError(
+            f"{name!r} is a {ds.task} data set (label maps, not one label per image); read it "
+            f"with bnnkit.data.segmentation.load_{name}(split)"
+        )
     if ds.derived is not None:
         source, derive = ds.derived
         sx, y = _cached(source, split)
