@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import ConfigError, unknown_name
 from ..options import Option, OptionTable
 from .base import Folded, Normalize, Stacked, check_images, fold
+from .deeplab import DeepLabV3Plus
 from .placement import PlacementFallback
 from .zoo import MLP, LeNet5, ResNet18, WideResNet28
 
@@ -13,7 +14,15 @@ MODELS = {
     "lenet5": LeNet5,
     "resnet18": ResNet18,
     "wrn28": WideResNet28,
+    "deeplabv3plus": DeepLabV3Plus,
 }
+
+
+def _output_stride(o: dict) -> str | None:
+    if o["output_stride"] not in (8, 16):
+        return f"option 'output_stride' must be 8 or 16, got {o['output_stride']!r}"
+    return None
+
 
 #: every architecture option, declared once
 MODEL_OPTIONS = {
@@ -31,6 +40,17 @@ MODEL_OPTIONS = {
             Option("dropout", "float", 0.0, "dropout rate inside the blocks", low=0.0, high=1.0,
                    high_open=True),
         ],
+    ),
+    "deeplabv3plus": OptionTable(
+        "model 'deeplabv3plus'",
+        [
+            Option("width", "int", 16, "channels of the first backbone stage", low=1),
+            Option("output_stride", "int", 8, "input size / backbone feature size: 8 or 16",
+                   low=8, high=16),
+            Option("dropout", "float", 0.1, "dropout rate before the classifier", low=0.0,
+                   high=1.0, high_open=True),
+        ],
+        checks=[_output_stride],
     ),
 }  # fmt: skip
 
@@ -63,4 +83,5 @@ __all__ = [
     "LeNet5",
     "ResNet18",
     "WideResNet28",
+    "DeepLabV3Plus",
 ]

@@ -73,6 +73,11 @@ def fold(x: torch.Tensor, repeats: int) -> torch.Tensor:
     return x.unsqueeze(0).expand(repeats, *x.shape).reshape(repeats * x.shape[0], *x.shape[1:])
 
 
+def _fold_value(v, repeats: int):
+    """A prefix value for the tail: tensors repeated, plain values (sizes) as they are."""
+    return fold(v, repeats) if isinstance(v, torch.Tensor) else v
+
+
 SCHEDULES = ("auto", "fold", "members")
 
 
@@ -175,14 +180,14 @@ class Folded(nn.Module):
             self._placement_fallback(values)
             return None
         if self._by_member(x):
-            folded = [fold(v, samples) for v in values]
+            folded = [_fold_value(v, samples) for v in values]
             outs = []
             with member_pass(self.body) as select:
                 for m in range(self.members):
                     select(m)
                     outs.append(split.tail(*folded))
             return torch.cat(outs)
-        return split.tail(*[fold(v, self.members * samples) for v in values])
+        return split.tail(*[_fold_value(v, self.members * samples) for v in values])
 
     def forward(self, x: torch.Tensor, samples: int = 1) -> torch.Tensor:
         B = x.shape[0]

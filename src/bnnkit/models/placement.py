@@ -37,8 +37,10 @@ repeating the batch repeats it (not so after a softmax, sum or std over the batc
 
 When a check fails, the body cannot be traced (data-dependent control flow) or assigns
 attributes in its forward (``self.ema = ...``: tracing would leave proxies there; the model is
-restored), or the prefix hands the tail a value that is not a ``[B, ...]`` tensor (e.g.
-``x.size(0)`` used in a later reshape), the model warns once with the reason
+restored), or the prefix hands the tail a value that is neither a ``[B, ...]`` tensor nor a
+plain value independent of the batch size (a size such as ``x.shape[-2:]`` for an upsample to
+the input size passes unrepeated; ``x.size(0)`` used in a later reshape does not), the model
+warns once with the reason
 (:class:`PlacementFallback`) and runs the naive way (input repeated at the entry), which is always
 exact. An error raised by this module's own code is not taken for an untraceable body: it
 propagates. The split is only used in eval mode: in training, BatchNorm's running variance is
@@ -553,7 +555,11 @@ def run_prefix(split: PrefixSplit, x: torch.Tensor) -> list[torch.Tensor] | Naiv
     values = split.prefix(x)
     B = x.shape[0]
     for v in values:
-        if not (isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B):
+        if isinstance(v, torch.Tensor):
+            ok = v.dim() >= 1 and v.shape[0] == B
+        else:  # sizes, e.g. x.shape[-2:] for an upsample to the input size: checked below
+            ok = _is_metadata(v)
+        if not ok:
             what = (
                 f"a tensor of shape {tuple(v.shape)}"
                 if isinstance(v, torch.Tensor)
@@ -564,31 +570,57 @@ def run_prefix(split: PrefixSplit, x: torch.Tensor) -> list[torch.Tensor] | Naiv
                 f"[B, ...] tensor with B = {B} (e.g. x.size(0) used after that layer)"
             )
     if not split.checked:
-        split.refused = _not_row_by_row(split, x)
+        split.refused = _not_row_by_row(split, x, values)
         split.checked = split.refused is None
         if split.refused is not None:
             return NaivePath(split.refused)
     return list(values)
 
 
-def _not_row_by_row(split: PrefixSplit, x: torch.Tensor) -> str | None:
+_METADATA = (int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
+def _is_metadata(v) -> bool:
+    """A plain value (number, size, dtype...) that the tail may read unrepeated, provided it
+    does not depend on the batch size (:func:`_not_row_by_row` checks that)."""
+    if isinstance(v, (tuple, list)):
+        return all(_is_metadata(e) for e in v)
+    return isinstance(v, _METADATA)
+
+
+def _not_row_by_row(split: PrefixSplit, x: torch.Tensor, values) -> str | None:
     """Why a boundary value is not computed row by row, batch on axis 0 (row ``b`` from input
     row ``b`` alone: repeating the batch then repeats the value); None when it is. An op that
     mixes the rows (a softmax, sum or std over the batch) or moves the batch axis (a
     ``transpose(0, 1)`` whose other axis happens to have B entries) passes the allow-list and
     the shape check but not this: the prefix runs, once per split, on ``[x, x]`` and on
     ``[x, z]`` with ``z`` other rows, and the first half of every value must not change.
-    (``z`` is not a permutation of the rows of ``x``: a softmax over the batch would not see it.)"""
+    (``z`` is not a permutation of the rows of ``x``: a softmax over the batch would not see it.)
+    A plain value (``values``: the prefix's on ``x``; e.g. ``x.shape[-2:]``) reaches the tail
+    unrepeated, so it must be the same on ``[x, x]`` as on ``x``: ``x.size(0)`` is refused. (A
+    value equal at B and 2B rows but not at the R x B rows the tail sees, e.g.
+    ``x.size(0) < 8``, would pass: the check is by example.)"""
+    outputs = next(n for n in split.prefix.graph.nodes if n.op == "output").args[0]
+    B = x.shape[0]
+    with torch.no_grad():
+        same = split.prefix(torch.cat([x, x]))
+    for node, v, a in zip(outputs, values, same):
+        if not isinstance(v, torch.Tensor) and v != a:
+            return (
+                f"the part before the first stochastic layer hands the value {_name(node)} = "
+                f"{v!r} to the rest, which depends on the batch size ({a!r} for {2 * B} rows), "
+                f"not a [B, ...] tensor with B = {B} (e.g. x.size(0) used after that layer)"
+            )
     axes = [d for d in range(1, x.dim()) if x.shape[d] > 1]
     others = ([x.roll(1, axes[-1])] if axes else []) + [x[:1].expand_as(x)]
     z = next((o for o in others if not torch.equal(o, x)), None)
     if z is None:  # every row and entry equal: nothing to tell the rows apart by
         return None
-    B = x.shape[0]
     with torch.no_grad():
-        same, other = split.prefix(torch.cat([x, x])), split.prefix(torch.cat([x, z]))
-    outputs = next(n for n in split.prefix.graph.nodes if n.op == "output").args[0]
+        other = split.prefix(torch.cat([x, z]))
     for node, a, b in zip(outputs, same, other):
+        if not isinstance(a, torch.Tensor):
+            continue
         shape_ok = a.dim() >= 1 and a.shape[0] == 2 * B and a.shape == b.shape
         if shape_ok and (a.is_floating_point() or a.is_complex()):
             scale = float(torch.nan_to_num(a[:B].abs(), 0.0, 0.0, 0.0).amax()) if a.numel() else 0
