@@ -28,7 +28,7 @@ from .report import figures as figs
 from .train import Budget, check_writable, train_run
 from .train.chunks import device_name
 from .train.config import DATA_OPTIONS, TRAIN_OPTIONS, check_extras, run_config
-from .train.run import check_same_config, is_complete
+from .train.run import check_run, check_same_config, is_complete
 
 DEFAULT_METHODS = [
     "deterministic",
@@ -225,13 +225,31 @@ def _check_ood_sets(path: Path, ood_sets: list[str]) -> None:
         )
 
 
+def _run_config(cfg: BenchConfig, method: str, seed: int):
+    """The RunConfig of one run of the bench (``method`` may name a variant)."""
+    base_method, options = cfg.resolve(method)
+    return run_config(
+        method=base_method,
+        method_options=options,
+        model=cfg.model,
+        model_options=cfg.model_options,
+        seed=seed,
+        data={"dataset": cfg.dataset, "val_size": cfg.val_size, "subset": cfg.subset},
+        train_options=cfg.train_options,
+        train={
+            **{k: getattr(cfg, k) for k in _BENCH_TRAIN_FIELDS},
+            "accelerator": _accelerator(cfg.device),
+        },
+    )
+
+
 def run_bench(cfg: BenchConfig, log=print) -> str | None:
     """Train, evaluate, tabulate; return the printed table, or None when ``max_minutes`` ran
     out first (everything finished is kept; the same call continues)."""
     cfg.validate()
     budget = Budget.minutes(cfg.max_minutes)
     out = Path(cfg.out)
-    check_writable(out)
+    check_writable(out, create=False)
     device = _torch_device(cfg.device)
     _check_reusable(out / "bench_config.json", cfg)
     bundle = load_bundle(
@@ -240,6 +258,12 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
     for name, why in bundle.missing_ood.items():
         log(f"note: OOD set {name} skipped: {why}")
     _check_ood_sets(out / "bench_config.json", sorted(bundle.ood))
+    order = _order(cfg)
+    # every run's refusals (subset, model, Lightning's set-up) before the first write, so a
+    # refused bench leaves nothing that would refuse the corrected command in turn
+    for method in order:
+        check_run(_run_config(cfg, method, 0), out / "runs" / f"{method}-seed0", bundle)
+    out.mkdir(parents=True, exist_ok=True)
     io.atomic_write_text(
         out / "bench_config.json", json.dumps({**asdict(cfg), "ood_sets": sorted(bundle.ood)},
                                               indent=2)
@@ -252,7 +276,6 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
         batch_size=cfg.eval_batch_size,
         progress=cfg.progress,
     )
-    order = _order(cfg)
     arts: dict[str, dict] = {}
     with ResultStore(out / "results.sqlite") as store:
         jobs = [(s, m) for s in range(cfg.seeds) for m in order]
@@ -265,21 +288,8 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
                 break
             bar.set_postfix_str(f"{method} seed {seed}")
             run_dir = out / "runs" / f"{method}-seed{seed}"
-            base_method, options = cfg.resolve(method)
-            posthoc_of = get_method(base_method).posthoc_of
-            rc = run_config(
-                method=base_method,
-                method_options=options,
-                model=cfg.model,
-                model_options=cfg.model_options,
-                seed=seed,
-                data={"dataset": cfg.dataset, "val_size": cfg.val_size, "subset": cfg.subset},
-                train_options=cfg.train_options,
-                train={
-                    **{k: getattr(cfg, k) for k in _BENCH_TRAIN_FIELDS},
-                    "accelerator": _accelerator(cfg.device),
-                },
-            )
+            rc = _run_config(cfg, method, seed)
+            posthoc_of = get_method(rc.method).posthoc_of
             pred_path = run_dir / "predictions.safetensors"
             done = store.has(method, cfg.dataset, cfg.model, seed) and pred_path.is_file()
             if done and method in cfg.methods:

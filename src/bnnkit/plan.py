@@ -172,4 +172,6 @@ class PlacementPlan:
             d = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"plan file {path} is not valid JSON: {e}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"plan file {path} is not a UTF-8 text file: {e.reason}") from e
         return cls.from_dict(d)

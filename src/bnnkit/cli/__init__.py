@@ -8,6 +8,7 @@ tables', declared once; a flag not given leaves the config's (the table's) defau
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from ..errors import BnnkitError
@@ -54,6 +55,12 @@ def subparser(parser: argparse.ArgumentParser, *path: str) -> argparse.ArgumentP
     return parser
 
 
+def _continue(args) -> str:
+    """How to continue a command stopped by a signal (only `bnnkit train` has --resume)."""
+    resume = " with --resume" if args.command == "train" else ""
+    return f"the work so far is kept: re-run the same command{resume} to continue"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; the exit status is returned (argument errors: 2, with one line)."""
     try:
@@ -70,11 +77,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bnnkit: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "bnnkit: interrupted; re-run the same command with --resume to continue",
-            file=sys.stderr,
-        )
+        print(f"bnnkit: interrupted; {_continue(args)}", file=sys.stderr)
         return 130
+    except SystemExit as e:
+        # Lightning turns SIGTERM into a SystemExit without a code (status 0) and Ctrl-C in a
+        # training into a silent exit(1): a stopped run must neither look finished nor failed
+        lightning = sys.modules.get("lightning.pytorch.utilities.exceptions")
+        if lightning is not None and isinstance(e, lightning.SIGTERMException):
+            print(f"bnnkit: terminated (SIGTERM); {_continue(args)}", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        if isinstance(e.__context__, KeyboardInterrupt):
+            print(f"bnnkit: interrupted; {_continue(args)}", file=sys.stderr)
+            return 128 + signal.SIGINT
+        raise
 
 
 __all__ = ["main", "build_parser", "subparser", "populate_all", "EXIT_STOPPED"]

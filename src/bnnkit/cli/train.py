@@ -64,7 +64,8 @@ def config(a):
         setattr(cfg.train, k, v)
     if a.device:
         cfg.train.accelerator = "gpu" if a.device == "cuda" else a.device
-    cfg.train.progress = not a.quiet
+    if a.quiet:
+        cfg.train.progress = False
     for k, v in train_options(a.train_option).items():
         setattr(cfg.train, k, v)
     cfg.method_options.update(key_values(a.option))

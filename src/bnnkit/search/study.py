@@ -49,6 +49,7 @@ from ..plan import PlacementPlan
 from ..report.figures import pareto_plot
 from ..train import RunConfig, train_run
 from ..train.config import DATA_OPTIONS, RUN_OPTIONS, TRAIN_OPTIONS, check_extras, run_config
+from ..train.run import check_run, check_writable
 from .objectives import OOD_FAMILIES, evaluate_candidate, search_ood_set
 from .space import DEFAULT_KINDS, SearchSpace
 
@@ -518,6 +519,7 @@ class PlacementSearch:
         """Check everything, then write: a refused search leaves the output directory and the
         study as it found them, so the corrected command is not refused in turn."""
         self.cfg = cfg.validate()
+        check_writable(Path(cfg.out), create=False)
         _sampler(cfg)  # the sampler's name and population
         self.bundle = load_bundle(
             cfg.dataset, val_size=cfg.val_size, subset=cfg.subset, split_seed=cfg.seed, ood=[]
@@ -539,6 +541,9 @@ class PlacementSearch:
         )
         self.val = (self.bundle.val.float(), self.bundle.val.y)
         self.ood = search_ood_set(cfg.ood_family, self.val[0], cfg.n_ood, seed=cfg.seed)
+        # a run's own refusals (Lightning's set-up from --train-option) before the first write
+        base = cfg.run_config("deterministic")
+        check_run(base, Path(cfg.out) / "baselines" / "deterministic", self.bundle)
         _check_out_settings(cfg)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.storage = _open_storage(cfg)

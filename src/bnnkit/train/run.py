@@ -207,6 +207,29 @@ def _loaders(
     )
 
 
+def _check_subset(cfg: RunConfig, bundle: DataBundle) -> None:
+    if len(bundle.train) == 0:
+        raise ConfigError("the training set is empty; check --subset and the data set")
+    if cfg.data.subset is not None and len(bundle.train) < cfg.data.subset:
+        n = len(bundle.train)
+        raise ConfigError(
+            f"--subset {cfg.data.subset} is more than the {n:,} training examples of "
+            f"{bundle.name} (beside its validation images); use --subset {n} or less, or "
+            "--subset all"
+        )
+
+
+def check_run(cfg: RunConfig, run_dir: str | Path, bundle: DataBundle) -> None:
+    """The refusals of :func:`train_run` that need no earlier state, made without writing
+    anything: the config, ``subset`` against the data, the method's model (a bad plan or
+    option) and Lightning's set-up. A caller that writes its own files first (the bench)
+    calls it for every run before that write."""
+    cfg.validate()
+    _check_subset(cfg, bundle)
+    model = build_method(cfg.method, model_spec(cfg, bundle), cfg.method_options)
+    _trainer(cfg, Path(run_dir), model, bundle, [])
+
+
 def train_run(
     cfg: RunConfig,
     run_dir: str | Path,
@@ -258,15 +281,7 @@ def train_run(
         bundle = load_bundle(
             d.dataset, val_size=d.val_size, subset=d.subset, split_seed=d.split_seed
         )
-    if len(bundle.train) == 0:
-        raise ConfigError("the training set is empty; check --subset and the data set")
-    if cfg.data.subset is not None and len(bundle.train) < cfg.data.subset:
-        n = len(bundle.train)
-        raise ConfigError(
-            f"--subset {cfg.data.subset} is more than the {n:,} training examples of "
-            f"{bundle.name} (beside its validation images); use --subset {n} or less, or "
-            "--subset all"
-        )
+    _check_subset(cfg, bundle)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     spec = model_spec(cfg, bundle)
