@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import Normalize
+from .zoo import BasicBlock
 
 
 def _conv_bn(cin: int, cout: int, k: int, dilation: int = 1) -> nn.Sequential:
@@ -37,28 +38,6 @@ def _conv_bn(cin: int, cout: int, k: int, dilation: int = 1) -> nn.Sequential:
         nn.BatchNorm2d(cout),
         nn.ReLU(),
     )
-
-
-class DilatedBlock(nn.Module):
-    """A ResNet basic block whose 3x3 convs may be dilated."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, dilation, dilation, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, dilation, dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.act = nn.ReLU()
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x):
-        out = self.act(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.act(out + self.shortcut(x))
 
 
 class ResNetBackbone(nn.Module):
@@ -76,13 +55,11 @@ class ResNetBackbone(nn.Module):
         # (stride, dilation) of layer2..layer4
         plan = {16: [(2, 1), (2, 1), (1, 2)], 8: [(2, 1), (1, 2), (1, 4)]}[output_stride]
         widths = [width, 2 * width, 4 * width, 8 * width]
-        self.layer1 = nn.Sequential(DilatedBlock(width, width), DilatedBlock(width, width))
+        self.layer1 = nn.Sequential(BasicBlock(width, width), BasicBlock(width, width))
         stages = []
         for (stride, dil), cin_, cout in zip(plan, widths[:-1], widths[1:]):
             stages.append(
-                nn.Sequential(
-                    DilatedBlock(cin_, cout, stride, dil), DilatedBlock(cout, cout, 1, dil)
-                )
+                nn.Sequential(BasicBlock(cin_, cout, stride, dil), BasicBlock(cout, cout, 1, dil))
             )
         self.layer2, self.layer3, self.layer4 = stages
         self.channels = (width, widths[-1])
