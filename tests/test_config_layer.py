@@ -96,8 +96,10 @@ def _other_value(o: Option):
         cands = [True] if d is None else [not d]
     elif o.kind == "choice":
         cands = [c for c in o.choices if c != d]
-    elif o.kind in ("str", "size"):
+    elif o.kind == "str":
         cands = [f"{d or 'x'}-other"]
+    elif o.kind == "size":
+        cands = ["123MB", "7GB"]
     elif o.kind == "int_list":
         lo = int(o.low) if o.low is not None else 0
         cands = [[lo + 1, lo], [lo], []]
@@ -270,7 +272,8 @@ def test_search_run_config_is_the_tables_defaults_the_recipe_then_the_search():
             "batch_size": 32, "lr": 0.05, "progress": False}  # fmt: skip
     assert dataclasses.asdict(rc.train) == want
     assert dataclasses.asdict(rc.data) == {"dataset": "fashion_mnist", "val_size": 300,
-                                           "subset": None, "split_seed": 7}  # fmt: skip
+                                           "subset": None, "split_seed": 7,
+                                           "anomaly_classes": "Bicyclist"}  # fmt: skip
     assert (rc.method, rc.model, rc.seed, rc.model_options) == ("placement", "mlp", 7,
                                                                 {"hidden": [8]})  # fmt: skip
     assert rc.method_options == {"plan": {"layers": {"fc": "mc_dropout"}}}

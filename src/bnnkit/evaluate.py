@@ -7,6 +7,13 @@ Returns result rows ``{"split", "metric", "value"}`` plus the arrays figures nee
 - ``corrupt:<type>:<severity>``: accuracy, nll, ece; ``corrupt:mean`` averages them
 - ``rotate:<angle>``: accuracy, nll, ece on the test set rotated by that angle
 - ``cost``: parameters, latency_ms (median per batch), throughput (images/s), peak_mem_mb
+
+A segmentation bundle (``bundle.dense``) is scored per pixel by :func:`evaluate_segmentation`:
+
+- ``test``: miou, pixel_accuracy, nll, brier, ece over the non-void pixels; ``iou:<class>``
+- ``anomaly``: auroc/aupr/fpr95 per score over pixels, the held-out classes' pixels positive
+- ``corrupt:<type>:<severity>``: miou, nll, ece (the same label maps); ``corrupt:mean``
+- ``cost``: as above, plus latency_ms_per_image
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .data import CORRUPTIONS, DataBundle, corrupt, rotate_by
+from .data.bundle import to_float
 from .errors import ConfigError
-from .options import Option, OptionTable, declared_by
+from .metrics.uncertainty import SCORES
+from .options import Option, OptionTable, declared_by, parse_size
 from .predictive import Predictive
 
 EVAL_OPTIONS = OptionTable(
@@ -40,6 +49,10 @@ EVAL_OPTIONS = OptionTable(
         Option("batch_size", "int", 256, "rows per forward pass at evaluation (inputs x "
                "members x samples); larger on a GPU", low=1),
         Option("seed", "int", 0, "seed of the corruptions' random draws", low=0),
+        Option("memory_budget", "size", "512MB", "segmentation: bound on one chunk's "
+               "per-member probability maps (chunks of images, then members one at a time)"),
+        Option("map_images", "int", 4, "segmentation: fixed test images kept for the "
+               "uncertainty-map figures", low=0),
         Option("progress", "bool", True, "progress bars"),
     ],
 )  # fmt: skip
@@ -195,6 +208,8 @@ def evaluate(model, bundle: DataBundle, cfg: EvalConfig | None = None):
     labels and OOD scores for figures.
     """
     cfg = (cfg or EvalConfig()).validate()
+    if getattr(bundle, "dense", False):
+        return evaluate_segmentation(model, bundle, cfg)
     spec = getattr(model, "spec", None)
     n_classes = getattr(spec, "num_classes", None) or getattr(model, "num_classes", None)
     if n_classes is not None and n_classes != bundle.num_classes:
@@ -269,3 +284,157 @@ def evaluate(model, bundle: DataBundle, cfg: EvalConfig | None = None):
     cost = measure_cost(model, xt[: cfg.latency_batch], cfg.latency_repeats)
     rows += [("cost", k, v) for k, v in cost.items()]
     return [{"split": s, "metric": m, "value": float(v)} for s, m, v in rows], art
+
+
+#: corruptions that move pixels: the label maps would no longer match the images
+GEOMETRIC_CORRUPTIONS = ("elastic", "rotate")
+
+
+def _probe_chunk(model, x: torch.Tensor, budget: int) -> int:
+    """Images per chunk so that one chunk's per-member maps ``[S, b, C, H, W]`` (float32, and
+    about as much again for the softmax) stay within ``budget``."""
+    S = getattr(model, "eval_samples", 1) * getattr(model, "members", 1)
+    per_image = 8 * S * bundle_classes(model, x) * x.shape[-2] * x.shape[-1]
+    return max(1, budget // max(per_image, 1))
+
+
+def bundle_classes(model, x) -> int:
+    spec = getattr(model, "spec", None)
+    return int(getattr(spec, "num_classes", 0) or getattr(model, "num_classes", 0) or 1)
+
+
+def _member_groups(model, xc: torch.Tensor, budget: int, bs: int):
+    """Per-member probability groups of a chunk: the model's own bounded generator when it
+    has one (every bnnkit UQModel), else its ``predict``."""
+    if hasattr(model, "member_probs"):
+        yield from model.member_probs(xc, budget)
+    else:
+        yield model.predict(xc, bs).probs
+
+
+def segmentation_pass(model, x, y, cfg: EvalConfig, anomaly=None, keep=(), progress=None):
+    """Stream ``x`` through ``model`` in chunks within ``cfg.memory_budget``; return the
+    :class:`SegmentationMetrics`, the anomaly metrics per score (when ``anomaly`` is given)
+    and the maps of the images whose indices are in ``keep``."""
+    from .metrics import PixelAnomalyMetrics, SegmentationMetrics, uncertainty_maps
+
+    budget = parse_size(cfg.memory_budget)
+    n_classes = bundle_classes(model, x)
+    seg = SegmentationMetrics(n_classes)
+    anom: dict[str, PixelAnomalyMetrics] = {}
+    kept: dict[int, dict] = {}
+    step = _probe_chunk(model, x, budget)
+    members = None
+    for i in range(0, len(x), step):
+        xc = to_float(x[i : i + step])
+        groups = _member_groups(model, xc, budget, cfg.batch_size)
+        maps = uncertainty_maps(m for g in groups for m in g.unbind(0))
+        members = maps.num_members
+        yc = y[i : i + step].long()
+        seg.update(maps, yc)
+        if anomaly is not None:
+            names = [n for n in SCORES if not (n == "mutual_info" and members == 1)]
+            for name in names:
+                anom.setdefault(name, PixelAnomalyMetrics()).update(
+                    maps.score(name), anomaly[i : i + step], yc
+                )
+        for j in range(len(xc)):
+            if i + j in keep:
+                kept[i + j] = {
+                    "image": x[i + j],
+                    "truth": y[i + j],
+                    "prediction": maps.prediction()[j].to(torch.uint8),
+                    "entropy": maps.entropy[j].half(),
+                    "mutual_info": maps.mutual_information[j].half(),
+                    "anomaly": None if anomaly is None else anomaly[i + j],
+                }
+        if progress is not None:
+            progress()
+    return seg, anom, kept, members
+
+
+def evaluate_segmentation(model, bundle: DataBundle, cfg: EvalConfig | None = None):
+    """Per-pixel evaluation of a segmentation model on ``bundle`` (module docstring); returns
+    ``(rows, artefacts)``. ``artefacts``: ``iou`` per class, ``class_names``, and ``maps``
+    (image, truth, prediction, entropy, mutual information and anomaly mask) of
+    ``cfg.map_images`` fixed test images (the first ones with anomalous pixels)."""
+    cfg = (cfg or EvalConfig()).validate()
+    moving = [c for c in cfg.corruptions if c in GEOMETRIC_CORRUPTIONS]
+    if moving:
+        raise ConfigError(
+            f"corruption(s) {moving} move pixels, so the label maps would no longer match the "
+            "images; leave them out for segmentation (e.g. --corruptions gaussian_noise,contrast)"
+        )
+    spec = getattr(model, "spec", None)
+    n_classes = getattr(spec, "num_classes", None) or getattr(model, "num_classes", None)
+    if n_classes is not None and n_classes != bundle.num_classes:
+        raise ConfigError(
+            f"model predicts {n_classes} classes but {bundle.name} has {bundle.num_classes} "
+            "(after holding out the anomaly classes); evaluate on the data set and held-out "
+            "classes the model was trained with"
+        )
+    if getattr(spec, "task", "segmentation") != "segmentation":
+        raise ConfigError(
+            f"{bundle.name} is a segmentation data set but the model is a {spec.task} model"
+        )
+    test = bundle.test
+    anomaly = test.anomaly
+    with_anomaly = anomaly is not None and bool(anomaly.any())
+    has = anomaly.flatten(1).any(1) if with_anomaly else torch.zeros(len(test), dtype=bool)
+    keep = [int(i) for i in torch.nonzero(has).flatten()[: cfg.map_images]]
+    keep += [i for i in range(len(test)) if i not in keep][: cfg.map_images - len(keep)]
+    sub = test.head(cfg.n_corrupt)
+    steps = 1 + len(cfg.corruptions) * len(cfg.severities)
+    bar = tqdm(total=steps, desc=f"evaluate {getattr(model, 'method', type(model).__name__)}",
+               disable=not cfg.progress, leave=False)  # fmt: skip
+
+    seg, anom, kept, members = segmentation_pass(
+        model, test.x, test.y, cfg, anomaly if with_anomaly else None, set(keep)
+    )
+    res = seg.compute()
+    rows = [("test", k, res[k]) for k in ("miou", "pixel_accuracy", "nll", "brier", "ece")]
+    names = bundle.class_names or [str(c) for c in range(bundle.num_classes)]
+    rows += [("test", f"iou:{c}", v) for c, v in zip(names, res["iou"], strict=True)]
+    for sname, m in anom.items():
+        r = m.compute()
+        rows += [("anomaly", f"{k}_{sname}", r[k]) for k in ("auroc", "aupr", "fpr95")]
+    bar.update()
+
+    per_metric: dict[str, list[float]] = {"miou": [], "nll": [], "ece": []}
+    for cname in cfg.corruptions:
+        for sev in cfg.severities:
+            key = ("corrupt", cname, sev, cfg.seed, cfg.n_corrupt)
+            xc = _shifted(bundle, key, _corrupt_uint8, sub.x, cname, sev, cfg.seed)
+            cres = segmentation_pass(model, xc, sub.y, cfg)[0].compute()
+            for metric in per_metric:
+                rows.append((f"corrupt:{cname}:{sev}", metric, cres[metric]))
+                per_metric[metric].append(cres[metric])
+            bar.update()
+    if cfg.corruptions:
+        for metric, values in per_metric.items():
+            rows.append(("corrupt:mean", metric, sum(values) / len(values)))
+    bar.close()
+
+    budget = parse_size(cfg.memory_budget)
+    n_time = max(1, min(cfg.latency_batch, _probe_chunk(model, test.x, budget), len(test)))
+    cost = measure_cost(model, to_float(test.x[:n_time]), cfg.latency_repeats)
+    cost["latency_ms_per_image"] = cost["latency_ms"] / n_time
+    cost["latency_images"] = float(n_time)
+    rows += [("cost", k, v) for k, v in cost.items()]
+    art = {
+        "iou": res["iou"],
+        "class_names": names,
+        "maps": [kept[i] for i in keep if i in kept],
+        "members": members,
+    }
+    return [{"split": s, "metric": m, "value": float(v)} for s, m, v in rows], art
+
+
+def _corrupt_uint8(x: torch.Tensor, name: str, severity: int, seed: int) -> torch.Tensor:
+    """A corrupted copy of uint8 images, kept as uint8 (chunked: CamVid at full size is large
+    as float)."""
+    out = torch.empty_like(x)
+    for i in range(0, len(x), 32):
+        xc = corrupt(to_float(x[i : i + 32]), name, severity, seed=seed + i)
+        out[i : i + 32] = (xc * 255).round_().clamp_(0, 255).to(torch.uint8)
+    return out

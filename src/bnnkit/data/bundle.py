@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError, DataError
+from .segmentation import IGNORE_INDEX, SegSplit, load_camvid
 from .sources import get_spec, load_split
 
 #: default OOD partners of each in-distribution set (first available ones are used)
@@ -20,7 +21,9 @@ OOD_PAIRS: dict[str, list[str]] = {
 @dataclass
 class Split:
     x: torch.Tensor  # uint8 [N, C, H, W]
-    y: torch.Tensor  # int64 [N]
+    y: torch.Tensor  # int64 [N]; segmentation: uint8 label maps [N, H, W]
+    #: segmentation test split: bool [N, H, W], the held-out-class (anomalous) pixels
+    anomaly: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.y)
@@ -29,7 +32,10 @@ class Split:
         return to_float(self.x)
 
     def head(self, n: int | None) -> Split:
-        return self if n is None or n >= len(self) else Split(self.x[:n], self.y[:n])
+        if n is None or n >= len(self):
+            return self
+        anomaly = None if self.anomaly is None else self.anomaly[:n]
+        return Split(self.x[:n], self.y[:n], anomaly)
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
@@ -52,6 +58,67 @@ class DataBundle:
     #: results derived from this data that methods share while the bundle lives (a diagonal
     #: Laplace fit keyed on a fingerprint of the weights and data): scoped, never global
     derived: dict = field(default_factory=dict, repr=False, compare=False)
+    #: "classification" (one label per image) or "segmentation" (label maps; ``ignore_index``
+    #: pixels are neither trained on nor scored; the test split carries the anomaly mask)
+    task: str = "classification"
+    class_names: list[str] | None = None
+    anomaly_classes: tuple[str, ...] = ()
+    ignore_index: int = IGNORE_INDEX
+
+    @property
+    def dense(self) -> bool:
+        return self.task == "segmentation"
+
+
+def segmentation_bundle(
+    name: str,
+    train: SegSplit,
+    val: SegSplit,
+    test: SegSplit,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.25, 0.25, 0.25),
+) -> DataBundle:
+    """A segmentation :class:`DataBundle` from three :class:`SegSplit` (e.g. your own arrays
+    through ``SegSplit.from_arrays``); they must share classes, channels and the held-out
+    classes. ``mean`` / ``std``: per-channel statistics the models normalise with."""
+    for what, s in (("val", val), ("test", test)):
+        if s.class_names != train.class_names or s.anomaly_classes != train.anomaly_classes:
+            raise ConfigError(
+                f"the {what} split has classes {s.class_names} (held out "
+                f"{list(s.anomaly_classes)}), the train split {train.class_names} (held out "
+                f"{list(train.anomaly_classes)}); build all three with the same classes"
+            )
+        if s.x.shape[1] != train.x.shape[1]:
+            raise ConfigError(
+                f"the {what} images have {s.x.shape[1]} channels, train's {train.x.shape[1]}"
+            )
+    if test.anomaly is None:
+        raise ConfigError("the test split needs its anomaly mask: build it with split='test'")
+    return DataBundle(
+        name,
+        tuple(int(v) for v in train.x.shape[1:]),
+        train.num_classes,
+        tuple(mean),
+        tuple(std),
+        Split(train.x, train.y),
+        Split(val.x, val.y),
+        Split(test.x, test.y, test.anomaly),
+        task="segmentation",
+        class_names=list(train.class_names),
+        anomaly_classes=tuple(train.anomaly_classes),
+        ignore_index=train.ignore_index,
+    )
+
+
+#: segmentation data sets: name -> loader(split, anomaly_classes)
+SEGMENTATION_LOADERS = {"camvid": load_camvid}
+
+
+def parse_classes(value) -> tuple[str, ...]:
+    """Held-out class names from ``"A,B"``, ``["A", "B"]`` or ``""`` (none)."""
+    if isinstance(value, str):
+        return tuple(c.strip() for c in value.split(",") if c.strip())
+    return tuple(str(c) for c in value)
 
 
 def train_val_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,6 +137,7 @@ def load_bundle(
     split_seed: int = 0,
     ood: list[str] | None = None,
     test_size: int | None = None,
+    anomaly_classes="Bicyclist",
 ) -> DataBundle:
     """Load ``name`` with a seeded train/validation split and its OOD partners.
 
@@ -77,8 +145,25 @@ def load_bundle(
     validation set is carved first, so it is the same whatever the subset.
     ``ood=None`` uses :data:`OOD_PAIRS`; partners that are not installed are listed in
     ``missing_ood`` with the reason rather than failing the whole run.
+
+    A segmentation data set (CamVid) keeps its own validation split (``val_size`` and
+    ``split_seed`` do not apply), has no OOD partners, and holds ``anomaly_classes`` (names,
+    comma-separated or a list) out as the test split's anomalies
+    (:mod:`bnnkit.data.segmentation`).
     """
     spec = get_spec(name)
+    if spec.task == "segmentation":
+        if ood:
+            raise ConfigError(f"{name!r} is a segmentation data set: it has no OOD partners")
+        if subset is not None and subset < 1:
+            raise ConfigError(f"subset must be >= 1, got {subset}")
+        held = parse_classes(anomaly_classes)
+        load = SEGMENTATION_LOADERS[name]
+        tr, va, te = (load(s, anomaly_classes=held) for s in ("train", "val", "test"))
+        bundle = segmentation_bundle(name, tr, va, te, spec.mean, spec.std)
+        bundle.train = bundle.train.head(subset)
+        bundle.test = bundle.test.head(test_size)
+        return bundle
     x, y = load_split(name, "train")
     tr, va = train_val_indices(len(y), val_size, split_seed)
     if subset is not None:

@@ -30,10 +30,17 @@ from ..nn.variational import VARIATIONAL_OPTIONS
 from ..options import Option, OptionTable
 from ..predictive import Predictive
 
+#: what a network predicts: one label per image, or one per pixel
+TASKS = ("classification", "segmentation")
+
 
 @dataclass
 class ModelSpec:
-    """What is needed to rebuild a network: architecture and data geometry."""
+    """What is needed to rebuild a network: architecture and data geometry.
+
+    ``task``: ``"classification"`` (logits ``[B, C]``, inputs of exactly ``input_shape``) or
+    ``"segmentation"`` (logits ``[B, C, H, W]`` at the input's size, inputs with
+    ``input_shape[0]`` channels and any height and width; ``input_shape`` is the data set's)."""
 
     arch: str
     input_shape: tuple[int, int, int]
@@ -41,6 +48,18 @@ class ModelSpec:
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     arch_options: dict[str, Any] = field(default_factory=dict)
+    task: str = "classification"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"unknown task {self.task!r}; use one of {', '.join(TASKS)}")
+
+    @property
+    def accepts(self) -> tuple:
+        """The input shape ``predict`` checks (``None``: any size on that axis)."""
+        if self.task == "segmentation":
+            return (self.input_shape[0], None, None)
+        return tuple(self.input_shape)
 
     def build(self) -> nn.Module:
         return build_model(
@@ -104,12 +123,13 @@ class UQModel(nn.Module):
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor, batch_size: int = 1024, samples: int | None = None):
-        """Eval-mode logits ``[S, B, C]`` (temperature not applied).
+        """Eval-mode logits ``[S, B, C]`` (segmentation: ``[S, B, C, H, W]``; temperature not
+        applied).
 
         ``batch_size`` counts rows of the folded batch (inputs x members x samples), so
         memory stays bounded whatever the number of samples.
         """
-        check_images(x, self.spec.input_shape)
+        check_images(x, self.spec.accepts)
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -126,15 +146,19 @@ class UQModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 1024) -> Predictive:
-        """Per-member probabilities for float images ``x [B, C, H, W]`` in [0, 1]."""
+        """Per-member probabilities for float images ``x [B, C, H, W]`` in [0, 1]:
+        ``[S, B, C]``, or ``[S, B, C, H, W]`` for a segmentation model (see
+        :func:`bnnkit.evaluate_segmentation` for maps accumulated member by member within a
+        memory budget)."""
         if self.posterior is not None:
-            check_images(x, self.spec.input_shape)
+            check_images(x, self.spec.accepts)
             self.eval()
             out = self.posterior.predictive(
                 x, link=self.options.get("link", "probit"), n_samples=self.eval_samples
             )
         else:
             logits = self.logits(x, batch_size)
+            self._check_output(x, logits)
             out = Predictive.from_logits(logits, self.temperature.cpu())
         if not torch.isfinite(out.probs).all():
             raise ConfigError(
@@ -142,6 +166,53 @@ class UQModel(nn.Module):
                 "learning rate) or the checkpoint is damaged"
             )
         return out
+
+    @torch.no_grad()
+    def member_probs(self, x: torch.Tensor, max_bytes: int):
+        """Per-member probabilities of ``x`` in groups ``[s, B, C, ...]`` whose size stays
+        within about ``max_bytes``: everything at once (``predict``) when it fits, else one
+        stochastic pass of all members at a time (a post-hoc posterior: a few of its samples
+        at a time). Feed them to :func:`bnnkit.metrics.uncertainty_maps` for mean, entropy and
+        mutual-information maps that never hold ``[S, B, C, H, W]`` at once."""
+        S = self.eval_samples * self.members
+        per_member = 4 * len(x) * self.spec.num_classes
+        for d in x.shape[2:] if self.spec.task == "segmentation" else ():
+            per_member *= d
+        if S * per_member <= max_bytes or S == 1:
+            yield self.predict(x).probs
+            return
+        if self.posterior is not None:
+            group = max(1, max_bytes // per_member)
+            link = self.options.get("link", "probit")
+            for i, start in enumerate(range(0, self.eval_samples, group)):
+                n = min(group, self.eval_samples - start)
+                out = self.posterior.predictive(x, link=link, n_samples=n, seed=i)
+                yield out.probs
+            return
+        for _ in range(self.eval_samples):
+            logits = self.logits(x, samples=1)
+            self._check_output(x, logits)
+            yield Predictive.from_logits(logits, self.temperature.cpu()).probs
+
+    def _check_output(self, x: torch.Tensor, logits: torch.Tensor) -> None:
+        """The network's output has the task's shape: ``[S, B, C]`` or ``[S, B, C, H, W]`` at
+        the input's size, with the spec's number of classes."""
+        spec = self.spec
+        if spec.task == "segmentation":
+            want = f"[S, B, {spec.num_classes}, {x.shape[-2]}, {x.shape[-1]}]"
+            ok = logits.dim() == 5 and logits.shape[2] == spec.num_classes
+            ok = ok and tuple(logits.shape[-2:]) == tuple(x.shape[-2:])
+            fix = ("a segmentation network maps [B, 3, H, W] to logits [B, C, H, W] at the "
+                   "input's size (upsample its output)")  # fmt: skip
+        else:
+            want = f"[S, B, {spec.num_classes}]"
+            ok = logits.dim() == 3 and logits.shape[2] == spec.num_classes
+            fix = "a classifier maps [B, ...] to logits [B, C]"
+        if not ok:
+            raise ConfigError(
+                f"the {spec.arch} network returned {tuple(logits.shape)} for input "
+                f"{tuple(x.shape)}, expected {want}: {fix}"
+            )
 
     # ---------------------------------------------------------------- persistence
     def describe(self) -> dict[str, Any]:
@@ -155,6 +226,7 @@ class UQModel(nn.Module):
                 "mean": list(self.spec.mean),
                 "std": list(self.spec.std),
                 "arch_options": self.spec.arch_options,
+                "task": self.spec.task,
             },
             "eval_samples": self.eval_samples,
         }
@@ -178,6 +250,7 @@ class UQModel(nn.Module):
             tuple(s["mean"]),
             tuple(s["std"]),
             s.get("arch_options", {}),
+            s.get("task", "classification"),
         )
         model = build_method(d["method"], spec, d["options"])
         try:
@@ -273,7 +346,14 @@ def _build_deterministic(spec, opts):
 
 def _build_mc_dropout(spec, opts):
     base = spec.build()
-    plan = {name: "mc_dropout" for name in _linear_names(base)}
+    # before every Linear layer; a network without any (a dense-prediction network) gets
+    # channel dropout before every Conv2d: MC dropout over the whole network
+    names = _linear_names(base) or [n for n, m in base.named_modules() if isinstance(m, nn.Conv2d)]
+    if not names:
+        raise ConfigError(
+            f"mc_dropout needs Linear or Conv2d layers to put dropout before; {spec.arch} has none"
+        )
+    plan = {name: "mc_dropout" for name in names}
     net = bayesify(base, plan, options={"mc_dropout": {"p": opts["p"]}})
     net.prefix_once = opts["prefix_once"]
     return UQModel(net, "mc_dropout", opts, spec, eval_samples=opts["samples"])
@@ -349,7 +429,8 @@ register(
                     MC_DROPOUT_OPTIONS["p"],
                     default=0.25,
                     nullable=False,
-                    help="drop probability before every Linear layer",
+                    help="drop probability before every Linear layer (a network without Linear "
+                    "layers: channel dropout before every Conv2d)",
                 ),
                 SAMPLES,
                 Option(

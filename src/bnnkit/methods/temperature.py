@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..data.segmentation import IGNORE_INDEX
 from ..errors import InputError
 from ..options import OptionTable
 from .base import Method, UQModel, register
@@ -35,8 +36,37 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
     return float(log_t.detach().exp())
 
 
+#: at most this many validation pixels enter a segmentation model's temperature fit
+MAX_PIXELS = 2_000_000
+
+
+def pixel_logits(model: UQModel, x: torch.Tensor, y: torch.Tensor, images: int = 8, seed=0):
+    """The mean logits ``[P, C]`` and labels ``[P]`` of the non-void pixels of label maps ``y``
+    ``[N, H, W]``, at most :data:`MAX_PIXELS` of them (a seeded uniform subset beyond that)."""
+    zs, ys = [], []
+    for i in range(0, len(x), images):
+        z = model.logits(x[i : i + images]).mean(0)  # [b, C, H, W]
+        yb = y[i : i + images].long()
+        keep = yb != IGNORE_INDEX
+        zs.append(z.movedim(1, -1)[keep])
+        ys.append(yb[keep])
+    z, y = torch.cat(zs), torch.cat(ys)
+    if len(y) == 0:
+        raise InputError("every validation pixel is void: no labels to fit a temperature on")
+    if len(y) > MAX_PIXELS:
+        g = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(len(y), generator=g)[:MAX_PIXELS]
+        z, y = z[pick], y[pick]
+    return z, y
+
+
 def _fit(model: UQModel, bundle, batch_size: int = 1000):
     x_val, y_val = bundle.val.float(), bundle.val.y
+    if model.spec.task == "segmentation":
+        # one temperature for every pixel, fitted on the validation pixels' NLL
+        z, y = pixel_logits(model, x_val, y_val)
+        model.temperature.fill_(fit_temperature(z, y))
+        return
     logits = model.logits(x_val, batch_size)
     # a single deterministic network: S = 1; for ensembles the mean logit is tempered
     model.temperature.fill_(fit_temperature(logits.mean(0), y_val))

@@ -18,6 +18,39 @@ MODELS = {
 }
 
 
+#: what each architecture predicts (bnnkit.methods.base.TASKS); absent: classification
+MODEL_TASKS = {"deeplabv3plus": "segmentation"}
+
+
+def model_task(name: str) -> str:
+    """``"classification"`` or ``"segmentation"``: what the registered architecture predicts."""
+    if name not in MODELS:
+        raise unknown_name("model", name, MODELS)
+    return MODEL_TASKS.get(name, "classification")
+
+
+def register_model(
+    name: str, factory, options: OptionTable | None = None, task: str = "classification"
+) -> None:
+    """Make your own architecture usable by name in every method, ``train_run``, the bench and
+    the search (e.g. a U-Net for segmentation).
+
+    ``factory(input_shape, num_classes, mean=..., std=..., **options)`` returns an
+    ``nn.Module`` mapping images in [0, 1] (it normalises them with ``mean`` / ``std`` itself)
+    to logits: ``[B, C]`` for ``task="classification"``, ``[B, C, H, W]`` at the input's size
+    for ``task="segmentation"`` (any height and width). ``options``: its options, declared
+    once (type, range, default, help); a name already taken is refused."""
+    if name in MODELS:
+        raise ConfigError(f"model {name!r} is already registered; choose another name")
+    if not callable(factory):
+        raise ConfigError(f"factory for model {name!r} must be callable, got {factory!r}")
+    if task not in ("classification", "segmentation"):
+        raise ConfigError(f"task must be 'classification' or 'segmentation', got {task!r}")
+    MODELS[name] = factory
+    MODEL_OPTIONS[name] = options if options is not None else OptionTable(f"model {name!r}", [])
+    MODEL_TASKS[name] = task
+
+
 def _output_stride(o: dict) -> str | None:
     if o["output_stride"] not in (8, 16):
         return f"option 'output_stride' must be 8 or 16, got {o['output_stride']!r}"
@@ -70,6 +103,9 @@ def build_model(name: str, input_shape, num_classes: int, mean=0.0, std=1.0, **k
 
 
 __all__ = [
+    "MODEL_TASKS",
+    "model_task",
+    "register_model",
     "PlacementFallback",
     "MODELS",
     "MODEL_OPTIONS",

@@ -25,26 +25,29 @@ class Normalize(nn.Module):
 
 
 def check_images(x: torch.Tensor, input_shape: tuple[int, ...] | None, finite: bool = True):
-    """Raise :class:`InputError` unless ``x`` is a float batch ``[B, *input_shape]``."""
+    """Raise :class:`InputError` unless ``x`` is a float batch ``[B, *input_shape]``.
+
+    An entry ``None`` of ``input_shape`` matches any size: a dense-prediction model takes
+    ``(3, None, None)``, images of any height and width."""
     if not isinstance(x, torch.Tensor):
         raise InputError(f"expected a tensor of images, got {type(x).__name__}")
     if input_shape is not None:
         want = tuple(input_shape)
+        shown = ", ".join("H" if i == 1 and w is None else "W" if w is None else str(w)
+                          for i, w in enumerate(want))  # fmt: skip
         if x.dim() == len(want) and len(want) == 3:
             raise InputError(
-                f"expected a batch [B, {', '.join(map(str, want))}], got a single image "
+                f"expected a batch [B, {shown}], got a single image "
                 f"{tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)"
             )
         if x.dim() != len(want) + 1:
+            raise InputError(f"expected input of shape [B, {shown}], got {tuple(x.shape)}")
+        if len(want) == 3 and want[0] is not None and x.shape[1] != want[0]:
             raise InputError(
-                f"expected input of shape [B, {', '.join(map(str, want))}], got {tuple(x.shape)}"
-            )
-        if len(want) == 3 and x.shape[1] != want[0]:
-            raise InputError(
-                f"expected {want[0]} channel(s) (input [B, {', '.join(map(str, want))}]), got "
+                f"expected {want[0]} channel(s) (input [B, {shown}]), got "
                 f"{x.shape[1]} in {tuple(x.shape)}; is this the right data set for the model?"
             )
-        if tuple(x.shape[1:]) != want:
+        if any(w is not None and w != g for w, g in zip(want, x.shape[1:], strict=True)):
             raise InputError(
                 f"expected images of shape {want}, got {tuple(x.shape[1:])}; "
                 "resize or choose a model built for this size"
@@ -264,7 +267,7 @@ class Stacked(nn.Module):
 
     def forward_folded(self, xf: torch.Tensor) -> torch.Tensor:
         """Member ``m`` on rows ``m*n:(m+1)*n`` of a batch of ``M*n`` rows (each member its own
-        examples); returns logits ``[M*n, C]``, member-major."""
+        examples); returns logits ``[M*n, C]`` (dense: ``[M*n, C, H, W]``), member-major."""
         n = _split(xf, self.members)
         outs = [m(xf[i * n : (i + 1) * n], 1) for i, m in enumerate(self.ensemble)]
-        return torch.cat([o.reshape(-1, o.shape[-1]) for o in outs])
+        return torch.cat([o.flatten(0, 1) for o in outs])  # [1, n, C, ...] -> [n, C, ...]

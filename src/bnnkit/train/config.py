@@ -28,6 +28,9 @@ DATA_OPTIONS = OptionTable(
         Option("subset", "int", None, "training examples to use (null: all)", low=1,
                nullable=True),
         Option("split_seed", "int", 0, "seed of the train/validation split", low=0),
+        Option("anomaly_classes", "str", "Bicyclist", "segmentation data sets: classes held "
+               "out, comma-separated (void in training, the anomalies at test; '' holds none "
+               "out)"),
     ],
 )  # fmt: skip
 
@@ -46,6 +49,13 @@ TRAIN_OPTIONS = OptionTable(
                nullable=True),
         Option("cutout", "int", 0, "cutout square side in pixels when augmenting (0: none)",
                low=0),
+        Option("crop", "int_list", [], "segmentation: random crop [height, width] of the "
+               "scaled training images ([]: the image size); evaluation is at full size",
+               low=1, empty=True),
+        Option("scale_min", "float", 0.75, "segmentation: smallest random scale of a training "
+               "image", low=0.0, low_open=True),
+        Option("scale_max", "float", 1.25, "segmentation: largest random scale of a training "
+               "image", low=0.0, low_open=True),
         Option("optimizer", "choice", "adam", "adam, or sgd (Nesterov momentum)",
                choices=("adam", "sgd")),
         Option("momentum", "float", 0.9, "SGD momentum", low=0.0, high=1.0, high_open=True),
@@ -72,6 +82,10 @@ TRAIN_OPTIONS = OptionTable(
         if o["cutout"] and o["augment"] is False else None,
         lambda o: f"warmup_epochs ({o['warmup_epochs']}) must be below epochs ({o['epochs']})"
         if o["warmup_epochs"] and o["warmup_epochs"] >= o["epochs"] else None,
+        lambda o: f"crop must be [] or [height, width], got {o['crop']}"
+        if len(o["crop"]) not in (0, 2) else None,
+        lambda o: f"scale_min ({o['scale_min']}) must not exceed scale_max ({o['scale_max']})"
+        if o["scale_min"] > o["scale_max"] else None,
     ],
 )  # fmt: skip
 

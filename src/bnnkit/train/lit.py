@@ -2,6 +2,7 @@
 
 Loss per batch: ``mean over S*B of CE(logits, y) + w_t * KL / N + aux`` where the network returns
 ``S`` stochastic passes or ensemble members per example (every member sees every example),
+(segmentation: logits ``[S, B, C, H, W]``, the mean over every non-void pixel of every pass),
 ``N`` is the number of training examples, ``w_t = kl_weight * min(1, (epoch+1) / anneal)`` and
 ``aux`` collects layer-specific training losses (LP-BNN's weighted VAE negative ELBO).
 """
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.loader import Augment
+from ..data.segmentation import IGNORE_INDEX
 from ..methods import UQModel
 from ..models import Folded
 from .config import TrainConfig
@@ -78,12 +80,12 @@ class LitUQ(L.LightningModule):
             # member, so every member still sees every example each epoch)
             M = self.model.net.members
             n = (len(y) // M) * M
-            logits = self.model.net.forward_folded(x[:n])  # [n, C], member-major chunks
-            nll = F.cross_entropy(logits.float(), y[:n])
+            logits = self.model.net.forward_folded(x[:n])  # [n, C(, H, W)], member-major
+            nll = cross_entropy(logits, y[:n])
         else:
-            logits = self._forward(x, 1)  # [S, B, C]: every member sees every example
+            logits = self._forward(x, 1)  # [S, B, C(, H, W)]: every member sees every example
             S = logits.shape[0]
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.repeat(S))
+            nll = cross_entropy(logits.flatten(0, 1), y.repeat(S, *[1] * (y.dim() - 1)))
         kl = self.model.kl()
         aux = self.model.aux_loss()
         loss = nll + self.current_kl_weight() * kl / self.n_train + aux
@@ -97,9 +99,11 @@ class LitUQ(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         logits = self.model(self._inputs(x), 1).float()
-        probs = logits.softmax(-1).mean(0)
-        nll = F.nll_loss(probs.clamp_min(1e-12).log(), y)
-        acc = (probs.argmax(-1) == y).float().mean()
+        probs = logits.softmax(2).mean(0)  # [B, C] or [B, C, H, W]
+        y = y.long()
+        ignore = IGNORE_INDEX if y.dim() > 1 else -100  # label maps: void pixels not scored
+        nll = F.nll_loss(probs.clamp_min(1e-12).log(), y, ignore_index=ignore)
+        acc = (probs.argmax(1) == y)[y != ignore].float().mean()
         self.log("val_nll", nll, prog_bar=True, sync_dist=True)
         self.log("val_acc", acc, prog_bar=True, sync_dist=True)
 
@@ -124,6 +128,18 @@ class LitUQ(L.LightningModule):
         else:
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, c.epochs))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits ``[N, C]`` or ``[N, C, H, W]`` over the labels that are not
+    ``IGNORE_INDEX`` (void pixels); 0 (with a gradient path) when every label is void, where
+    ``F.cross_entropy`` would return NaN."""
+    y = y.long()
+    if y.dim() == 1:  # one label per example: every label counts (255 may be a class)
+        return F.cross_entropy(logits.float(), y)
+    if not (y != IGNORE_INDEX).any():
+        return logits.float().sum() * 0.0
+    return F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX)
 
 
 def warmup_cosine(epoch: int, warmup: int, epochs: int) -> float:

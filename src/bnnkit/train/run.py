@@ -34,9 +34,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from .. import io
 from ..data import DataBundle, load_bundle
 from ..data.loader import Augment, TensorLoader
+from ..data.seg_loader import SegAugment, SegTensorLoader
 from ..errors import ConfigError, unknown_name
 from ..methods import ModelSpec, UQModel, build_method, get_method
-from ..models import MODELS
+from ..models import MODELS, model_task
 from .checkpoint import SafeCheckpointIO
 from .chunks import Budget, ChunkControl, read_progress
 from .config import RunConfig
@@ -116,6 +117,14 @@ def check_writable(path: Path, create: bool = True) -> None:
 def model_spec(cfg: RunConfig, bundle: DataBundle) -> ModelSpec:
     if cfg.model not in MODELS:
         raise unknown_name("model", cfg.model, MODELS)
+    task = model_task(cfg.model)
+    if task != bundle.task:
+        fit = [m for m in MODELS if model_task(m) == bundle.task]
+        raise ConfigError(
+            f"model {cfg.model!r} is a {task} model but {bundle.name!r} is a {bundle.task} data "
+            f"set; use one of: {', '.join(fit)} (or register your own with "
+            f"bnnkit.models.register_model(..., task={bundle.task!r}))"
+        )
     return ModelSpec(
         cfg.model,
         bundle.input_shape,
@@ -123,6 +132,7 @@ def model_spec(cfg: RunConfig, bundle: DataBundle) -> ModelSpec:
         bundle.mean,
         bundle.std,
         dict(cfg.model_options),
+        task,
     )
 
 
@@ -176,8 +186,21 @@ def check_same_config(path: Path, cfg: RunConfig, may_change: tuple = ()) -> Non
         )
 
 
-def _augment(cfg: RunConfig, bundle: DataBundle) -> Augment | None:
+def _augment(cfg: RunConfig, bundle: DataBundle) -> Augment | SegAugment | None:
     t = cfg.train
+    if bundle.dense:  # image and mask together: scale, crop, flip (on unless augment: false)
+        if t.augment is False:
+            return None
+        crop = tuple(t.crop) if t.crop else None
+        if crop is not None and (
+            crop[0] > bundle.input_shape[1] or crop[1] > bundle.input_shape[2]
+        ):
+            raise ConfigError(
+                f"crop {list(crop)} is larger than the {bundle.name} images "
+                f"{list(bundle.input_shape[1:])}; choose a crop within [height, width]"
+            )
+        return SegAugment(crop=crop, scale=(t.scale_min, t.scale_max), flip=True,
+                          ignore_index=bundle.ignore_index)  # fmt: skip
     on = t.augment if t.augment is not None else bundle.input_shape[0] == 3
     if not on:
         return None
@@ -192,6 +215,13 @@ def _loaders(
     orders, one per member) needs the tensor loader, whatever ``loader`` says."""
     t = cfg.train
     drop_last = len(bundle.train) > t.batch_size
+    if bundle.dense:  # label maps: always the tensor loader (joint augmentation on the batch)
+        train = SegTensorLoader(
+            bundle.train.x, bundle.train.y, t.batch_size, shuffle=True, drop_last=drop_last,
+            seed=cfg.seed, augment=_augment(cfg, bundle), device=device, streams=streams,
+        )  # fmt: skip
+        val = SegTensorLoader(bundle.val.x, bundle.val.y, 16, shuffle=False, device=device)
+        return train, val
     if t.loader == "tensor" or streams > 1:
         train = TensorLoader(
             bundle.train.x, bundle.train.y, t.batch_size, shuffle=True, drop_last=drop_last,
@@ -279,8 +309,9 @@ def train_run(
     if bundle is None:
         d = cfg.data
         bundle = load_bundle(
-            d.dataset, val_size=d.val_size, subset=d.subset, split_seed=d.split_seed
-        )
+            d.dataset, val_size=d.val_size, subset=d.subset, split_seed=d.split_seed,
+            anomaly_classes=d.anomaly_classes,
+        )  # fmt: skip
     _check_subset(cfg, bundle)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -343,7 +374,7 @@ def _trainer(
     # seeded generators; with a DataLoader the step augments from torch's global generator.
     # A deep ensemble's independent orders (one stream per member) come from the tensor loader
     streams = model.data_streams
-    in_loader = t.loader == "tensor" or streams > 1
+    in_loader = t.loader == "tensor" or streams > 1 or bundle.dense
     lit = LitUQ(model, t, n_train=len(bundle.train), augment=None if in_loader else augment)
     info = {k: getattr(t, k) for k in ("precision", "compile", "channels_last")}
     info.update(loader="tensor" if in_loader else "dataloader", data_streams=streams)
