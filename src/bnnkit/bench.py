@@ -23,7 +23,16 @@ from .errors import ConfigError
 from .evaluate import EVAL_OPTIONS, EvalConfig, evaluate
 from .methods import METHODS, UQModel, get_method, method_options
 from .options import Option, OptionTable, declared_by
-from .report import ResultStore, markdown, ood_summary, plain, shift_summary, summary
+from .report import (
+    SEG_COLUMNS,
+    ResultStore,
+    class_iou_summary,
+    markdown,
+    ood_summary,
+    plain,
+    shift_summary,
+    summary,
+)
 from .report import figures as figs
 from .train import Budget, check_writable, train_run
 from .train.chunks import device_name
@@ -43,6 +52,19 @@ DEFAULT_METHODS = [
     "laplace_last_layer",
     "laplace_subnetwork",
 ]
+#: the default methods on a segmentation data set: the classification defaults without the
+#: diagonal and subnetwork Laplace (no segmentation form) and mean-field VI (it runs on
+#: segmentation networks, but its Flipout convolutions double a training step's cost)
+SEG_DEFAULT_METHODS = [
+    "deterministic",
+    "temperature_scaling",
+    "mc_dropout",
+    "deep_ensemble",
+    "batch_ensemble",
+    "rank1",
+    "lpbnn",
+    "laplace_last_layer",
+]
 DEFAULT_CORRUPTIONS = [
     "gaussian_noise",
     "impulse_noise",
@@ -61,6 +83,7 @@ BENCH_OPTIONS = OptionTable(
         Option("seeds", "int", 2, "seeds per method", low=1),
         DATA_OPTIONS["subset"].with_default(16000),
         DATA_OPTIONS["val_size"],
+        DATA_OPTIONS["anomaly_classes"],
         Option("test_size", "int", 5000, "first N test and OOD images (null: all)", low=1,
                nullable=True),
         TRAIN_OPTIONS["batch_size"],
@@ -74,6 +97,7 @@ BENCH_OPTIONS = OptionTable(
         dataclasses.replace(EVAL_OPTIONS["batch_size"], name="eval_batch_size"),
         EVAL_OPTIONS["n_rotate"].with_default(300),
         EVAL_OPTIONS["angles"],
+        EVAL_OPTIONS["memory_budget"].with_default("512MB"),
         Option("model", "str", "lenet5", "architecture"),
         Option("dataset", "str", "fashion_mnist", "data set"),
         Option("out", "str", "runs/bench", "output directory"),
@@ -160,6 +184,26 @@ class BenchConfig:
         return name, dict(self.method_options.get(name, {}))
 
 
+def _check_task(cfg: BenchConfig) -> None:
+    """Refuse, before any write, what a segmentation bench cannot do."""
+    from .data.sources import get_spec
+    from .evaluate import GEOMETRIC_CORRUPTIONS
+
+    if get_spec(cfg.dataset).task != "segmentation":
+        return
+    moving = [c for c in cfg.corruptions if c in GEOMETRIC_CORRUPTIONS]
+    if moving:
+        raise ConfigError(
+            f"corruption(s) {moving} move pixels, so {cfg.dataset}'s label maps would no longer "
+            "match the images; leave them out (e.g. --corruptions gaussian_noise,contrast)"
+        )
+    if cfg.angles:
+        raise ConfigError(
+            f"rotation angles {cfg.angles} are a classification evaluation; pass --angles '' "
+            f"for the segmentation data set {cfg.dataset}"
+        )
+
+
 def _accelerator(device: str) -> str:
     if device in ("auto", "cpu", "gpu", "cuda", "mps"):
         return "gpu" if device == "cuda" else device
@@ -234,7 +278,12 @@ def _run_config(cfg: BenchConfig, method: str, seed: int):
         model=cfg.model,
         model_options=cfg.model_options,
         seed=seed,
-        data={"dataset": cfg.dataset, "val_size": cfg.val_size, "subset": cfg.subset},
+        data={
+            "dataset": cfg.dataset,
+            "val_size": cfg.val_size,
+            "subset": cfg.subset,
+            "anomaly_classes": cfg.anomaly_classes,
+        },  # fmt: skip
         train_options=cfg.train_options,
         train={
             **{k: getattr(cfg, k) for k in _BENCH_TRAIN_FIELDS},
@@ -243,18 +292,41 @@ def _run_config(cfg: BenchConfig, method: str, seed: int):
     )
 
 
+def for_task(cfg: BenchConfig) -> BenchConfig:
+    """The bench as run on its data set: on a segmentation data set the default method and
+    corruption lists become their segmentation forms (:data:`SEG_DEFAULT_METHODS`;
+    no corruption that moves pixels, since the label maps must still match); lists the user
+    gave are kept, and refused if they name what segmentation cannot do."""
+    from .data.sources import get_spec
+    from .evaluate import GEOMETRIC_CORRUPTIONS
+
+    if get_spec(cfg.dataset).task != "segmentation":
+        return cfg
+    changes: dict[str, Any] = {}
+    if cfg.methods == DEFAULT_METHODS:
+        changes["methods"] = list(SEG_DEFAULT_METHODS)
+    if cfg.corruptions == DEFAULT_CORRUPTIONS:
+        changes["corruptions"] = [c for c in cfg.corruptions if c not in GEOMETRIC_CORRUPTIONS]
+    if cfg.angles == EVAL_OPTIONS["angles"].default:
+        changes["angles"] = []
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def run_bench(cfg: BenchConfig, log=print) -> str | None:
     """Train, evaluate, tabulate; return the printed table, or None when ``max_minutes`` ran
     out first (everything finished is kept; the same call continues)."""
     cfg.validate()
+    cfg = for_task(cfg)
+    _check_task(cfg)
     budget = Budget.minutes(cfg.max_minutes)
     out = Path(cfg.out)
     check_writable(out, create=False)
     device = _torch_device(cfg.device)
     _check_reusable(out / "bench_config.json", cfg)
     bundle = load_bundle(
-        cfg.dataset, val_size=cfg.val_size, subset=cfg.subset, test_size=cfg.test_size
-    )
+        cfg.dataset, val_size=cfg.val_size, subset=cfg.subset, test_size=cfg.test_size,
+        anomaly_classes=cfg.anomaly_classes,
+    )  # fmt: skip
     for name, why in bundle.missing_ood.items():
         log(f"note: OOD set {name} skipped: {why}")
     _check_ood_sets(out / "bench_config.json", sorted(bundle.ood))
@@ -272,8 +344,9 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
         corruptions=cfg.corruptions,
         n_corrupt=cfg.n_corrupt,
         n_rotate=cfg.n_rotate,
-        angles=cfg.angles,
+        angles=[] if bundle.dense else cfg.angles,
         batch_size=cfg.eval_batch_size,
+        memory_budget=cfg.memory_budget,
         progress=cfg.progress,
     )
     arts: dict[str, dict] = {}
@@ -332,31 +405,40 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
         )
         return None
     rows = [r for r in rows if r["method"] in cfg.methods and r["seed"] < cfg.seeds]
-    headers, lines = summary(rows, cfg.methods)
+    headers, lines = summary(rows, cfg.methods, SEG_COLUMNS if bundle.dense else None)
     stamp = _dt.date.today().isoformat()
+    shift = (
+        f"anomaly classes: {', '.join(bundle.anomaly_classes) or 'none'}"
+        if bundle.dense
+        else f"OOD: {', '.join(bundle.ood) or 'none'}"
+    )
     md = (
         f"# bnnkit bench: {cfg.dataset}, {cfg.model}\n\n"
         f"{cfg.seeds} seed(s), {cfg.epochs} epochs, training subset {cfg.subset or 'all'}, "
-        f"OOD: {', '.join(bundle.ood) or 'none'}; made {stamp} on {device_name(device)}, "
+        f"{shift}; made {stamp} on {device_name(device)}, "
         f"torch {torch.__version__}.\n\n"
         + markdown(headers, lines)
         + "\n\n"
-        + COLUMN_NOTE
+        + (SEG_COLUMN_NOTE if bundle.dense else COLUMN_NOTE)
         + _throughput_table(rows, cfg.methods)
-        + _shift_tables(rows, cfg)
+        + (_seg_tables(rows, cfg) if bundle.dense else _shift_tables(rows, cfg))
     )
     io.atomic_write_text(out / "results.md", md)
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
     present = [m for m in cfg.methods if m in arts]
-    if present:
+    if present and bundle.dense:
+        ordered = {m: arts[m] for m in present}
+        if any(a.get("maps") for a in ordered.values()):
+            figs.segmentation_maps(ordered, fig_dir / "uncertainty_maps.png")
+    elif present:
         ordered = {m: arts[m] for m in present}
         figs.reliability_diagrams(ordered, fig_dir / "reliability.png")
         if bundle.ood:
             figs.ood_histograms(ordered, fig_dir / "ood_hist.png")
     if cfg.corruptions:
-        figs.corruption_curves(rows, fig_dir / "corruption.png", cfg.methods)
-    if cfg.angles:
+        figs.corruption_curves(rows, fig_dir / "corruption.png", cfg.methods, bundle.dense)
+    if cfg.angles and not bundle.dense:
         figs.rotation_curves(rows, fig_dir / "rotation.png", cfg.methods)
     table = plain(headers, lines)
     log(table)
@@ -405,6 +487,31 @@ def _shift_tables(rows: list[dict], cfg: BenchConfig) -> str:
             if lines and len(headers) > 1:
                 out.append(f"### {name} by {title}\n\n" + markdown(headers, lines))
     return ("\n\n" + "\n\n".join(out)) if out else ""
+
+
+def _seg_tables(rows: list[dict], cfg: BenchConfig) -> str:
+    """Per-class IoU, and mIoU / NLL / ECE per corruption severity."""
+    out = []
+    headers, lines = class_iou_summary(rows, cfg.methods)
+    if lines:
+        out.append("### Test IoU % per class\n\n" + markdown(headers, lines))
+    for metric, name in (("miou", "mIoU %"), ("nll", "pixel NLL"), ("ece", "ECE %")):
+        headers, lines = shift_summary(rows, "corrupt", metric, cfg.methods)
+        if lines and len(headers) > 1:
+            out.append(f"### {name} by corruption severity\n\n" + markdown(headers, lines))
+    return ("\n\n" + "\n\n".join(out)) if out else ""
+
+
+SEG_COLUMN_NOTE = (
+    "Columns (segmentation; every pixel metric over the non-void pixels of the full 180x240 "
+    "test images, the held-out classes' pixels excluded): mIoU, pixel accuracy, pixel NLL, "
+    "Brier, top-label ECE (15 bins); anomaly AUROC / AUPR / FPR@95%TPR over pixels with the "
+    "held-out classes' pixels positive and the other non-void pixels negative, scored by the "
+    "predictive entropy (AUPR-MI: mutual information, – for single-member predictives; "
+    "AUPR-MCP: 1 - max probability); cmIoU / cNLL: mean over the corruption types and severities; "
+    "ms/image: median time of predict() on one batch divided by its images, all members and "
+    "samples included; Mem MB: peak tensor memory of that call; Params: parameter count."
+)
 
 
 COLUMN_NOTE = (

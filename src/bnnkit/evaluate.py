@@ -394,7 +394,8 @@ def evaluate_segmentation(model, bundle: DataBundle, cfg: EvalConfig | None = No
     res = seg.compute()
     rows = [("test", k, res[k]) for k in ("miou", "pixel_accuracy", "nll", "brier", "ece")]
     names = bundle.class_names or [str(c) for c in range(bundle.num_classes)]
-    rows += [("test", f"iou:{c}", v) for c, v in zip(names, res["iou"], strict=True)]
+    # a class absent from both truth and prediction has no IoU (NaN): no row
+    rows += [("test", f"iou:{c}", v) for c, v in zip(names, res["iou"], strict=True) if v == v]
     for sname, m in anom.items():
         r = m.compute()
         rows += [("anomaly", f"{k}_{sname}", r[k]) for k in ("auroc", "aupr", "fpr95")]

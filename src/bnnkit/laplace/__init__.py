@@ -1,10 +1,12 @@
 """Post-hoc linearised Laplace approximations: subnetwork (full covariance), last layer,
-diagonal. Plain PyTorch: works on any classifier ``x -> logits [B, C]`` and on bnnkit models."""
+diagonal. Plain PyTorch: works on any classifier ``x -> logits [B, C]`` and on bnnkit models;
+:class:`PixelLastLayerLaplace` is the last-layer Laplace of segmentation networks."""
 
 from .base import LINKS, as_logits_model, probit_probs
 from .diagonal import DiagLaplace
 from .jacobians import SubnetJacobian, param_slots
 from .last_layer import LastLayerLaplace, last_layer_indices
+from .pixel import PixelLastLayerLaplace
 from .selection import (
     STRATEGIES,
     VARIANCE_RULES,
@@ -19,6 +21,7 @@ from .subnetwork import SubnetLaplace
 __all__ = [
     "SubnetLaplace",
     "LastLayerLaplace",
+    "PixelLastLayerLaplace",
     "DiagLaplace",
     "SubnetJacobian",
     "select_subnetwork",

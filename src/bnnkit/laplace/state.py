@@ -16,6 +16,7 @@ from .jacobians import (
     check_indices,
     n_params,
 )
+from .pixel import PixelLastLayerLaplace
 from .subnetwork import SubnetLaplace
 
 
@@ -35,6 +36,11 @@ def laplace_from_state(model: nn.Module, state: dict[str, Any], options: dict[st
         )  # fmt: skip
     elif kind == "diag":
         la = DiagLaplace(model, memory_budget=budget)
+    elif kind == "pixel_last_layer":
+        la = PixelLastLayerLaplace(
+            model, head=state["head"], pixel_stride=int(state["pixel_stride"]),
+            memory_budget=budget, linalg_device=options.get("linalg_device", "cpu"),
+        )  # fmt: skip
     else:
         raise ConfigError(f"unknown Laplace kind {kind!r} in the checkpoint")
     return la.load_state(state)

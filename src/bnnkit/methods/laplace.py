@@ -6,6 +6,9 @@ Laplace over it, tune the prior precision, predict with the linearised model.
 ``laplace_last_layer`` and ``laplace_diag`` are the usual baselines. All fit on the training
 split (a subset of ``n_fit`` images stands for the whole set: curvature rescaled);
 ``prior='gridsearch'`` tunes on validation.
+
+Segmentation models: ``laplace_last_layer`` fits :class:`~bnnkit.laplace.PixelLastLayerLaplace`
+(the 1x1 conv head as a per-pixel GLM, every ``pixel_stride``-th pixel); the other two refuse.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import hashlib
 
 import torch
 
+from ..errors import ConfigError
 from ..laplace import (
     LINKS,
     STRATEGIES,
     VARIANCE_RULES,
     DiagLaplace,
     LastLayerLaplace,
+    PixelLastLayerLaplace,
     SubnetLaplace,
     select_subnetwork,
 )
@@ -31,7 +36,9 @@ _COMMON = [
     Option("prior", "choice", "marglik", "prior precision tuning: marginal likelihood or "
            "validation-NLL grid search", choices=("marglik", "gridsearch")),
     Option("link", "choice", "probit", "predictive: linearised probit, linearised Monte "
-           "Carlo, or the network with sampled weights", choices=LINKS),
+           "Carlo, or the network with sampled weights (segmentation, laplace_last_layer: "
+           "probit is one per-pixel distribution, S = 1, no mutual information; mc and "
+           "sample_weights are the same S samples there)", choices=LINKS),
     Option("samples", "int", 100, "samples for link mc / sample_weights", low=1),
     Option("n_fit", "int", None, "training examples for the curvature (null: all)", low=1,
            nullable=True),
@@ -91,7 +98,36 @@ def _attach(model: UQModel, la) -> None:
     model.eval_samples = 1 if model.options["link"] == "probit" else model.options["samples"]
 
 
+def _refuse_segmentation(model: UQModel) -> None:
+    if model.spec.task == "segmentation":
+        raise ConfigError(
+            f"{model.method} does not support segmentation models; only laplace_last_layer "
+            "does (a last-layer Laplace over the 1x1 conv head)"
+        )
+
+
+def _fit_pixel(model: UQModel, bundle) -> None:
+    """Last-layer Laplace of a segmentation model: the 1x1 conv head as a per-pixel GLM."""
+    o = model.options
+    split = bundle.train.head(o["n_fit"])
+    model.eval()
+    la = PixelLastLayerLaplace(
+        model,
+        pixel_stride=o["pixel_stride"],
+        memory_budget=o["memory_budget"],
+        linalg_device=o["linalg_device"],
+    )
+    la.fit((split.float(), split.y), n_total=len(bundle.train))
+    if o["prior"] == "gridsearch":
+        val = (bundle.val.float(), bundle.val.y)
+        la.optimize_prior_precision("gridsearch", val=val, n_samples=o["samples"])
+    else:
+        la.optimize_prior_precision("marglik")
+    _attach(model, la)
+
+
 def _fit_subnetwork(model: UQModel, bundle) -> None:
+    _refuse_segmentation(model)
     o = model.options
     data = _train_data(model, bundle, o["n_fit"])
     model.eval()
@@ -128,6 +164,9 @@ def _fit_whole(cls):
     """Post-hoc fit of a Laplace class whose parameter set is fixed (last layer, all weights)."""
 
     def fit(model: UQModel, bundle) -> None:
+        if cls is LastLayerLaplace and model.spec.task == "segmentation":
+            return _fit_pixel(model, bundle)
+        _refuse_segmentation(model)
         o = model.options
         data = _train_data(model, bundle, o["n_fit"])
         if cls is DiagLaplace:
@@ -180,8 +219,24 @@ register(
     Method(
         "laplace_last_layer",
         build=None,  # type: ignore[arg-type]
-        options=OptionTable("method 'laplace_last_layer'", [*_COMMON, _LINALG]),
-        summary="full-covariance linearised Laplace over the last linear layer (post hoc)",
+        options=OptionTable(
+            "method 'laplace_last_layer'",
+            [
+                *_COMMON,
+                _LINALG,
+                Option(
+                    "pixel_stride",
+                    "int",
+                    4,
+                    "segmentation only: the curvature uses every "
+                    "n-th pixel in each direction (of the non-void ones), rescaled to all "
+                    "non-void pixels",
+                    low=1,
+                ),
+            ],
+        ),
+        summary="full-covariance linearised Laplace over the last linear layer, or a "
+        "segmentation network's 1x1 conv head (post hoc)",
         posthoc_of="deterministic",
         fit=_fit_whole(LastLayerLaplace),
     )

@@ -81,11 +81,11 @@ def _curves(rows, prefix):
     return out
 
 
-def _plot_curves(rows, prefix, path, xlabel, title, methods):
+def _plot_curves(rows, prefix, path, xlabel, title, methods, metrics=("accuracy", "nll", "ece")):
     curves = _curves(rows, prefix)
     fig = Figure(figsize=(13, 3.6))
     axes = fig.subplots(1, 3)
-    for ax, metric in zip(axes, ["accuracy", "nll", "ece"]):
+    for ax, metric in zip(axes, metrics):
         for m in methods:
             if m not in curves:
                 continue
@@ -102,10 +102,62 @@ def _plot_curves(rows, prefix, path, xlabel, title, methods):
     return path
 
 
-def corruption_curves(rows, path: Path, methods: list[str]) -> Path:
+def corruption_curves(rows, path: Path, methods: list[str], dense: bool = False) -> Path:
+    """Accuracy (segmentation: mIoU), NLL and ECE against the corruption severity."""
+    metrics = ("miou", "nll", "ece") if dense else ("accuracy", "nll", "ece")
     return _plot_curves(
-        rows, "corrupt:", path, "severity", "Mean over corruption types vs severity", methods
-    )
+        rows, "corrupt:", path, "severity", "Mean over corruption types vs severity", methods,
+        metrics,
+    )  # fmt: skip
+
+
+def segmentation_maps(arts: dict[str, dict], path: Path, score: str = "mutual_info") -> Path:
+    """Uncertainty maps of a few fixed test images: one row per image; columns: the image, the
+    ground truth (void black, held-out-class pixels outlined in white), the anomaly mask, then per
+    method its prediction and its ``score`` map (``mutual_info`` or ``entropy``; a method with
+    one member shows its entropy)."""
+    methods = [m for m, a in arts.items() if a.get("maps")]
+    if not methods:
+        raise ValueError("no uncertainty maps to draw")
+    first = arts[methods[0]]["maps"]
+    n_img = len(first)
+    n_cls = len(arts[methods[0]]["class_names"])
+    cmap = matplotlib.colormaps["tab20"].resampled(max(n_cls, 2))
+    cols = 3 + 2 * len(methods)
+    fig = Figure(figsize=(1.9 * cols, 1.5 * n_img + 0.4))
+    axes = fig.subplots(n_img, cols, squeeze=False)
+
+    def labels(t):
+        t = t.long()
+        rgb = torch.as_tensor(cmap(t.clamp(max=n_cls - 1).numpy())[..., :3])
+        rgb[t >= n_cls] = 0.0  # void
+        return rgb
+
+    for i in range(n_img):
+        m0 = first[i]
+        panels = [
+            ("image", m0["image"].permute(1, 2, 0).numpy(), None),
+            ("truth", labels(m0["truth"]).numpy(), None),
+            ("anomaly", (m0["anomaly"] if m0["anomaly"] is not None
+                         else torch.zeros_like(m0["truth"], dtype=torch.bool)).float().numpy(),
+             "gray"),
+        ]  # fmt: skip
+        for m in methods:
+            mm = arts[m]["maps"][i]
+            use = score if arts[m].get("members", 1) > 1 else "entropy"
+            panels.append((f"{m}\nprediction", labels(mm["prediction"]).numpy(), None))
+            panels.append((f"{m}\n{use}", mm[use].float().numpy(), "magma"))
+        for j, (title, img, cm) in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(img, cmap=cm, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(title, fontsize=7)
+    fig.suptitle(f"Fixed test images: prediction and {score} (higher = more uncertain)")
+    fig.tight_layout()
+    _save(fig, path)
+    return path
 
 
 def rotation_curves(rows, path: Path, methods: list[str]) -> Path:

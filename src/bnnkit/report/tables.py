@@ -23,6 +23,49 @@ COLUMNS = [
 ]
 
 
+#: the segmentation table (CamVid): pixel metrics over non-void pixels; anomaly detection over
+#: pixels with the held-out classes positive
+SEG_COLUMNS = [
+    ("mIoU %", "test", "miou", "{:.2f}", False, 100.0),
+    ("PixAcc %", "test", "pixel_accuracy", "{:.2f}", False, 100.0),
+    ("NLL", "test", "nll", "{:.3f}", True, 1.0),
+    ("Brier", "test", "brier", "{:.4f}", True, 1.0),
+    ("ECE %", "test", "ece", "{:.2f}", True, 100.0),
+    ("AUROC %", "anomaly", "auroc_entropy", "{:.2f}", False, 100.0),
+    ("AUPR %", "anomaly", "aupr_entropy", "{:.2f}", False, 100.0),
+    ("AUPR-MI %", "anomaly", "aupr_mutual_info", "{:.2f}", False, 100.0),
+    ("AUPR-MCP %", "anomaly", "aupr_max_prob", "{:.2f}", False, 100.0),
+    ("FPR95 %", "anomaly", "fpr95_entropy", "{:.2f}", True, 100.0),
+    ("cmIoU %", "corrupt:mean", "miou", "{:.2f}", False, 100.0),
+    ("cNLL", "corrupt:mean", "nll", "{:.3f}", True, 1.0),
+    ("ms/image", "cost", "latency_ms_per_image", "{:.1f}", True, 1.0),
+    ("Mem MB", "cost", "peak_mem_mb", "{:.1f}", True, 1.0),
+    ("Params", "cost", "parameters", "{:,.0f}", True, 1.0),
+]
+
+
+def class_iou_summary(rows: list[dict], methods: list[str] | None = None):
+    """One line per method, one column per class: test IoU % (``iou:<class>`` rows), mean over
+    seeds; NaN (a class absent from truth and prediction) shows as "–"."""
+    cells: dict = defaultdict(lambda: defaultdict(list))
+    classes: list[str] = []
+    for r in rows:
+        if r["split"] == "test" and r["metric"].startswith("iou:"):
+            c = r["metric"][4:]
+            if c not in classes:
+                classes.append(c)
+            if r["value"] == r["value"]:  # not NaN
+                cells[r["method"]][c].append(100.0 * r["value"])
+    headers = ["Method", *classes]
+    lines = []
+    for m in methods or sorted(cells):
+        if m not in cells:
+            continue
+        vals = cells[m]
+        lines.append([m] + [f"{statistics.mean(vals[c]):.1f}" if vals[c] else "–" for c in classes])
+    return headers, lines
+
+
 def _value(rows_by_key, method, seed, split, metric):
     if split == "ood:*":
         vals = [
@@ -34,20 +77,22 @@ def _value(rows_by_key, method, seed, split, metric):
     return rows_by_key.get((method, seed, split, metric))
 
 
-def summary(rows: list[dict], methods: list[str] | None = None):
-    """Return (headers, lines) with 'mean +- std' strings; methods keep the given order."""
+def summary(rows: list[dict], methods: list[str] | None = None, columns=None):
+    """Return (headers, lines) with 'mean +- std' strings; methods keep the given order.
+    ``columns``: :data:`COLUMNS` (default, classification) or :data:`SEG_COLUMNS`."""
+    columns = COLUMNS if columns is None else columns
     by_key = {(r["method"], r["seed"], r["split"], r["metric"]): r["value"] for r in rows}
     seeds = defaultdict(set)
     for r in rows:
         seeds[r["method"]].add(r["seed"])
     order = methods or sorted(seeds)
-    headers = ["Method"] + [c[0] for c in COLUMNS]
+    headers = ["Method"] + [c[0] for c in columns]
     lines = []
     for m in order:
         if m not in seeds:
             continue
         line = [m]
-        for _h, split, metric, fmt, _lower, scale in COLUMNS:
+        for _h, split, metric, fmt, _lower, scale in columns:
             vals = [_value(by_key, m, s, split, metric) for s in sorted(seeds[m])]
             vals = [v * scale for v in vals if v is not None]
             if not vals:
@@ -101,7 +146,7 @@ def shift_summary(rows: list[dict], kind: str, metric: str, methods: list[str] |
     levels = sorted({lv for per in cells.values() for lv in per})
     unit = "°" if kind == "rotate" else ""
     headers = ["Method"] + [f"{lv}{unit}" for lv in levels]
-    scale = 100.0 if metric in ("accuracy", "ece") else 1.0
+    scale = 100.0 if metric in ("accuracy", "ece", "miou") else 1.0
     fmt = "{:.1f}" if scale == 100.0 else "{:.3f}"
     lines = []
     for m in methods or sorted(cells):

@@ -249,6 +249,22 @@ def _check_subset(cfg: RunConfig, bundle: DataBundle) -> None:
         )
 
 
+@torch.no_grad()
+def check_output(model: UQModel, bundle: DataBundle) -> None:
+    """A segmentation network must return logits ``[B, C, H, W]`` at its input's size: one
+    validation image through it (eval mode) before anything is written, so that a network
+    that forgets to upsample is refused by name instead of failing inside the loss."""
+    if not bundle.dense or len(bundle.val) == 0:
+        return
+    x = bundle.val.x[:1].float().div_(255.0)
+    was = model.training
+    model.eval()
+    try:
+        model._check_output(x, model.net(x, 1))
+    finally:
+        model.train(was)
+
+
 def check_run(cfg: RunConfig, run_dir: str | Path, bundle: DataBundle) -> None:
     """The refusals of :func:`train_run` that need no earlier state, made without writing
     anything: the config, ``subset`` against the data, the method's model (a bad plan or
@@ -257,6 +273,7 @@ def check_run(cfg: RunConfig, run_dir: str | Path, bundle: DataBundle) -> None:
     cfg.validate()
     _check_subset(cfg, bundle)
     model = build_method(cfg.method, model_spec(cfg, bundle), cfg.method_options)
+    check_output(model, bundle)
     _trainer(cfg, Path(run_dir), model, bundle, [])
 
 
@@ -317,6 +334,7 @@ def train_run(
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     spec = model_spec(cfg, bundle)
     model = build_method(cfg.method, spec, cfg.method_options)  # a bad plan is refused here
+    check_output(model, bundle)
     fitting = not (method.posthoc_of is not None and base_model is not None)
     # Lightning's refusals (strategy, devices, precision) too, before anything is written
     fit = _trainer(cfg, run_dir, model, bundle, callbacks or [], budget) if fitting else None
