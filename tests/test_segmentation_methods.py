@@ -19,7 +19,7 @@ from bnnkit.data.segmentation import IGNORE_INDEX, SegSplit
 from bnnkit.evaluate import EvalConfig, evaluate, evaluate_segmentation
 from bnnkit.methods import UQModel, build_method
 from bnnkit.methods.base import ModelSpec
-from bnnkit.methods.temperature import fit_temperature, pixel_logits
+from bnnkit.methods.temperature import pixel_logits
 from bnnkit.models import MODELS, Normalize, register_model
 from bnnkit.train import train_run
 from bnnkit.train.config import run_config
@@ -76,9 +76,9 @@ def bundle():
                                _split(6, "test", 2))  # fmt: skip
 
 
-def _cfg(method, **opts):
+def _cfg(method, crop=(8, 10), **opts):
     return run_config(method=method, model="test_unet", seed=0, data={"dataset": "toy"},
-                      train={"epochs": 1, "batch_size": 8, "progress": False, "crop": [8, 10]},
+                      train={"epochs": 1, "batch_size": 8, "progress": False, "crop": list(crop)},
                       method_options=opts)  # fmt: skip
 
 
@@ -207,7 +207,8 @@ def test_decoder_only_plan_runs_the_encoder_once_and_gives_the_naive_answer(bund
     spec = ModelSpec("test_unet", (3, 12, 14), 3, task="segmentation")
     model = build_method("placement", spec, {"plan": DECODER_PLAN}).eval()
     counts = {"enc": 0}
-    model.net.body.enc2.register_forward_hook(lambda *a: counts.__setitem__("enc", counts["enc"] + 1))
+    hook = model.net.body.enc2.register_forward_hook
+    hook(lambda *a: counts.__setitem__("enc", counts["enc"] + 1))
     x = bundle.test.float()
     fast = model.net(x, 1)
     assert counts["enc"] == 1  # once for all three members
@@ -228,10 +229,8 @@ def test_bad_inputs_are_refused_by_name(bundle, tmp_path):
                   bundle=bundle)  # fmt: skip
     assert not (tmp_path / "mlp").exists()  # refused before any write
     with pytest.raises(ConfigError, match="crop .* larger than"):
-        train_run(_cfg("deterministic").__class__.from_dict(
-            {**_cfg("deterministic").to_dict(), "train": {**_cfg("deterministic").to_dict()["train"],
-                                                          "crop": [40, 10]}}),
-            tmp_path / "crop", bundle=bundle)  # fmt: skip
+        train_run(_cfg("deterministic", crop=(40, 10)), tmp_path / "crop", bundle=bundle)
+    assert not (tmp_path / "crop").exists()
     model = train_run(_cfg("deterministic"), tmp_path / "det", bundle=bundle)
     with pytest.raises(ConfigError, match="move pixels"):
         evaluate(model, bundle, EvalConfig(corruptions=["elastic"], progress=False))
