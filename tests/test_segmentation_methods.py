@@ -248,3 +248,16 @@ def test_bad_inputs_are_refused_by_name(bundle, tmp_path):
     with pytest.raises(InputError, match="must lie in 0..3"):
         SegSplit.from_arrays(torch.zeros(2, 8, 8, 3, dtype=torch.uint8),
                              torch.full((2, 8, 8), 9, dtype=torch.long), CLASSES)  # fmt: skip
+
+
+def test_posterior_exploration_refuses_segmentation_by_name(bundle, tmp_path):
+    from bnnkit.posterior.collect import collect_reference, collect_samples, collect_swag
+
+    train_run(_cfg("deterministic"), tmp_path / "det", bundle=bundle)
+    for call in (lambda: collect_samples(tmp_path / "col", tmp_path / "det"),
+                 lambda: collect_swag(tmp_path / "col2", tmp_path / "det")):  # fmt: skip
+        with pytest.raises(ConfigError, match="classification models and data sets"):
+            call()
+    with pytest.raises(ConfigError, match="'camvid' is a segmentation one"):
+        collect_reference(tmp_path / "col3", model="deeplabv3plus", dataset="camvid")
+    assert not any((tmp_path / c).exists() for c in ("col", "col2", "col3"))

@@ -57,11 +57,17 @@ def run(a) -> int:
     cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     model = UQModel.load(run_dir / "model.safetensors")
     bundle = load_bundle(
-        a.dataset or cfg.data.dataset, val_size=cfg.data.val_size, subset=cfg.data.subset
-    )
+        a.dataset or cfg.data.dataset, val_size=cfg.data.val_size, subset=cfg.data.subset,
+        anomaly_classes=cfg.data.anomaly_classes,
+    )  # fmt: skip
+    if bundle.dense and not a.corruptions:
+        # the default list without the corruptions that move pixels (label maps must match)
+        from ..evaluate import GEOMETRIC_CORRUPTIONS
+
+        ecfg.corruptions = [c for c in ecfg.corruptions if c not in GEOMETRIC_CORRUPTIONS]
     rows, _ = evaluate(model, bundle, ecfg)
     io.atomic_write_text(run_dir / "metrics.json", json.dumps(rows, indent=1))
-    keep = {"test", "corrupt:mean", "cost"} | {
+    keep = {"test", "anomaly", "corrupt:mean", "cost"} | {
         s for s in (r["split"] for r in rows) if s.startswith("ood:")
     }
     for r in rows:

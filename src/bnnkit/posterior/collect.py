@@ -42,6 +42,16 @@ def build_from(arch: dict) -> torch.nn.Module:
     return spec_of(arch).build()
 
 
+def classification_only(task: str, what: str) -> None:
+    """Posterior exploration (collections, symmetry removal, MMD, modes) is built for classifiers;
+    refuse a segmentation model or data set by name instead of mis-reading label maps."""
+    if task != "classification":
+        raise ConfigError(
+            f"posterior exploration supports classification models and data sets; {what} is "
+            f"a {task} one (its methods, bench and search support segmentation)"
+        )
+
+
 def collect_samples(out: str | Path, run_dir: str | Path, samples: int = 1, seed: int = 0):
     """Add a trained bnnkit model's posterior samples (every member x ``samples`` draws, as
     plain networks: :func:`~bnnkit.posterior.samples.network_samples`) to the collection at
@@ -51,6 +61,7 @@ def collect_samples(out: str | Path, run_dir: str | Path, samples: int = 1, seed
 
     run_dir = Path(run_dir)
     model = UQModel.load(run_dir / "model.safetensors")
+    classification_only(model.spec.task, f"the model in {run_dir}")
     col = Collection.create(out, architecture(model.spec))
     for tag, state in network_samples(model, samples, seed):
         mid = f"{run_dir.name}-{tag}"
@@ -77,6 +88,7 @@ def collect_swag(
 
     run_dir = Path(run_dir)
     model = UQModel.load(run_dir / "model.safetensors")
+    classification_only(model.spec.task, f"the model in {run_dir}")
     bodies = getattr(model.net, "ensemble", None)
     if (
         bodies is not None
@@ -137,6 +149,9 @@ def collect_reference(
     """Train ``members`` independent networks into the collection at ``out`` (resumable)."""
     if members < 1 or chunk < 1 or epochs < 1:
         raise ConfigError("members, chunk and epochs must be >= 1")
+    from ..data.sources import get_spec
+
+    classification_only(get_spec(dataset).task, repr(dataset))
     bundle = load_bundle(dataset, val_size=val_size, subset=subset, ood=[])
     if model not in MODELS:
         raise unknown_name("model", model, MODELS)
