@@ -453,5 +453,6 @@ def test_method_path(tmp_path):
     assert probit.predict(x).probs.shape == (1, 4, 3, 12, 16)
     assert len(probit.posterior.grid_nll) == 33
     for method in ("laplace_diag", "laplace_subnetwork"):
-        with pytest.raises(ConfigError, match="only laplace_last_layer"):
+        with pytest.raises(ConfigError, match="no segmentation form.*laplace_last_layer"):
             train_run(cfg(method), tmp_path / method, bundle=bundle, base_model=base)
+        assert not (tmp_path / method).exists()  # refused before any write

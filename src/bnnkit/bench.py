@@ -421,7 +421,7 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
         + "\n\n"
         + (SEG_COLUMN_NOTE if bundle.dense else COLUMN_NOTE)
         + _throughput_table(rows, cfg.methods)
-        + (_seg_tables(rows, cfg) if bundle.dense else _shift_tables(rows, cfg))
+        + (_seg_tables(rows, cfg, bundle.class_names) if bundle.dense else _shift_tables(rows, cfg))
     )
     io.atomic_write_text(out / "results.md", md)
     fig_dir = out / "figures"
@@ -489,10 +489,10 @@ def _shift_tables(rows: list[dict], cfg: BenchConfig) -> str:
     return ("\n\n" + "\n\n".join(out)) if out else ""
 
 
-def _seg_tables(rows: list[dict], cfg: BenchConfig) -> str:
+def _seg_tables(rows: list[dict], cfg: BenchConfig, classes) -> str:
     """Per-class IoU, and mIoU / NLL / ECE per corruption severity."""
     out = []
-    headers, lines = class_iou_summary(rows, cfg.methods)
+    headers, lines = class_iou_summary(rows, cfg.methods, classes)
     if lines:
         out.append("### Test IoU % per class\n\n" + markdown(headers, lines))
     for metric, name in (("miou", "mIoU %"), ("nll", "pixel NLL"), ("ece", "ECE %")):

@@ -283,6 +283,8 @@ class Method:
     fit: Callable[..., None] | None = None
     #: training-loss options the routine reads (kl_weight, ...)
     train_options: tuple[str, ...] = ()
+    #: the tasks (ModelSpec.task) the method has a form for
+    tasks: tuple[str, ...] = TASKS
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -323,6 +325,12 @@ ENSEMBLE_BN = Option(
 
 def build_method(name: str, spec: ModelSpec, options: dict[str, Any] | None = None) -> UQModel:
     m = get_method(name)
+    if spec.task not in m.tasks:
+        fit = [k for k, v in METHODS.items() if spec.task in v.tasks]
+        raise ConfigError(
+            f"method {name!r} has no {spec.task} form; for a {spec.task} model use one of: "
+            f"{', '.join(fit)}"
+        )
     if m.posthoc_of is not None:
         base = get_method(m.posthoc_of)
         opts = method_options(name, options)

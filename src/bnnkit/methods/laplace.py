@@ -213,6 +213,7 @@ register(
         summary="full-covariance linearised Laplace over a selected subnetwork (post hoc)",
         posthoc_of="deterministic",
         fit=_fit_subnetwork,
+        tasks=("classification",),
     )
 )
 register(
@@ -249,5 +250,6 @@ register(
         summary="diagonal linearised Laplace over all weights (post hoc)",
         posthoc_of="deterministic",
         fit=_fit_whole(DiagLaplace),
+        tasks=("classification",),
     )
 )

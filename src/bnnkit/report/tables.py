@@ -44,11 +44,12 @@ SEG_COLUMNS = [
 ]
 
 
-def class_iou_summary(rows: list[dict], methods: list[str] | None = None):
-    """One line per method, one column per class: test IoU % (``iou:<class>`` rows), mean over
-    seeds; NaN (a class absent from truth and prediction) shows as "–"."""
+def class_iou_summary(rows: list[dict], methods: list[str] | None = None, classes=None):
+    """One line per method, one column per class (in the order of ``classes``, the data set's;
+    by default as first seen): test IoU % (``iou:<class>`` rows), mean over seeds; a class
+    without a row (absent from truth and prediction) shows as "–"."""
     cells: dict = defaultdict(lambda: defaultdict(list))
-    classes: list[str] = []
+    classes = list(classes or [])
     for r in rows:
         if r["split"] == "test" and r["metric"].startswith("iou:"):
             c = r["metric"][4:]
