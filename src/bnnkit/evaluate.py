@@ -12,7 +12,8 @@ A segmentation bundle (``bundle.dense``) is scored per pixel by :func:`evaluate_
 
 - ``test``: miou, pixel_accuracy, nll, brier, ece over the non-void pixels; ``iou:<class>``
 - ``anomaly``: auroc/aupr/fpr95 per score over pixels, the held-out classes' pixels positive
-- ``corrupt:<type>:<severity>``: miou, nll, ece (the same label maps); ``corrupt:mean``
+- ``corrupt:<type>:<severity>``: miou, nll, ece (the same label maps); ``corrupt:mean``;
+  ``corrupt:clean:0``: the same ``n_corrupt`` images uncorrupted
 - ``cost``: as above, plus latency_ms_per_image
 """
 
@@ -402,6 +403,11 @@ def evaluate_segmentation(model, bundle: DataBundle, cfg: EvalConfig | None = No
     bar.update()
 
     per_metric: dict[str, list[float]] = {"miou": [], "nll": [], "ece": []}
+    if cfg.corruptions:
+        # the same images uncorrupted (severity 0): the corrupted rows are scored on the first
+        # n_corrupt test images, whose clean mIoU differs from the whole test set's
+        cres = segmentation_pass(model, sub.x, sub.y, cfg)[0].compute()
+        rows += [("corrupt:clean:0", metric, cres[metric]) for metric in per_metric]
     for cname in cfg.corruptions:
         for sev in cfg.severities:
             key = ("corrupt", cname, sev, cfg.seed, cfg.n_corrupt)
