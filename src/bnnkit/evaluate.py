@@ -45,7 +45,8 @@ EVAL_OPTIONS = OptionTable(
         Option("angles", "int_list", list(range(0, 181, 15)), "rotation angles in degrees "
                "([]: none)", empty=True),
         Option("n_rotate", "int", 2000, "test images per rotation angle", low=1),
-        Option("latency_batch", "int", 128, "images per timed forward pass", low=1),
+        Option("latency_batch", "int", 128, "images per timed forward pass (segmentation: at "
+               "most 4 full-size images)", low=1),
         Option("latency_repeats", "int", 20, "timed passes (the median is reported)", low=1),
         Option("batch_size", "int", 256, "rows per forward pass at evaluation (inputs x "
                "members x samples); larger on a GPU", low=1),
@@ -287,6 +288,10 @@ def evaluate(model, bundle: DataBundle, cfg: EvalConfig | None = None):
     return [{"split": s, "metric": m, "value": float(v)} for s, m, v in rows], art
 
 
+#: full-size images per timed prediction of a segmentation model (at most; fewer when the
+#: memory budget says so): a 128-image batch of 180x240 frames would take tens of seconds
+SEG_LATENCY_IMAGES = 4
+
 #: corruptions that move pixels: the label maps would no longer match the images
 GEOMETRIC_CORRUPTIONS = ("elastic", "rotate")
 
@@ -423,7 +428,8 @@ def evaluate_segmentation(model, bundle: DataBundle, cfg: EvalConfig | None = No
     bar.close()
 
     budget = parse_size(cfg.memory_budget)
-    n_time = max(1, min(cfg.latency_batch, _probe_chunk(model, test.x, budget), len(test)))
+    n_time = max(1, min(cfg.latency_batch, SEG_LATENCY_IMAGES, _probe_chunk(model, test.x, budget),
+                        len(test)))  # fmt: skip
     cost = measure_cost(model, to_float(test.x[:n_time]), cfg.latency_repeats)
     cost["latency_ms_per_image"] = cost["latency_ms"] / n_time
     cost["latency_images"] = float(n_time)
