@@ -292,6 +292,13 @@ def evaluate(model, bundle: DataBundle, cfg: EvalConfig | None = None):
 #: memory budget says so): a 128-image batch of 180x240 frames would take tens of seconds
 SEG_LATENCY_IMAGES = 4
 
+#: what `bnnkit evaluate` uses on a segmentation data set where the classification defaults
+#: would not do (2,000 images per corruption is the whole CamVid test set 50 times over)
+SEG_EVAL_DEFAULTS = {
+    "n_corrupt": 24,
+    "corruptions": ["gaussian_noise", "gaussian_blur", "contrast", "jpeg"],
+}
+
 #: corruptions that move pixels: the label maps would no longer match the images
 GEOMETRIC_CORRUPTIONS = ("elastic", "rotate")
 

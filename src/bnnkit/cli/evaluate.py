@@ -60,11 +60,16 @@ def run(a) -> int:
         a.dataset or cfg.data.dataset, val_size=cfg.data.val_size, subset=cfg.data.subset,
         anomaly_classes=cfg.data.anomaly_classes,
     )  # fmt: skip
-    if bundle.dense and not a.corruptions:
-        # the default list without the corruptions that move pixels (label maps must match)
-        from ..evaluate import GEOMETRIC_CORRUPTIONS
+    if bundle.dense:
+        # segmentation defaults where none was given: corruptions that keep pixels in place
+        # (the label maps must still match) on a few full-size images
+        from ..evaluate import EVAL_OPTIONS, SEG_EVAL_DEFAULTS
+        from ..options import given
 
-        ecfg.corruptions = [c for c in ecfg.corruptions if c not in GEOMETRIC_CORRUPTIONS]
+        if not a.corruptions:
+            ecfg.corruptions = list(SEG_EVAL_DEFAULTS["corruptions"])
+        if "n_corrupt" not in given(a, EVAL_OPTIONS):
+            ecfg.n_corrupt = SEG_EVAL_DEFAULTS["n_corrupt"]
     rows, _ = evaluate(model, bundle, ecfg)
     io.atomic_write_text(run_dir / "metrics.json", json.dumps(rows, indent=1))
     keep = {"test", "anomaly", "corrupt:mean", "cost"} | {
