@@ -119,3 +119,22 @@ def test_held_out_classes_are_a_bench_option(camvid, tmp_path):
         run_bench(_cfg(tmp_path / "b3", anomaly_classes="Bike"), log=lambda *a: None)
     assert not (tmp_path / "b3").exists()
     assert torch.is_tensor(torch.zeros(1))
+
+
+def test_bnnkit_evaluate_on_a_segmentation_run_uses_its_classes_and_pixel_corruptions(
+    camvid, tmp_path, capsys
+):
+    from bnnkit.cli import main
+    from bnnkit.evaluate import SEG_EVAL_DEFAULTS
+
+    out = tmp_path / "b4"
+    run_bench(_cfg(out, methods=["deterministic"], anomaly_classes="Bicyclist,Car"),
+              log=lambda *a: None)  # fmt: skip
+    run = out / "runs" / "deterministic-seed0"
+    assert main(["evaluate", str(run), "--quiet", "--severities", "1",
+                 "--latency-repeats", "1"]) == 0  # fmt: skip
+    rows = json.loads((run / "metrics.json").read_text())
+    kinds = {r["split"].split(":")[1] for r in rows if r["split"].startswith("corrupt:")}
+    assert kinds == {*SEG_EVAL_DEFAULTS["corruptions"], "clean", "mean"}
+    assert not any(r["metric"] == "iou:Car" for r in rows)  # Car held out, as in training
+    assert "anomaly" in capsys.readouterr().out
