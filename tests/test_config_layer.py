@@ -240,7 +240,8 @@ def test_search_config_keeps_its_fields_and_defaults():
                   members=[2, 4], samples=[1, 2, 4, 8], n_ood=1000, ood_family="mixed",
                   latency_batch=128, heartbeat=30, max_latency_ms=None, max_parameters=None,
                   baselines=["deterministic", "mc_dropout", "deep_ensemble"], train_options={},
-                  model_options={}, progress=True)  # fmt: skip
+                  model_options={}, progress=True, anomaly_classes="Bicyclist",
+                  units="blocks", memory_budget="512MB")  # fmt: skip
     from bnnkit.search.space import DEFAULT_KINDS
 
     before["kinds"] = list(DEFAULT_KINDS)

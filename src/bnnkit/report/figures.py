@@ -179,30 +179,39 @@ def _save(fig, path) -> None:
     )
 
 
-def pareto_plot(trials: list[dict], front: list[dict], baselines: list[dict], path: Path) -> Path:
-    """Validation NLL and search OOD AUROC against predict latency: every completed trial, the
-    Pareto front joined, the baselines (``name`` key) marked."""
+def pareto_plot(
+    trials: list[dict],
+    front: list[dict],
+    baselines: list[dict],
+    path: Path,
+    second: tuple[str, str] = ("ood_auroc", "search OOD AUROC (higher is better)"),
+    latency: tuple[str, str] = ("latency_ms", "predict latency, ms per batch (log)"),
+) -> Path:
+    """Validation NLL and search OOD AUROC (``second``: another key and its axis label)
+    against predict latency (``latency``: key and label): every completed trial, the Pareto
+    front joined, the baselines (``name`` key) marked."""
     fig = Figure(figsize=(10, 3.8))
     axes = fig.subplots(1, 2)
     panels = (
         (axes[0], "val_nll", "validation NLL (lower is better)"),
-        (axes[1], "ood_auroc", "search OOD AUROC (higher is better)"),
+        (axes[1], *second),
     )
+    lat, lat_label = latency
     for ax, key, label in panels:
-        ax.scatter([t["latency_ms"] for t in trials], [t[key] for t in trials], s=14,
+        ax.scatter([t[lat] for t in trials], [t[key] for t in trials], s=14,
                    color="0.7", label="trials")  # fmt: skip
         # markers only: a front over three objectives is not monotone in a 2-D projection
-        ax.scatter([t["latency_ms"] for t in front], [t[key] for t in front], s=30, color="C0",
+        ax.scatter([t[lat] for t in front], [t[key] for t in front], s=30, color="C0",
                    label="Pareto front (3 objectives)")  # fmt: skip
         for k, b in enumerate(baselines):
-            ax.scatter([b["latency_ms"]], [b[key]], marker="*", s=120, color=f"C{k + 1}",
+            ax.scatter([b[lat]], [b[key]], marker="*", s=120, color=f"C{k + 1}",
                        label=b["name"], zorder=3)  # fmt: skip
         ax.set_xscale("log")
         # plain numbers at 1-2-5 steps: the default labels every minor tick and overlaps
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("predict latency, ms per batch (log)")
+        ax.set_xlabel(lat_label)
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
     fig.suptitle("Placement search")

@@ -13,6 +13,12 @@ baseline). The comparison
 NLL and in OOD AUROC on every test OOD set. Beside MC dropout as bnnkit runs it (the layers
 before the first dropout once per input), ``mc_dropout_full`` is the same trained network run as
 MC dropout usually is, the whole network every pass: the comparison the literature makes.
+
+After a segmentation search (its front scores ``anomaly_aupr``, the synthetic anomalies of the
+validation images), ``searched_ood`` is the front's best synthetic-anomaly AUPR, the bench runs
+on the search's held-out classes, and the comparison gives, per pair, the speed-up per image
+and the relative differences in test pixel NLL, test mIoU and the pixel anomaly AUPR / AUROC
+(entropy) on the test split's held-out-class pixels, which the search never saw.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ def final_plans(out: str | Path) -> dict[str, PlacementPlan]:
     if not front:
         raise ConfigError(f"{out / 'pareto.csv'} is empty; the search has no Pareto front")
     best_nll = min(front, key=lambda r: float(r["val_nll"]))
-    best_ood = max(front, key=lambda r: float(r["ood_auroc"]))
+    best_ood = max(front, key=lambda r: float(r[_ood_key(front)]))
     candidates = {
         "searched": PlacementPlan.load(out / "plan.json"),
         "searched_nll": PlacementPlan.from_dict(json.loads(best_nll["plan"])),
@@ -64,20 +70,27 @@ def final_plans(out: str | Path) -> dict[str, PlacementPlan]:
     return plans
 
 
+def _ood_key(front: list[dict]) -> str:
+    """The front's OOD objective: ``anomaly_aupr`` after a segmentation search, else
+    ``ood_auroc``."""
+    return "anomaly_aupr" if "anomaly_aupr" in front[0] else "ood_auroc"
+
+
 def _fastest_not_worse_than_deterministic(out: Path, front: list[dict]) -> dict | None:
     """The cheapest front plan (fewest FLOPs per image, a deterministic cost; the earliest
     trial among equals) whose validation NLL is within 2% of the deterministic baseline's and
-    whose search OOD AUROC is at least its: the cheapest uncertainty that costs nothing in fit
-    (None without a scored deterministic baseline)."""
+    whose search OOD AUROC (segmentation: synthetic anomaly AUPR) is at least its: the cheapest
+    uncertainty that costs nothing in fit (None without a scored deterministic baseline)."""
     if not (out / "baselines.csv").is_file():
         return None
     with open(out / "baselines.csv", newline="") as f:
         det = next((r for r in csv.DictReader(f) if r["name"] == "deterministic"), None)
     if det is None:
         return None
+    key = _ood_key(front)
     ok = [r for r in front
           if float(r["val_nll"]) <= 1.02 * float(det["val_nll"])
-          and float(r["ood_auroc"]) >= float(det["ood_auroc"])]  # fmt: skip
+          and float(r[key]) >= float(det[key])]  # fmt: skip
     return min(ok, key=lambda r: (float(r["flops_per_image"]), int(r["trial"]))) if ok else None
 
 
@@ -100,11 +113,12 @@ def final_comparison(
     if "mc_dropout" in base:  # the same network run the usual way: the whole net every pass
         base.insert(base.index("mc_dropout") + 1, "mc_dropout_full")
         variants["mc_dropout_full"] = {"method": "mc_dropout", "prefix_once": False}
-    # the bench's training and evaluation on the search's data, model and train options (the
-    # bench's own train options win); the given config is left as it was
+    # the bench's training and evaluation on the search's data (and held-out classes), model
+    # and train options (the bench's own train options win); the given config is left as it was
     cfg = dataclasses.replace(
         base_cfg,
         dataset=scfg["dataset"],
+        anomaly_classes=scfg.get("anomaly_classes", base_cfg.anomaly_classes),
         model=scfg["model"],
         model_options=dict(scfg.get("model_options", {})),
         train_options={**scfg.get("train_options", {}), **base_cfg.train_options},
@@ -117,12 +131,18 @@ def final_comparison(
         rows = store.rows(dataset=cfg.dataset, model=cfg.model)
     rows = [r for r in rows if r["method"] in cfg.methods and r["seed"] < cfg.seeds]
     headers, lines = comparison(rows, list(plans), base)
+    dense = _dense(rows)
     plan_lines = "\n".join(f"- `{label}`: {p.describe()}" for label, p in plans.items())
+    unseen = "test set and its held-out-class pixels" if dense else "test set and test OOD sets"
     md = (
         f"# Placement search: final comparison ({cfg.dataset}, {cfg.model})\n\n"
         f"Retrained from scratch: {cfg.epochs} epochs on {cfg.subset or 'all'} training "
-        f"images, {cfg.seeds} seed(s); test set and test OOD sets never seen by the search.\n\n"
-        f"{plan_lines}\n\n" + markdown(headers, lines) + "\n\n" + COMPARISON_NOTE + "\n"
+        f"images, {cfg.seeds} seed(s); {unseen} never seen by the search.\n\n"
+        f"{plan_lines}\n\n"
+        + markdown(headers, lines)
+        + "\n\n"
+        + (SEG_COMPARISON_NOTE if dense else COMPARISON_NOTE)
+        + "\n"
     )
     io.atomic_write_text(out / "final" / "comparison.md", md)
     log("\n" + markdown(headers, lines))
@@ -137,11 +157,20 @@ def _means(rows: list[dict]) -> dict[tuple[str, str, str], float]:
     return {k: statistics.mean(v) for k, v in vals.items()}
 
 
+def _dense(rows: list[dict]) -> bool:
+    """Whether ``rows`` are a segmentation bench's (pixel anomaly rows, mIoU)."""
+    return any(r["split"] == "anomaly" or r["metric"] == "miou" for r in rows)
+
+
 def comparison(rows: list[dict], searched: list[str], baselines: list[str]):
     """``(headers, lines)``: one line per (searched plan, baseline) pair present in ``rows``:
     the latency ratio, the relative NLL difference, and the relative OOD AUROC difference per
-    OOD set, all from means over seeds."""
+    OOD set, all from means over seeds. Segmentation rows: the latency ratio per image, the
+    relative differences in test pixel NLL, test mIoU and the pixel anomaly AUPR and AUROC
+    (entropy) on the held-out-class pixels."""
     m = _means(rows)
+    if _dense(rows):
+        return _seg_comparison(m, searched, baselines)
     ood_sets = sorted({s[4:] for (_, s, _) in m if s.startswith("ood:")})
     headers = ["searched", "baseline", "speed-up (x)", "NLL vs baseline %"]
     headers += [f"AUROC {s} vs baseline %" for s in ood_sets]
@@ -154,6 +183,25 @@ def comparison(rows: list[dict], searched: list[str], baselines: list[str]):
             line = [s, b, f"{ms_b / ms_s:.2f}", _rel(m, s, b, "test", "nll")]
             line += [_rel(m, s, b, f"ood:{o}", "auroc_entropy") for o in ood_sets]
             lines.append(line)
+    return headers, lines
+
+
+def _seg_comparison(m, searched: list[str], baselines: list[str]):
+    headers = ["searched", "baseline", "speed-up (x)", "NLL vs baseline %",
+               "mIoU vs baseline %", "anomaly AUPR vs baseline %",
+               "anomaly AUROC vs baseline %"]  # fmt: skip
+    lines = []
+    for s in searched:
+        for b in baselines:
+            ms_s = m.get((s, "cost", "latency_ms_per_image"))
+            ms_b = m.get((b, "cost", "latency_ms_per_image"))
+            if ms_s is None or ms_b is None:
+                continue
+            lines.append([
+                s, b, f"{ms_b / ms_s:.2f}", _rel(m, s, b, "test", "nll"),
+                _rel(m, s, b, "test", "miou"), _rel(m, s, b, "anomaly", "aupr_entropy"),
+                _rel(m, s, b, "anomaly", "auroc_entropy"),
+            ])  # fmt: skip
     return headers, lines
 
 
@@ -170,4 +218,13 @@ COMPARISON_NOTE = (
     "the searched plan is better); AUROC vs baseline: relative difference in OOD AUROC with the "
     "predictive entropy, per test OOD set (positive: better). Means over seeds; the full table "
     "with spreads is in results.md."
+)
+
+SEG_COMPARISON_NOTE = (
+    "speed-up: the baseline's predict() latency per image divided by the searched plan's (> 1: "
+    "the searched plan is faster); NLL and mIoU vs baseline: relative differences in test pixel "
+    "NLL (negative: better) and mIoU (positive: better) over the non-void pixels; anomaly AUPR "
+    "/ AUROC vs baseline: relative differences with the predictive entropy as the score and "
+    "the held-out classes' test pixels as the anomalies (positive: better). Means over seeds; "
+    "the full table with spreads is in results.md."
 )

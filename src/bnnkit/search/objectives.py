@@ -12,6 +12,14 @@ from one training seed to the next; BENCHMARKS.md). Latency is the median time o
 on a fixed batch after warm-up, on the device the model is on; FLOPs are counted by
 ``torch.utils.flop_counter`` on the forward that prediction runs (placement-aware: a
 deterministic prefix counts once, the stochastic tail once per member and sample).
+
+Segmentation (:func:`evaluate_segmentation_candidate`, a data set with label maps): the pixel
+NLL over the non-void validation pixels (mIoU recorded beside it), the pixel AUPR of the
+predictive entropy on *synthetic* anomalies (:func:`synthetic_anomalies`) and the FLOPs per
+image. The data's own anomalies (held-out classes) are void in training and validation and
+only the test split marks them, so the search cannot score them without test data; instead
+each validation image gets one rectangle of search-time OOD content pasted in (the families of
+:func:`search_ood_set`, built from validation images), and the pasted pixels are the positives.
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .. import metrics
-from ..errors import ConfigError
+from ..data.bundle import to_float
+from ..data.segmentation import IGNORE_INDEX
+from ..errors import ConfigError, InputError
 from ..evaluate import measure_cost
 
 
@@ -86,11 +96,10 @@ def search_ood_set(family: str, x_val: torch.Tensor, n: int, seed: int = 0) -> t
     if family == "mixed":
         k = n // 3
         sizes = (n - 2 * k, k, k)
-        return torch.cat([
-            search_ood_set("synthetic", x_val, sizes[0], seed),
-            search_ood_set("corrupted", x_val, sizes[1], seed),
-            search_ood_set("scrambled", x_val, sizes[2], seed),
-        ])  # fmt: skip
+        parts = ("synthetic", "corrupted", "scrambled")
+        return torch.cat(
+            [search_ood_set(f, x_val, m, seed) for f, m in zip(parts, sizes) if m]
+        )  # fmt: skip
     raise ConfigError(f"unknown search OOD family {family!r}; use one of {', '.join(OOD_FAMILIES)}")
 
 
@@ -155,5 +164,142 @@ def _objectives(model, val, ood, latency_batch: int, repeats: int) -> Objectives
         flops = forward_flops(model, xb[:1])
     return Objectives(
         float(metrics.nll(pred, y_val)), float(auroc), cost["latency_ms"], flops,
+        cost["parameters"],
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- segmentation
+
+#: the objectives of a segmentation search, in the order its sampler sees them (directions:
+#: minimise, maximise, minimise, as for classification)
+SEG_OBJECTIVES = ("val_nll", "anomaly_aupr", "flops_per_image")
+
+
+def synthetic_anomalies(
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    family: str = "mixed",
+    n: int | None = None,
+    seed: int = 0,
+    side: tuple[float, float] = (1 / 8, 1 / 3),
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validation images with one synthetic anomaly each, and its mask: ``(x, y, mask)``.
+
+    The first ``n`` validation images (all by default; each at most once) each get one
+    axis-aligned rectangle, of height and width drawn uniformly between ``side`` fractions of
+    the image's, at a uniform position, whose pixels are replaced by the same rectangle of a
+    search-time OOD image of ``family`` (:func:`search_ood_set`: uniform noise or smooth blobs,
+    a severity-5 corrupted validation image, a validation image as a shuffled 4x4 jigsaw, or a
+    mix). ``mask`` (bool ``[n, H, W]``) marks the pasted pixels; ``y`` is ``y_val`` with them
+    set to ``ignore_index``, so they are not scored as their former class. Everything is drawn
+    from generators seeded by ``seed``: the same arguments give the same images and masks.
+    ``x`` keeps the dtype of ``x_val`` (uint8 images are rounded back to uint8).
+
+    What it measures, honestly: how much more uncertain the network is on pasted patches of
+    unfamiliar texture (noise, blur, contrast, pixelation) or of displaced scene content (a
+    jigsaw tile of another street scene is unusual in context, but its texture is familiar),
+    which is a proxy for a held-out object class, not the same thing: the edges of a pasted
+    rectangle are sharper than an object's, and a real anomaly looks like an object. It uses
+    validation images only; the test split's anomaly mask is never read."""
+    if not isinstance(x_val, torch.Tensor) or x_val.dim() != 4:
+        raise InputError(f"x_val must be images [N, C, H, W], got {getattr(x_val, 'shape', x_val)}")
+    if not isinstance(y_val, torch.Tensor) or tuple(y_val.shape) != (len(x_val), *x_val.shape[-2:]):
+        got = tuple(y_val.shape) if isinstance(y_val, torch.Tensor) else type(y_val).__name__
+        raise InputError(
+            f"y_val must be label maps [N, H, W] = {[len(x_val), *x_val.shape[-2:]]} for the "
+            f"images, got {got}"
+        )
+    lo, hi = side
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ConfigError(f"side must be fractions 0 < low <= high <= 1, got {side}")
+    n = len(x_val) if n is None else min(int(n), len(x_val))
+    if n < 1:
+        raise InputError("synthetic anomalies need at least one validation image")
+    xf = to_float(x_val)
+    src = search_ood_set(family, xf, n, seed)
+    h, w = xf.shape[-2:]
+    g = torch.Generator().manual_seed(seed + 104729)
+    mask = torch.zeros(n, h, w, dtype=torch.bool)
+    for i in range(n):
+        rh = int(torch.randint(max(1, round(lo * h)), max(1, round(hi * h)) + 1, (), generator=g))
+        rw = int(torch.randint(max(1, round(lo * w)), max(1, round(hi * w)) + 1, (), generator=g))
+        top = int(torch.randint(0, h - rh + 1, (), generator=g))
+        left = int(torch.randint(0, w - rw + 1, (), generator=g))
+        mask[i, top : top + rh, left : left + rw] = True
+    x = torch.where(mask[:, None], src, xf[:n])
+    if x_val.dtype == torch.uint8:
+        x = (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+    y = y_val[:n].clone()
+    y[mask] = ignore_index
+    return x, y, mask
+
+
+@dataclass
+class SegObjectives:
+    """The objectives of a segmentation candidate (module docstring): pixel NLL and mIoU on
+    the validation images, AUPR and AUROC of the predictive entropy on the synthetic anomalies,
+    predict latency (ms per timed batch of ``latency_images`` images, and per image), FLOPs per
+    image and parameters."""
+
+    val_nll: float
+    val_miou: float
+    anomaly_aupr: float
+    anomaly_auroc: float
+    latency_ms: float
+    latency_ms_per_image: float
+    latency_images: float
+    flops_per_image: float
+    parameters: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def evaluate_segmentation_candidate(
+    model,
+    val: tuple[torch.Tensor, torch.Tensor],
+    anomalies: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    latency_batch: int = 128,
+    repeats: int = 10,
+    seed: int = 0,
+    memory_budget: str | int = "512MB",
+) -> SegObjectives:
+    """The search objectives of a trained segmentation :class:`~bnnkit.methods.UQModel`.
+
+    ``val``: validation images ``[N, C, H, W]`` (uint8 or float in [0, 1]) and label maps
+    ``[N, H, W]`` (``255``: void); ``anomalies``: ``(x, y, mask)`` of
+    :func:`synthetic_anomalies`. Both are streamed by
+    :func:`bnnkit.evaluate.segmentation_pass` in chunks within ``memory_budget``. NLL and mIoU
+    are over the non-void validation pixels; the anomaly AUPR / AUROC score the predictive
+    entropy with the pasted pixels positive and the other non-void pixels negative
+    (:class:`bnnkit.metrics.PixelAnomalyMetrics`). The timed batch is ``latency_batch`` images
+    or fewer, as many as fit the memory budget (as the bench times a segmentation model).
+    Stochastic predictions draw from a generator seeded with ``seed`` (the caller's RNG is left
+    as it was)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _seg_objectives(model, val, anomalies, latency_batch, repeats, memory_budget)
+
+
+def _seg_objectives(model, val, anomalies, latency_batch, repeats, memory_budget):
+    from ..evaluate import EvalConfig, _probe_chunk, segmentation_pass
+    from ..options import parse_size
+
+    cfg = EvalConfig(memory_budget=memory_budget, progress=False)
+    x_val, y_val = val
+    seg = segmentation_pass(model, x_val, y_val, cfg)[0].compute()
+    xa, ya, mask = anomalies
+    anom = segmentation_pass(model, xa, ya, cfg, anomaly=mask)[1]["entropy"].compute()
+    n_time = max(1, min(latency_batch, _probe_chunk(model, x_val, parse_size(memory_budget)),
+                        len(x_val)))  # fmt: skip
+    xb = to_float(x_val[:n_time])
+    cost = measure_cost(model, xb, repeats=repeats)
+    with torch.enable_grad():
+        flops = forward_flops(model, xb[:1])
+    return SegObjectives(
+        float(seg["nll"]), float(seg["miou"]), float(anom["aupr"]), float(anom["auroc"]),
+        cost["latency_ms"], cost["latency_ms"] / n_time, float(n_time), flops,
         cost["parameters"],
     )  # fmt: skip

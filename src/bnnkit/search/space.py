@@ -6,6 +6,9 @@ a :class:`~bnnkit.search.plan.PlacementPlan`; the space enumerates or samples on
 Units: a residual block (a child of an ``nn.Sequential`` that holds several convertible layers,
 e.g. ``layer2.0`` of a ResNet, named by the pattern ``layer2.0.*``) is one unit, so the whole
 block changes kind together; every other ``Linear`` / ``Conv2d`` is a unit of its own.
+``search_units(model, "parts")`` groups coarser, by the network's named parts (for a
+segmentation network, e.g. DeepLabV3+: ``backbone.stem.0``, ``backbone.layer1.*`` ...
+``backbone.layer4.*``, ``aspp.*``, ``decoder.*``, ``classifier``; see :func:`search_units`).
 
 ``sample(choose)`` asks ``choose(name, choices)`` for each decision in a fixed order (the
 earliest unit that may be Bayesian, then every unit's kind, then members, samples and the
@@ -30,8 +33,28 @@ DEFAULT_KINDS = ("deterministic", "mc_dropout", "batch_ensemble", "rank1", "vari
 NOT_SAMPLED = ("deterministic", "batch_ensemble")
 
 
-def search_units(model: nn.Module) -> list[str]:
-    """Searchable units in execution-agnostic module order: block patterns or layer names."""
+#: how :func:`search_units` groups layers into units
+GROUPINGS = ("blocks", "parts")
+
+
+def _n_layers(module: nn.Module) -> int:
+    return sum(isinstance(m, CONVERTIBLE) for m in module.modules())
+
+
+def search_units(model: nn.Module, group: str = "blocks") -> list[str]:
+    """Searchable units in execution-agnostic module order: block patterns or layer names.
+
+    ``group="blocks"`` (the default): a residual block (module docstring) or a single layer.
+    ``group="parts"``: one unit per top-level child of the network (``aspp.*``, ``decoder.*``),
+    except that a child holding a chain of multi-layer parts (a backbone whose stages hold
+    several layers each) is split into its own children (``backbone.layer1.*``); a unit with a
+    single layer is named by that layer (``classifier``, ``backbone.stem.0``). On a network
+    whose parts are single layers (a small U-Net's ``enc1.0``, ``dec.0``, ``head``) both give
+    the same units."""
+    if group == "parts":
+        return _part_units(model)
+    if group != "blocks":
+        raise unknown_name("unit grouping", group, GROUPINGS)
     modules = dict(model.named_modules())
     units: list[str] = []
     for name in convertible_layers(model):
@@ -48,6 +71,20 @@ def search_units(model: nn.Module) -> list[str]:
             ):
                 unit = anc + ".*"
                 break
+        if unit not in units:
+            units.append(unit)
+    return units
+
+
+def _part_units(model: nn.Module) -> list[str]:
+    modules = dict(model.named_modules())
+    units: list[str] = []
+    for name in convertible_layers(model):
+        parts = name.split(".")
+        top = modules[parts[0]]
+        split = len(parts) > 2 and any(_n_layers(c) > 1 for c in top.children())
+        anc = ".".join(parts[:2]) if split else parts[0]
+        unit = anc + ".*" if _n_layers(modules[anc]) > 1 else name
         if unit not in units:
             units.append(unit)
     return units

@@ -18,6 +18,18 @@ trial; orchestration (study, storage, budget) stays outside it.
 
 Default sampler: NSGA-II, Optuna's default for several objectives; TPE (``sampler='tpe'``) is
 the alternative. Multi-objective trials cannot be pruned: every candidate trains to the end.
+
+On a segmentation data set (label maps, e.g. ``--dataset camvid --model deeplabv3plus``) the
+objectives are :data:`~bnnkit.search.objectives.SEG_OBJECTIVES`: the pixel NLL over the
+non-void validation pixels (mIoU recorded beside it), the pixel AUPR of the predictive entropy
+on validation images with pasted synthetic anomalies (``--ood-family`` chooses what is pasted,
+``--n-ood`` caps how many validation images get one; the data's held-out classes are marked in
+the test split only, which the search never reads) and the FLOPs per image; the latency
+recorded and constrained is per image. ``--units parts`` groups a segmentation network's layers
+by its parts (backbone stages, ``aspp.*``, ``decoder.*``, ``classifier``) instead of by block.
+What has no segmentation form is refused before any work: a classification model on label
+maps (and the reverse), baselines without a segmentation form, held-out classes on a
+classification data set.
 """
 
 from __future__ import annotations
@@ -41,7 +53,7 @@ import optuna
 from tqdm.auto import tqdm
 
 from .. import io
-from ..data import load_bundle
+from ..data import DataBundle, load_bundle
 from ..errors import ConfigError
 from ..evaluate import EVAL_OPTIONS
 from ..options import Option, OptionTable, declared_by
@@ -50,8 +62,15 @@ from ..report.figures import pareto_plot
 from ..train import RunConfig, train_run
 from ..train.config import DATA_OPTIONS, RUN_OPTIONS, TRAIN_OPTIONS, check_extras, run_config
 from ..train.run import check_run, check_writable
-from .objectives import OOD_FAMILIES, evaluate_candidate, search_ood_set
-from .space import DEFAULT_KINDS, SearchSpace
+from .objectives import (
+    OOD_FAMILIES,
+    SEG_OBJECTIVES,
+    evaluate_candidate,
+    evaluate_segmentation_candidate,
+    search_ood_set,
+    synthetic_anomalies,
+)
+from .space import DEFAULT_KINDS, GROUPINGS, SearchSpace, search_units
 
 DIRECTIONS = ("minimize", "maximize", "minimize")  # val NLL, OOD AUROC, FLOPs per image
 #: what the sampler sees: all three are deterministic functions of the plan, the seed and the
@@ -59,6 +78,8 @@ DIRECTIONS = ("minimize", "maximize", "minimize")  # val NLL, OOD AUROC, FLOPs p
 OBJECTIVES = ("val_nll", "ood_auroc", "flops_per_image")
 #: the objectives of studies made before the cost became deterministic
 _OLD_OBJECTIVES = ["val_nll", "ood_auroc", "latency_ms"]
+#: baselines without a segmentation form (their post-hoc fit refuses segmentation models)
+_NO_SEGMENTATION = ("laplace_diag", "laplace_subnetwork")
 
 
 SEARCH_OPTIONS = OptionTable(
@@ -66,6 +87,7 @@ SEARCH_OPTIONS = OptionTable(
     [
         Option("out", "str", "runs/search", "output directory"),
         DATA_OPTIONS["dataset"],
+        DATA_OPTIONS["anomaly_classes"],
         RUN_OPTIONS["model"],
         # the proxy: 3 epochs on 8,000 images ranks plans by validation NLL about as well as a
         # second seed of the bench's 5 epochs on 16,000 (BENCHMARKS.md, Kendall tau)
@@ -89,17 +111,23 @@ SEARCH_OPTIONS = OptionTable(
         Option("population", "int", 16, "NSGA-II generation size", low=2),
         Option("members", "int_list", [2, 4], "ensemble sizes a plan may use", low=1),
         Option("samples", "int_list", [1, 2, 4, 8], "posterior samples a plan may use", low=1),
-        Option("n_ood", "int", 1000, "search-time OOD images", low=1),
+        Option("n_ood", "int", 1000, "search-time OOD images (segmentation: validation images "
+               "with a pasted synthetic anomaly, at most all of them)", low=1),
         # "mixed" agrees best with the test OOD sets; noise images alone are unstable across
         # seeds (BENCHMARKS.md)
         Option("ood_family", "choice", "mixed", "search-time OOD images, never test data "
-               "(see objectives.search_ood_set)", choices=OOD_FAMILIES),
+               "(see objectives.search_ood_set; segmentation: what is pasted into validation "
+               "images, objectives.synthetic_anomalies)", choices=OOD_FAMILIES),
+        Option("units", "choice", "blocks", "searchable units: residual blocks and single "
+               "layers, or the network's parts (e.g. DeepLabV3+'s backbone stages, aspp, "
+               "decoder, classifier; see space.search_units)", choices=GROUPINGS),
         EVAL_OPTIONS["latency_batch"],
+        EVAL_OPTIONS["memory_budget"],
         # a trial silent for 2 heartbeats (or, created by a worker killed before its first
         # heartbeat, unclaimed for 2 heartbeats) is failed and its plan retried
         Option("heartbeat", "int", 30, "seconds between trial heartbeats", low=1),
         Option("max_latency_ms", "float", None, "constraint: predict latency per batch in ms "
-               "(null: none)", low=0.0, low_open=True, nullable=True),
+               "(segmentation: per image; null: none)", low=0.0, low_open=True, nullable=True),
         Option("max_parameters", "int", None, "constraint: parameter count (null: none)",
                low=1, nullable=True),
         Option("progress", "bool", True, "progress bars"),
@@ -155,7 +183,7 @@ class SearchConfig:
             model_options=self.model_options,
             seed=self.seed,
             data={"dataset": self.dataset, "val_size": self.val_size, "subset": self.subset,
-                  "split_seed": self.seed},
+                  "split_seed": self.seed, "anomaly_classes": self.anomaly_classes},
             train_options=self.train_options,
             train={"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
                    "progress": False},
@@ -412,18 +440,22 @@ def _open_study(cfg: SearchConfig, attempts: int = 10) -> optuna.Study:
 #: caches candidates by plan) holds evaluations of one value of them only
 SETTINGS = ("dataset", "model", "epochs", "subset", "val_size", "batch_size", "lr", "seed",
             "kinds", "members", "samples", "n_ood", "ood_family", "latency_batch",
-            "train_options", "model_options")  # fmt: skip
+            "train_options", "model_options", "anomaly_classes", "units",
+            "memory_budget")  # fmt: skip
 #: settings added after studies were first stored: a stored study without them had these
-_SETTING_DEFAULTS = {"train_options": {}, "model_options": {}, "objectives": _OLD_OBJECTIVES}
+_SETTING_DEFAULTS = {"train_options": {}, "model_options": {}, "objectives": _OLD_OBJECTIVES,
+                     "anomaly_classes": DATA_OPTIONS["anomaly_classes"].default,
+                     "units": "blocks",
+                     "memory_budget": EVAL_OPTIONS["memory_budget"].default}  # fmt: skip
 
 
 def _settings(cfg: SearchConfig) -> dict:
     return {k: getattr(cfg, k) for k in SETTINGS}
 
 
-def _study_settings(cfg: SearchConfig) -> dict:
+def _study_settings(cfg: SearchConfig, objectives=OBJECTIVES) -> dict:
     """What a study pins: the candidates' settings and the objectives its sampler saw."""
-    return {**_settings(cfg), "objectives": list(OBJECTIVES)}
+    return {**_settings(cfg), "objectives": list(objectives)}
 
 
 def _differences(old: dict, new: dict) -> str:
@@ -452,8 +484,8 @@ def _write_out_settings(cfg: SearchConfig) -> None:
         io.atomic_write_text(path, json.dumps(_settings(cfg), indent=2))
 
 
-def _study_refusal(cfg: SearchConfig, old: dict) -> ConfigError | None:
-    diff = _differences(old, _study_settings(cfg))
+def _study_refusal(cfg: SearchConfig, old: dict, objectives=OBJECTIVES) -> ConfigError | None:
+    diff = _differences(old, _study_settings(cfg, objectives))
     if not diff:
         return None
     fix = "start another with --study NAME"
@@ -465,22 +497,22 @@ def _study_refusal(cfg: SearchConfig, old: dict) -> ConfigError | None:
     )
 
 
-def _check_study_settings(storage, cfg: SearchConfig) -> None:
+def _check_study_settings(storage, cfg: SearchConfig, objectives=OBJECTIVES) -> None:
     """Refuse a stored study pinned to other settings (reads only; an absent study passes)."""
     try:
         study_id = storage.get_study_id_from_name(cfg.study)
     except KeyError:
         return
     old = storage.get_study_user_attrs(study_id).get("settings")
-    if old is not None and (err := _study_refusal(cfg, old)) is not None:
+    if old is not None and (err := _study_refusal(cfg, old, objectives)) is not None:
         raise err
 
 
-def _pin_study_settings(study: optuna.Study, cfg: SearchConfig) -> None:
+def _pin_study_settings(study: optuna.Study, cfg: SearchConfig, objectives=OBJECTIVES) -> None:
     old = study.user_attrs.get("settings")
     if old is None:
-        study.set_user_attr("settings", _study_settings(cfg))
-    elif (err := _study_refusal(cfg, old)) is not None:  # pinned by a worker started meanwhile
+        study.set_user_attr("settings", _study_settings(cfg, objectives))
+    elif (err := _study_refusal(cfg, old, objectives)) is not None:  # pinned meanwhile
         raise err
 
 
@@ -515,15 +547,31 @@ class _Heartbeat:
 class PlacementSearch:
     """One worker of a placement search (start several on one storage URL for more)."""
 
-    def __init__(self, cfg: SearchConfig) -> None:
+    def __init__(self, cfg: SearchConfig, bundle: DataBundle | None = None) -> None:
         """Check everything, then write: a refused search leaves the output directory and the
-        study as it found them, so the corrected command is not refused in turn."""
+        study as it found them, so the corrected command is not refused in turn.
+
+        ``bundle``: the data (default: ``cfg.dataset`` loaded with the search's split), e.g.
+        a segmentation bundle of your own arrays (:func:`bnnkit.data.bundle.segmentation_bundle`);
+        its name must be ``cfg.dataset``. Only its training and validation splits are read."""
         self.cfg = cfg.validate()
         check_writable(Path(cfg.out), create=False)
         _sampler(cfg)  # the sampler's name and population
-        self.bundle = load_bundle(
-            cfg.dataset, val_size=cfg.val_size, subset=cfg.subset, split_seed=cfg.seed, ood=[]
-        )
+        if bundle is None:
+            bundle = load_bundle(
+                cfg.dataset, val_size=cfg.val_size, subset=cfg.subset, split_seed=cfg.seed,
+                ood=[], anomaly_classes=cfg.anomaly_classes,
+            )  # fmt: skip
+        elif bundle.name != cfg.dataset:
+            raise ConfigError(
+                f"the bundle is {bundle.name!r} but the search config names dataset "
+                f"{cfg.dataset!r}; set dataset={bundle.name!r} so the study records its data"
+            )
+        self.bundle = bundle
+        self.dense = bundle.dense
+        #: the objectives the sampler sees, in the order of DIRECTIONS
+        self.objectives = SEG_OBJECTIVES if self.dense else OBJECTIVES
+        _check_task(cfg, bundle)
         if cfg.subset is not None and len(self.bundle.train) < cfg.subset:
             n = len(self.bundle.train)
             raise ConfigError(
@@ -537,20 +585,30 @@ class PlacementSearch:
             cfg.model, self.bundle.input_shape, self.bundle.num_classes, **cfg.model_options
         )
         self.space = SearchSpace(
-            backbone, kinds=cfg.kinds, members=cfg.members, samples=cfg.samples
-        )
-        self.val = (self.bundle.val.float(), self.bundle.val.y)
-        self.ood = search_ood_set(cfg.ood_family, self.val[0], cfg.n_ood, seed=cfg.seed)
+            backbone, kinds=cfg.kinds, members=cfg.members, samples=cfg.samples,
+            units=search_units(backbone, cfg.units),
+        )  # fmt: skip
+        if self.dense:  # label maps: streamed as uint8, synthetic anomalies pasted in
+            self.val = (self.bundle.val.x, self.bundle.val.y)
+            self.ood = None
+            self.anomalies = synthetic_anomalies(
+                *self.val, cfg.ood_family, cfg.n_ood, seed=cfg.seed,
+                ignore_index=self.bundle.ignore_index,
+            )  # fmt: skip
+        else:
+            self.val = (self.bundle.val.float(), self.bundle.val.y)
+            self.ood = search_ood_set(cfg.ood_family, self.val[0], cfg.n_ood, seed=cfg.seed)
+            self.anomalies = None
         # a run's own refusals (Lightning's set-up from --train-option) before the first write
         base = cfg.run_config("deterministic")
         check_run(base, Path(cfg.out) / "baselines" / "deterministic", self.bundle)
         _check_out_settings(cfg)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.storage = _open_storage(cfg)
-        _check_study_settings(self.storage, cfg)
+        _check_study_settings(self.storage, cfg, self.objectives)
         # every check passed: from here on the search writes
         self.study = _create_study(cfg, self.storage)
-        _pin_study_settings(self.study, cfg)
+        _pin_study_settings(self.study, cfg, self.objectives)
         _write_out_settings(cfg)
         self._study_id = self.storage.get_study_id_from_name(cfg.study)
         self._adopted: set[int] = set()
@@ -577,9 +635,15 @@ class PlacementSearch:
             if done.is_file():
                 return json.loads(done.read_text())
             model = train_run(cfg, run, resume=True, bundle=self.bundle)
-            obj = evaluate_candidate(
-                model, self.val, self.ood, self.cfg.latency_batch, seed=self.cfg.seed
-            )
+            if self.dense:
+                obj = evaluate_segmentation_candidate(
+                    model, self.val, self.anomalies, self.cfg.latency_batch, seed=self.cfg.seed,
+                    memory_budget=self.cfg.memory_budget,
+                )  # fmt: skip
+            else:
+                obj = evaluate_candidate(
+                    model, self.val, self.ood, self.cfg.latency_batch, seed=self.cfg.seed
+                )
             io.atomic_write_text(done, json.dumps(obj.as_dict(), indent=1))
             return obj.as_dict()
 
@@ -592,13 +656,16 @@ class PlacementSearch:
         latency, params = self.violations(obj)
         trial.set_constraint("latency_ms", latency)
         trial.set_constraint("parameters", params)
-        return tuple(obj[k] for k in OBJECTIVES)
+        return tuple(obj[k] for k in self.objectives)
 
     def violations(self, obj: dict[str, float]) -> list[float]:
-        """Amounts by which ``obj`` exceeds the constraints (<= 0: satisfied)."""
+        """Amounts by which ``obj`` exceeds the constraints (<= 0: satisfied); a segmentation
+        search constrains the latency per image (its timed batch depends on the memory
+        budget and the plan's members)."""
         c = self.cfg
+        latency = obj["latency_ms_per_image"] if self.dense else obj["latency_ms"]
         return [
-            obj["latency_ms"] - c.max_latency_ms if c.max_latency_ms is not None else 0.0,
+            latency - c.max_latency_ms if c.max_latency_ms is not None else 0.0,
             obj["parameters"] - c.max_parameters if c.max_parameters is not None else 0.0,
         ]
 
@@ -711,11 +778,48 @@ class PlacementSearch:
         if base:
             _write_csv(out / "baselines.csv", base)
         trials = [t.user_attrs["objectives"] for t in self.completed()]
-        pareto_plot(trials, rows, base, out / "pareto.png")
+        if self.dense:
+            pareto_plot(
+                trials,
+                rows,
+                base,
+                out / "pareto.png",
+                second=("anomaly_aupr", "synthetic anomaly AUPR (higher is better)"),
+                latency=("latency_ms_per_image", "predict latency, ms per image (log)"),
+            )
+        else:
+            pareto_plot(trials, rows, base, out / "pareto.png")
         chosen = choose(rows)
         PlacementPlan.from_dict(json.loads(chosen["plan"])).save(out / "plan.json")
         io.atomic_write_text(out / "search_config.json", json.dumps(asdict(self.cfg), indent=2))
         return out
+
+
+def _check_task(cfg: SearchConfig, bundle: DataBundle) -> None:
+    """Refuse, before any work, what does not fit the data's task: a classification model on
+    label maps (or the reverse), baselines without a segmentation form, held-out classes on a
+    classification data set."""
+    from ..models import MODELS, model_task
+
+    if cfg.model in MODELS and model_task(cfg.model) != bundle.task:
+        fit = [m for m in MODELS if model_task(m) == bundle.task]
+        raise ConfigError(
+            f"model {cfg.model!r} is a {model_task(cfg.model)} model but {bundle.name!r} is a "
+            f"{bundle.task} data set; use --model {' / '.join(fit)} (or register your own with "
+            f"bnnkit.models.register_model(..., task={bundle.task!r}))"
+        )
+    if bundle.dense:
+        bad = [b for b in cfg.baselines if b in _NO_SEGMENTATION]
+        if bad:
+            raise ConfigError(
+                f"baseline(s) {bad} have no segmentation form; leave them out of the search's "
+                "baselines (laplace_last_layer does segment)"
+            )
+    elif cfg.anomaly_classes != DATA_OPTIONS["anomaly_classes"].default:
+        raise ConfigError(
+            f"anomaly_classes={cfg.anomaly_classes!r} holds classes out of a segmentation data "
+            f"set, but {bundle.name!r} is a classification data set; leave it at its default"
+        )
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
