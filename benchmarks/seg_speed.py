@@ -35,6 +35,7 @@ METHODS = {
     "batch_ensemble": ("batch_ensemble", {"members": 4}),
     "rank1 (1 sample)": ("rank1", {"members": 4, "samples": 1}),
     "lpbnn (1 sample)": ("lpbnn", {"members": 4, "samples": 1}),
+    "lpbnn latent 8 (1 sample)": ("lpbnn", {"members": 4, "samples": 1, "latent": 8}),
     "mc_dropout (8, whole net)": ("mc_dropout", {"p": 0.1, "samples": 8, "prefix_once": False}),
     "decoder-be (plan)": ("placement", {"plan": DECODER_PLAN}),
     "head-be (plan)": ("placement", {"plan": HEAD_PLAN}),
