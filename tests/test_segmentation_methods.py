@@ -197,10 +197,10 @@ def test_evaluation_is_the_same_whatever_the_memory_budget(bundle, tmp_path):
         scored(mcd, "1KB")
     finally:
         UQModel.logits = orig
-    # image by image, 4 passes per image (test set, then the corrupted copies), beside the
-    # timed predict() of the cost rows
+    # image by image, 4 passes per image (the test set, the same images clean for the
+    # corruption table, then their corrupted copies), beside the timed predict() of the cost rows
     assert calls and all(n == 1 for n, _ in calls)
-    assert sum(s == 1 for _, s in calls) == 4 * 2 * len(bundle.test)
+    assert sum(s == 1 for _, s in calls) == 4 * 3 * len(bundle.test)
 
 
 def test_decoder_only_plan_runs_the_encoder_once_and_gives_the_naive_answer(bundle):
@@ -261,3 +261,72 @@ def test_posterior_exploration_refuses_segmentation_by_name(bundle, tmp_path):
     with pytest.raises(ConfigError, match="'camvid' is a segmentation one"):
         collect_reference(tmp_path / "col3", model="deeplabv3plus", dataset="camvid")
     assert not any((tmp_path / c).exists() for c in ("col", "col2", "col3"))
+
+
+@pytest.mark.parametrize("kind", ["batch_ensemble", "rank1", "lpbnn"])
+@pytest.mark.parametrize("member_mode", [False, True])
+def test_a_linear_on_channels_last_pixels_shares_each_examples_factors(kind, member_mode):
+    """A Linear applied per pixel ([B, H, W, C], a classifier written with permute): every
+    position of an example uses that example's member (and sample) factors."""
+    from bnnkit import bayesify
+    from bnnkit.models import Folded
+    from bnnkit.nn.ensemble import member_pass
+
+    torch.manual_seed(0)
+    net = bayesify(nn.Sequential(nn.Linear(5, 3)), {"*": kind}, members=2)
+    body = net.body if isinstance(net, Folded) else net
+    x = torch.randn(2 * 3, 1, 1, 5).expand(6, 4, 7, 5).contiguous()  # identical positions
+    if member_mode:
+        with member_pass(body) as select:
+            select(1)
+            y = body(x[3:])
+    else:
+        y = body(x)
+    assert y.shape == (3 if member_mode else 6, 4, 7, 3)
+    assert torch.allclose(y, y[:, :1, :1].expand_as(y), atol=1e-6)  # one draw per example
+    # and the same as the example alone, [B, C]
+    torch.manual_seed(0)
+    flat = body(x[:, 0, 0]) if not member_mode else None
+    if flat is not None and kind == "batch_ensemble":
+        assert torch.allclose(y[:, 0, 0], flat, atol=1e-6)
+
+
+class TwoHeads(UNet):
+    """A 1x1 projection used before the decoder, defined after the real classifier."""
+
+    def __init__(self, input_shape, num_classes, mean=0.0, std=1.0, width=6):
+        super().__init__(input_shape, num_classes, mean, std, width)
+        self.proj = nn.Conv2d(width, width, 1)
+
+    def forward(self, x):
+        a = self.proj(self.enc1(self.norm(x)))
+        b = F.interpolate(self.enc2(a), size=a.shape[-2:], mode="bilinear", align_corners=False)
+        return self.head(self.dec(torch.cat([a, b], 1)))
+
+
+class SoftmaxOut(UNet):
+    def forward(self, x):
+        return super().forward(x).log_softmax(1)
+
+
+if "test_twoheads" not in MODELS:
+    register_model("test_twoheads", TwoHeads, task="segmentation")
+    register_model("test_softmax", SoftmaxOut, task="segmentation")
+
+
+def test_laplace_head_is_named_or_refused_before_anything_is_trained(bundle, tmp_path):
+    def cfg(model, **opts):
+        return run_config(method="laplace_last_layer", model=model, seed=0,
+                          data={"dataset": "toy"}, method_options={"n_fit": 4, **opts},
+                          train={"epochs": 1, "batch_size": 8, "progress": False})  # fmt: skip
+
+    with pytest.raises(ConfigError, match="not its head 'head' applied"):
+        train_run(cfg("test_softmax"), tmp_path / "soft", bundle=bundle)
+    assert not (tmp_path / "soft").exists()  # refused before the base network trained
+    with pytest.raises(ConfigError, match="'proj'"):
+        train_run(cfg("test_twoheads"), tmp_path / "two", bundle=bundle)
+    assert not (tmp_path / "two").exists()
+    model = train_run(
+        cfg("test_twoheads", head="head", samples=3, link="mc"), tmp_path / "two", bundle=bundle
+    )
+    assert model.predict(bundle.test.float()).probs.shape == (3, 6, 3, 12, 14)

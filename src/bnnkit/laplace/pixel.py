@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from typing import Any
 
 import torch
@@ -59,7 +60,9 @@ def find_head(model: nn.Module, name: str | None = None) -> tuple[str, nn.Conv2d
     """The 1x1 convolution that produces the logits: the module called ``name`` (an exact module
     name, or a unique suffix such as ``"classifier"`` for ``net.body.classifier``), else the last
     ``nn.Conv2d`` with a 1x1 kernel in module order."""
-    mods = list(model.named_modules())
+    # names as the user wrote them: without the prefix of bnnkit's wrappers (UQModel.net,
+    # Folded.body)
+    mods = [(re.sub(r"^(net\.)?(body\.)?", "", n), m) for n, m in model.named_modules()]
     if name is not None:
         hits = [(n, m) for n, m in mods if n == name]
         hits = hits or [(n, m) for n, m in mods if n.endswith("." + name)]
@@ -255,9 +258,10 @@ class PixelLastLayerLaplace(_Laplace):
         want = (x.shape[0], self.num_classes, *x.shape[-2:])
         if tuple(out.shape) != want:
             raise ConfigError(
-                f"the model returned {tuple(out.shape)} for input {tuple(x.shape)}; a "
-                f"segmentation network with this head must return logits {list(want)} "
-                "(the head's classes at the input's size)"
+                f"the model returned {tuple(out.shape)} for input {tuple(x.shape)}, but its head "
+                f"{self.head_name!r} ({self.num_classes} outputs) would make logits "
+                f"{list(want)}: is {self.head_name!r} the layer that makes the logits? name that "
+                "1x1 Conv2d with head=... (by default the last 1x1 Conv2d in module order)"
             )
         if phi.dim() != 4:
             raise ConfigError(
@@ -265,6 +269,14 @@ class PixelLastLayerLaplace(_Laplace):
                 "[B, d, h, w]"
             )
         return out, phi
+
+    def check(self, x: torch.Tensor) -> None:
+        """Refuse (ConfigError) unless the model's logits on images ``x`` are its head applied to
+        the head's input upsampled bilinearly: the precondition of the per-pixel GLM, checked
+        on the model's own output. It holds or fails whatever the weights, so a method can
+        check it before training."""
+        out, phi = self._features(x)
+        self._check_head_output(out, phi)
 
     def _check_head_output(self, out: torch.Tensor, phi: torch.Tensor) -> None:
         """Refuse unless the model's output is ``head(up(phi))`` (relative tolerance 1e-4)."""

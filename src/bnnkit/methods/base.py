@@ -285,6 +285,9 @@ class Method:
     train_options: tuple[str, ...] = ()
     #: the tasks (ModelSpec.task) the method has a form for
     tasks: tuple[str, ...] = TASKS
+    #: ``check(model, bundle)``: the method's preconditions on a built, untrained model
+    #: (e.g. a Laplace's head), run before anything is trained or written
+    check: Callable[..., None] | None = None
 
     @property
     def defaults(self) -> dict[str, Any]:

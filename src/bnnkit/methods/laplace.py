@@ -113,6 +113,7 @@ def _fit_pixel(model: UQModel, bundle) -> None:
     model.eval()
     la = PixelLastLayerLaplace(
         model,
+        head=o["head"],
         pixel_stride=o["pixel_stride"],
         memory_budget=o["memory_budget"],
         linalg_device=o["linalg_device"],
@@ -124,6 +125,20 @@ def _fit_pixel(model: UQModel, bundle) -> None:
     else:
         la.optimize_prior_precision("marglik")
     _attach(model, la)
+
+
+def _check_last_layer(model: UQModel, bundle) -> None:
+    """Before any training or write: a segmentation model's head is found and its logits are
+    the head's output upsampled bilinearly (on one validation image, whatever the weights)."""
+    if model.spec.task != "segmentation" or len(bundle.val) == 0:
+        return
+    was = model.training
+    model.eval()
+    try:
+        la = PixelLastLayerLaplace(model, head=model.options["head"])
+        la.check(bundle.val.x[:1].float().div_(255.0))
+    finally:
+        model.train(was)
 
 
 def _fit_subnetwork(model: UQModel, bundle) -> None:
@@ -226,6 +241,14 @@ register(
                 *_COMMON,
                 _LINALG,
                 Option(
+                    "head",
+                    "str",
+                    None,
+                    "segmentation only: the 1x1 Conv2d that makes the logits, by module name "
+                    "(null: the last 1x1 Conv2d in module order)",
+                    nullable=True,
+                ),
+                Option(
                     "pixel_stride",
                     "int",
                     4,
@@ -240,6 +263,7 @@ register(
         "segmentation network's 1x1 conv head (post hoc)",
         posthoc_of="deterministic",
         fit=_fit_whole(LastLayerLaplace),
+        check=_check_last_layer,
     )
 )
 register(

@@ -241,10 +241,14 @@ class Rank1StructureLinear(_Rank1Structure):
         if self._member is not None:
             return self._forward_member(x)
         M = self.members
-        _split(x, M)
-        xm = x.reshape(M, -1, self.in_features)
-        r, s = self.factors(xm.shape[1])
-        y = self._scale_out(F.linear(xm * r, self.weight), s)
+        n = _split(x, M)
+        # [M, n, P, in]: P positions per example (1 for [B, in]; e.g. pixels for a Linear
+        # applied to [B, H, W, C]): factors are per member or per example, never per position
+        xm = x.reshape(M, n, -1, self.in_features)
+        r, s = self.factors(n)
+        y = F.linear(xm * r[:, :, None], self.weight)
+        s = s[:, :, None]
+        y = y * s if self.bias is None else torch.addcmul(self.bias[:, None, None], y, s)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _fold_weight(self, r: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -255,8 +259,10 @@ class Rank1StructureLinear(_Rank1Structure):
         return F.linear(x, w, bias)
 
     def _scale_rows(self, x, r, s, bias):
-        y = F.linear(x * r, self.weight) * s
-        return y if bias is None else y + bias
+        xr = x.reshape(x.shape[0], -1, self.in_features)  # positions per example, as above
+        y = F.linear(xr * r[:, None], self.weight) * s[:, None]
+        y = y if bias is None else y + bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, members={self.members}"

@@ -251,18 +251,22 @@ def _check_subset(cfg: RunConfig, bundle: DataBundle) -> None:
 
 @torch.no_grad()
 def check_output(model: UQModel, bundle: DataBundle) -> None:
-    """A segmentation network must return logits ``[B, C, H, W]`` at its input's size: one
-    validation image through it (eval mode) before anything is written, so that a network
-    that forgets to upsample is refused by name instead of failing inside the loss."""
-    if not bundle.dense or len(bundle.val) == 0:
-        return
-    x = bundle.val.x[:1].float().div_(255.0)
-    was = model.training
-    model.eval()
-    try:
-        model._check_output(x, model.net(x, 1))
-    finally:
-        model.train(was)
+    """Before anything is trained or written: a segmentation network must return logits
+    ``[B, C, H, W]`` at its input's size (one validation image through it, eval mode), so that a
+    network that forgets to upsample is refused by name instead of failing inside the loss; then
+    the method's own preconditions on the model (``Method.check``, e.g. a Laplace's head)."""
+    if bundle.dense and len(bundle.val):
+        x = bundle.val.x[:1].float().div_(255.0)
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model._check_output(x, model.net(x, 1))
+        finally:
+            model.train(was)
+    method = get_method(model.method)
+    if method.check is not None:
+        method.check(model, bundle)
 
 
 def check_run(cfg: RunConfig, run_dir: str | Path, bundle: DataBundle) -> None:
