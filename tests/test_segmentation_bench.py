@@ -79,6 +79,7 @@ def test_a_segmentation_bench_writes_its_tables_and_maps_and_resumes(camvid, tmp
     sev = md.split("### mIoU % by corruption severity")[1].strip().splitlines()[0]
     assert sev == "| Method | 0 | 1 | 2 | 3 | 4 | 5 |"  # 0: the same images uncorrupted
     assert (out / "figures" / "uncertainty_maps.png").stat().st_size > 1000
+    assert (out / "figures" / "mutual_info_maps.png").stat().st_size > 1000
     rows = json.loads((out / "runs" / "deep_ensemble-seed0" / "metrics.json").read_text())
     got = {(r["split"], r["metric"]): r["value"] for r in rows}
     assert 0.0 <= got[("anomaly", "aupr_mutual_info")] <= 1.0
@@ -138,3 +139,16 @@ def test_bnnkit_evaluate_on_a_segmentation_run_uses_its_classes_and_pixel_corrup
     assert kinds == {*SEG_EVAL_DEFAULTS["corruptions"], "clean", "mean"}
     assert not any(r["metric"] == "iou:Car" for r in rows)  # Car held out, as in training
     assert "anomaly" in capsys.readouterr().out
+
+
+def test_bnnkit_train_on_camvid_with_model_options(camvid, tmp_path):
+    from bnnkit.cli import main
+
+    out = tmp_path / "t"
+    base = ["train", "--dataset", "camvid", "--epochs", "1", "--batch-size", "4",
+            "--crop", "16,16", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main([*base, "--model", "lenet5"]) == 2  # refused by name, nothing written
+    assert not out.exists()
+    assert main([*base, "--model", "deeplabv3plus", "--model-option", "width=2"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_options"] == {"width": 2} and cfg["train"]["crop"] == [16, 16]

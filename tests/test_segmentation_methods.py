@@ -330,3 +330,43 @@ def test_laplace_head_is_named_or_refused_before_anything_is_trained(bundle, tmp
         cfg("test_twoheads", head="head", samples=3, link="mc"), tmp_path / "two", bundle=bundle
     )
     assert model.predict(bundle.test.float()).probs.shape == (3, 6, 3, 12, 14)
+
+
+class DictOut(UNet):
+    def forward(self, x):
+        return {"out": super().forward(x)}
+
+
+if "test_dictout" not in MODELS:
+    register_model("test_dictout", DictOut, task="segmentation")
+
+
+def test_more_refusals_found_by_a_new_user(bundle, tmp_path):
+    with pytest.raises(ConfigError, match=r"returned a dict with keys \['out'\]"):
+        train_run(run_config(method="deterministic", model="test_dictout", seed=0,
+                             data={"dataset": "toy"}, train={"epochs": 1, "progress": False}),
+                  tmp_path / "dict", bundle=bundle)  # fmt: skip
+    assert not (tmp_path / "dict").exists()
+    splits = (_split(8, "train", 0), _split(4, "val", 1), _split(4, "test", 2))
+    with pytest.raises(ConfigError, match="std .* be > 0"):
+        segmentation_bundle("x", *splits, std=(0.0, 1.0, 1.0))
+    with pytest.raises(ConfigError, match="divide 0-255 values by 255"):
+        segmentation_bundle("x", *splits, mean=(120, 120, 120))
+    void = SegSplit.from_arrays(splits[0].x.permute(0, 2, 3, 1), torch.full((8, 12, 14), 4),
+                                CLASSES, anomaly_classes=("rider",), split="train")  # fmt: skip
+    with pytest.raises(ConfigError, match="every training pixel is void"):
+        segmentation_bundle("x", void, *splits[1:])
+    # a test split without the held-out class: the anomaly rows are left out, with a warning
+    calm = SegSplit.from_arrays(splits[2].x.permute(0, 2, 3, 1), torch.zeros(4, 12, 14).long(),
+                                CLASSES, anomaly_classes=("rider",), split="test")  # fmt: skip
+    model = train_run(_cfg("mc_dropout", samples=3), tmp_path / "mcd", bundle=bundle)
+    cfg = EvalConfig(corruptions=[], progress=False, latency_repeats=1)
+    with pytest.warns(UserWarning, match="no anomalous pixels"):
+        rows, _ = evaluate(model, segmentation_bundle("x", *splits[:2], calm), cfg)
+    assert not any(r["split"] == "anomaly" for r in rows)
+    # the stochastic passes are seeded: the same numbers on every call
+    a = {(r["split"], r["metric"]): r["value"] for r in evaluate(model, bundle, cfg)[0]}
+    b = {(r["split"], r["metric"]): r["value"] for r in evaluate(model, bundle, cfg)[0]}
+    assert {k: v for k, v in a.items() if k[0] != "cost"} == {
+        k: v for k, v in b.items() if k[0] != "cost"
+    }

@@ -415,6 +415,7 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
     md = (
         f"# bnnkit bench: {cfg.dataset}, {cfg.model}\n\n"
         f"{cfg.seeds} seed(s), {cfg.epochs} epochs, training subset {cfg.subset or 'all'}, "
+        f"{len(bundle.test)} test images, "
         f"{shift}; made {stamp} on {device_name(device)}, "
         f"torch {torch.__version__}.\n\n"
         + markdown(headers, lines)
@@ -430,7 +431,9 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
     if present and bundle.dense:
         ordered = {m: arts[m] for m in present}
         if any(a.get("maps") for a in ordered.values()):
-            figs.segmentation_maps(ordered, fig_dir / "uncertainty_maps.png")
+            figs.segmentation_maps(ordered, fig_dir / "uncertainty_maps.png", "entropy")
+        if any(a.get("maps") and a.get("members", 1) > 1 for a in ordered.values()):
+            figs.segmentation_maps(ordered, fig_dir / "mutual_info_maps.png", "mutual_info")
     elif present:
         ordered = {m: arts[m] for m in present}
         figs.reliability_diagrams(ordered, fig_dir / "reliability.png")

@@ -19,8 +19,10 @@ A segmentation bundle (``bundle.dense``) is scored per pixel by :func:`evaluate_
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -50,7 +52,8 @@ EVAL_OPTIONS = OptionTable(
         Option("latency_repeats", "int", 20, "timed passes (the median is reported)", low=1),
         Option("batch_size", "int", 256, "rows per forward pass at evaluation (inputs x "
                "members x samples); larger on a GPU", low=1),
-        Option("seed", "int", 0, "seed of the corruptions' random draws", low=0),
+        Option("seed", "int", 0, "seed of the corruptions' random draws and of the stochastic "
+               "passes (MC dropout masks, sampled factors) of the evaluation", low=0),
         Option("memory_budget", "size", "512MB", "segmentation: bound on one chunk's "
                "per-member probability maps (chunks of images, then members one at a time)"),
         Option("map_images", "int", 4, "segmentation: fixed test images kept for the "
@@ -212,6 +215,21 @@ def evaluate(model, bundle: DataBundle, cfg: EvalConfig | None = None):
     cfg = (cfg or EvalConfig()).validate()
     if getattr(bundle, "dense", False):
         return evaluate_segmentation(model, bundle, cfg)
+    with seeded(cfg.seed):
+        return _evaluate_classification(model, bundle, cfg)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Torch's random streams seeded with ``seed`` inside, restored after: the stochastic
+    passes of an evaluation (MC dropout masks, sampled factors) are the same on every call."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _evaluate_classification(model, bundle: DataBundle, cfg: EvalConfig):
     spec = getattr(model, "spec", None)
     n_classes = getattr(spec, "num_classes", None) or getattr(model, "num_classes", None)
     if n_classes is not None and n_classes != bundle.num_classes:
@@ -372,6 +390,11 @@ def evaluate_segmentation(model, bundle: DataBundle, cfg: EvalConfig | None = No
     (image, truth, prediction, entropy, mutual information and anomaly mask) of
     ``cfg.map_images`` fixed test images (the first ones with anomalous pixels)."""
     cfg = (cfg or EvalConfig()).validate()
+    with seeded(cfg.seed):
+        return _evaluate_segmentation(model, bundle, cfg)
+
+
+def _evaluate_segmentation(model, bundle: DataBundle, cfg: EvalConfig):
     moving = [c for c in cfg.corruptions if c in GEOMETRIC_CORRUPTIONS]
     if moving:
         raise ConfigError(
@@ -393,6 +416,13 @@ def evaluate_segmentation(model, bundle: DataBundle, cfg: EvalConfig | None = No
     test = bundle.test
     anomaly = test.anomaly
     with_anomaly = anomaly is not None and bool(anomaly.any())
+    if not with_anomaly:
+        held = ", ".join(getattr(bundle, "anomaly_classes", ())) or "none held out"
+        warnings.warn(
+            f"no anomalous pixels in the {len(test)} test images of {bundle.name} (held-out "
+            f"classes: {held}): the anomaly rows (AUROC / AUPR / FPR95) are left out",
+            stacklevel=2,
+        )
     has = anomaly.flatten(1).any(1) if with_anomaly else torch.zeros(len(test), dtype=bool)
     keep = [int(i) for i in torch.nonzero(has).flatten()[: cfg.map_images]]
     keep += [i for i in range(len(test)) if i not in keep][: cfg.map_images - len(keep)]

@@ -26,6 +26,8 @@ def arguments(t) -> None:
     add_arguments(t, TRAIN_OPTIONS, exclude=NO_FLAG)
     t.add_argument("--device", choices=["auto", "cpu", "cuda"])
     t.add_argument("--option", action="append", help="method option key=value (repeatable)")
+    t.add_argument("--model-option", action="append",
+                   help="architecture option key=value (repeatable), e.g. width=8")  # fmt: skip
     t.add_argument("--plan", help="plan.json of a placement plan (from bnnkit search)")
     t.add_argument("--config", help="YAML file with a RunConfig (flags given win over it)")
     t.add_argument("--out", required=True, help="run directory")
@@ -69,6 +71,8 @@ def config(a):
     for k, v in train_options(a.train_option).items():
         setattr(cfg.train, k, v)
     cfg.method_options.update(key_values(a.option))
+    if a.model_option:
+        cfg.model_options.update(key_values(a.model_option, "--model-option"))
     if a.plan:
         if a.method not in (None, "placement"):
             raise ConfigError(f"--plan trains the plan itself; drop --method {a.method}")

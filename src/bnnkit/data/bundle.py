@@ -94,6 +94,21 @@ def segmentation_bundle(
             )
     if test.anomaly is None:
         raise ConfigError("the test split needs its anomaly mask: build it with split='test'")
+    if len(mean) != train.x.shape[1] or len(std) != train.x.shape[1]:
+        raise ConfigError(
+            f"mean {tuple(mean)} and std {tuple(std)} need one value per channel "
+            f"({train.x.shape[1]})"
+        )
+    if any(not 0.0 <= float(m) <= 1.0 for m in mean) or any(not float(v) > 0 for v in std):
+        raise ConfigError(
+            f"mean {tuple(mean)} must lie in [0, 1] and std {tuple(std)} be > 0: they are the "
+            "per-channel statistics of images scaled to [0, 1] (divide 0-255 values by 255)"
+        )
+    if not bool((train.y != train.ignore_index).any()):
+        raise ConfigError(
+            "every training pixel is void (or a held-out class): there is nothing to train on; "
+            "check the label encoding and anomaly_classes"
+        )
     return DataBundle(
         name,
         tuple(int(v) for v in train.x.shape[1:]),

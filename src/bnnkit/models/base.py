@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..nn.ensemble import EnsembleModule, _split, member_pass
 from .placement import NaivePath, PlacementFallback, PrefixSplit, run_prefix, split_prefix
 
@@ -188,9 +188,10 @@ class Folded(nn.Module):
             with member_pass(self.body) as select:
                 for m in range(self.members):
                     select(m)
-                    outs.append(split.tail(*folded))
+                    outs.append(_logits(split.tail(*folded), self.body))
             return torch.cat(outs)
-        return split.tail(*[_fold_value(v, self.members * samples) for v in values])
+        return _logits(split.tail(*[_fold_value(v, self.members * samples) for v in values]),
+                       self.body)  # fmt: skip
 
     def forward(self, x: torch.Tensor, samples: int = 1) -> torch.Tensor:
         B = x.shape[0]
@@ -205,10 +206,10 @@ class Folded(nn.Module):
             with member_pass(self.body) as select:
                 for m in range(self.members):
                     select(m)
-                    outs.append(self.body(xk))
+                    outs.append(_logits(self.body(xk), self.body))
             out = torch.cat(outs)
         else:
-            out = self.body(fold(x, R))
+            out = _logits(self.body(fold(x, R)), self.body)
         return out.reshape(R, B, *out.shape[1:])
 
     def forward_folded(self, xf: torch.Tensor) -> torch.Tensor:
@@ -216,14 +217,28 @@ class Folded(nn.Module):
         ``m*n:(m+1)*n``), e.g. BatchEnsemble's original protocol of one batch split among the
         members. Returns ``[M*n, C]``."""
         if not self._by_member(xf):
-            return self.body(xf)
+            return _logits(self.body(xf), self.body)
         n = _split(xf, self.members)
         outs = []
         with member_pass(self.body) as select:
             for m in range(self.members):
                 select(m)
-                outs.append(self.body(xf[m * n : (m + 1) * n]))
+                outs.append(_logits(self.body(xf[m * n : (m + 1) * n]), self.body))
         return torch.cat(outs)
+
+
+def _logits(out, body: nn.Module) -> torch.Tensor:
+    """The body's output must be the logits tensor: a dict (torchvision's ``{"out": ...}``), a
+    tuple or anything else is refused by name instead of failing in a reshape."""
+    if isinstance(out, torch.Tensor):
+        return out
+    what = type(out).__name__
+    keys = f" with keys {sorted(map(str, out))}" if isinstance(out, dict) else ""
+    raise ConfigError(
+        f"{type(body).__name__}.forward returned a {what}{keys}, not a logits tensor: bnnkit's "
+        "methods need forward(x) -> logits [B, C] (segmentation: [B, C, H, W]); return the "
+        "logits (e.g. out['out']) from forward, or wrap the network in a module that does"
+    )
 
 
 def _member_training_pays(body: nn.Module) -> bool:

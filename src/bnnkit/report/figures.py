@@ -111,20 +111,31 @@ def corruption_curves(rows, path: Path, methods: list[str], dense: bool = False)
     )  # fmt: skip
 
 
-def segmentation_maps(arts: dict[str, dict], path: Path, score: str = "mutual_info") -> Path:
+def segmentation_maps(arts: dict[str, dict], path: Path, score: str = "entropy") -> Path:
     """Uncertainty maps of a few fixed test images: one row per image; columns: the image, the
-    ground truth (void black, held-out-class pixels outlined in white), the anomaly mask, then per
-    method its prediction and its ``score`` map (``mutual_info`` or ``entropy``; a method with
-    one member shows its entropy)."""
+    ground truth (void black), the anomaly mask (the held-out classes' pixels), then per method
+    its prediction and its ``score`` map. Every ``score`` panel shares one colour scale, shown
+    by the colour bar: ``entropy`` from 0 to ln C (the uniform distribution), ``mutual_info``
+    from 0 to the largest value of any method's map (single-member methods, whose mutual
+    information is 0, are left out)."""
+    import math
+
     methods = [m for m, a in arts.items() if a.get("maps")]
+    if score == "mutual_info":
+        methods = [m for m in methods if arts[m].get("members", 1) > 1]
     if not methods:
-        raise ValueError("no uncertainty maps to draw")
+        raise ValueError(f"no {score} maps to draw")
     first = arts[methods[0]]["maps"]
     n_img = len(first)
     n_cls = len(arts[methods[0]]["class_names"])
+    if score == "entropy":
+        vmax = math.log(n_cls)
+    else:
+        vmax = max(float(mm[score].float().max()) for m in methods for mm in arts[m]["maps"])
+        vmax = max(vmax, 1e-6)
     cmap = matplotlib.colormaps["tab20"].resampled(max(n_cls, 2))
     cols = 3 + 2 * len(methods)
-    fig = Figure(figsize=(1.9 * cols, 1.5 * n_img + 0.4))
+    fig = Figure(figsize=(1.9 * cols, 1.5 * n_img + 0.6))
     axes = fig.subplots(n_img, cols, squeeze=False)
 
     def labels(t):
@@ -133,29 +144,35 @@ def segmentation_maps(arts: dict[str, dict], path: Path, score: str = "mutual_in
         rgb[t >= n_cls] = 0.0  # void
         return rgb
 
+    shown = None
     for i in range(n_img):
         m0 = first[i]
+        anomaly = m0["anomaly"]
+        if anomaly is None:
+            anomaly = torch.zeros_like(m0["truth"], dtype=torch.bool)
         panels = [
             ("image", m0["image"].permute(1, 2, 0).numpy(), None),
             ("truth", labels(m0["truth"]).numpy(), None),
-            ("anomaly", (m0["anomaly"] if m0["anomaly"] is not None
-                         else torch.zeros_like(m0["truth"], dtype=torch.bool)).float().numpy(),
-             "gray"),
-        ]  # fmt: skip
+            ("anomaly", anomaly.float().numpy(), "gray"),
+        ]
         for m in methods:
             mm = arts[m]["maps"][i]
-            use = score if arts[m].get("members", 1) > 1 else "entropy"
             panels.append((f"{m}\nprediction", labels(mm["prediction"]).numpy(), None))
-            panels.append((f"{m}\n{use}", mm[use].float().numpy(), "magma"))
+            panels.append((f"{m}\n{score}", mm[score].float().numpy(), "magma"))
         for j, (title, img, cm) in enumerate(panels):
             ax = axes[i, j]
-            ax.imshow(img, cmap=cm, interpolation="nearest")
+            if cm == "magma":
+                shown = ax.imshow(img, cmap=cm, vmin=0.0, vmax=vmax, interpolation="nearest")
+            else:
+                ax.imshow(img, cmap=cm, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(title, fontsize=7)
-    fig.suptitle(f"Fixed test images: prediction and {score} (higher = more uncertain)")
+    fig.suptitle(f"Fixed test images: prediction and {score} (one colour scale, 0 to {vmax:.3g})")
     fig.tight_layout()
+    if shown is not None:
+        fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.6, label=score)
     _save(fig, path)
     return path
 

@@ -93,7 +93,13 @@ RUN_OPTIONS = OptionTable(
     "run config",
     [
         Option("method", "str", "deterministic", "UQ method (see `bnnkit methods`)"),
-        Option("model", "str", "lenet5", "architecture: mlp, lenet5, resnet18, wrn28"),
+        Option(
+            "model",
+            "str",
+            "lenet5",
+            "architecture: mlp, lenet5, resnet18, wrn28, "
+            "deeplabv3plus (segmentation), or one registered with register_model",
+        ),
         Option("seed", "int", 0, "seed of initialisation, data order and sampling", low=0),
     ],
 )
