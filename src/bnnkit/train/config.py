@@ -23,8 +23,8 @@ DATA_OPTIONS = OptionTable(
     "data config",
     [
         Option("dataset", "str", "fashion_mnist", "data set name (see `bnnkit data`)"),
-        Option("val_size", "int", 5000, "validation examples held out of the training set",
-               low=1),
+        Option("val_size", "int", 5000, "validation examples held out of the training set (a "
+               "data set with its own validation split, e.g. camvid, uses that instead)", low=1),
         Option("subset", "int", None, "training examples to use (null: all)", low=1,
                nullable=True),
         Option("split_seed", "int", 0, "seed of the train/validation split", low=0),
