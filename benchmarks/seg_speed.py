@@ -90,8 +90,10 @@ def main() -> None:
     print(f"DeepLabV3+ width {a.width}; train: batch {a.batch} crops {a.crop[0]}x{a.crop[1]}; "
           f"predict: {a.images} images {ds.input_shape[1]}x{ds.input_shape[2]}; "
           f"{torch.get_num_threads()} threads\n")  # fmt: skip
-    print("| Method | train step s | / loop of 4 | predict ms/image | / loop of 4 | params | "
-          "extra params vs one net |")
+    print(
+        "| Method | train step s | / loop of 4 | predict ms/image | / loop of 4 | params | "
+        "extra params vs one net |"
+    )
     print("|---|---|---|---|---|---|---|")
     for k in models:
         t, p = results["train"][k], results["predict"][k]
