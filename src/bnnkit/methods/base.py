@@ -173,7 +173,10 @@ class UQModel(nn.Module):
         within about ``max_bytes``: everything at once (``predict``) when it fits, else one
         stochastic pass of all members at a time (a post-hoc posterior: a few of its samples
         at a time). Feed them to :func:`bnnkit.metrics.uncertainty_maps` for mean, entropy and
-        mutual-information maps that never hold ``[S, B, C, H, W]`` at once."""
+        mutual-information maps that never hold ``[S, B, C, H, W]`` at once. Deterministic
+        members give the same maps whichever way; sampled ones (MC dropout masks, a posterior's
+        draws) are other draws from the same predictive when the grouping changes, so a
+        sampled method's metrics move within their Monte Carlo error with the memory budget."""
         S = self.eval_samples * self.members
         per_member = 4 * len(x) * self.spec.num_classes
         for d in x.shape[2:] if self.spec.task == "segmentation" else ():
