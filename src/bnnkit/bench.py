@@ -56,14 +56,7 @@ DEFAULT_METHODS = [
 #: diagonal and subnetwork Laplace (no segmentation form) and mean-field VI (it runs on
 #: segmentation networks, but its Flipout convolutions double a training step's cost)
 SEG_DEFAULT_METHODS = [
-    "deterministic",
-    "temperature_scaling",
-    "mc_dropout",
-    "deep_ensemble",
-    "batch_ensemble",
-    "rank1",
-    "lpbnn",
-    "laplace_last_layer",
+    m for m in DEFAULT_METHODS if m not in ("mfvi", "laplace_diag", "laplace_subnetwork")
 ]
 DEFAULT_CORRUPTIONS = [
     "gaussian_noise",
