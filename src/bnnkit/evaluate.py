@@ -5,6 +5,8 @@ Returns result rows ``{"split", "metric", "value"}`` plus the arrays figures nee
 - ``test``: accuracy, nll, brier, ece
 - ``ood:<set>``: auroc/aupr/fpr95 for each uncertainty score (``auroc_entropy`` ...)
 - ``corrupt:<type>:<severity>``: accuracy, nll, ece; ``corrupt:mean`` averages them
+- ``mnist_c:<name>``: accuracy, nll, ece under each MNIST-C corruption asked for (28x28 grey
+  images only, the same first ``n_corrupt`` test images); ``mnist_c:mean`` averages them
 - ``rotate:<angle>``: accuracy, nll, ece on the test set rotated by that angle
 - ``cost``: parameters, latency_ms (median per batch), throughput (images/s), peak_mem_mb
 
@@ -31,8 +33,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
 
 from . import metrics
-from .data import CORRUPTIONS, DataBundle, corrupt, rotate_by
+from .data import CORRUPTIONS, DataBundle, corrupt, corrupt_mnist_c, rotate_by
 from .data.bundle import to_float
+from .data.mnist_c import MNIST_C_SHAPE, mnist_c_names
 from .errors import ConfigError
 from .metrics.uncertainty import SCORES
 from .options import Option, OptionTable, declared_by, parse_size
@@ -44,6 +47,9 @@ EVAL_OPTIONS = OptionTable(
         Option("severities", "int_list", [1, 2, 3, 4, 5], "corruption severities", low=1,
                high=5),
         Option("n_corrupt", "int", 2000, "test images per corruption and severity", low=1),
+        Option("mnist_c", "str", "", "MNIST-C corruptions to score on the first n_corrupt test "
+               "images of a 28x28 grey data set: comma-separated names or 'all' (a config "
+               "may also give a list); '' for none"),
         Option("angles", "int_list", list(range(0, 181, 15)), "rotation angles in degrees "
                "([]: none)", empty=True),
         Option("n_rotate", "int", 2000, "test images per rotation angle", low=1),
@@ -72,11 +78,19 @@ class EvalConfig:
     corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
 
     def validate(self) -> EvalConfig:
-        EVAL_OPTIONS.resolve({o.name: getattr(self, o.name) for o in EVAL_OPTIONS})
+        # mnist_c may also be a list of names: checked by name below, not as the flag's text
+        EVAL_OPTIONS.resolve(
+            {o.name: getattr(self, o.name) for o in EVAL_OPTIONS if o.name != "mnist_c"}
+        )
         bad = [c for c in self.corruptions if c not in CORRUPTIONS]
         if bad:
             raise ConfigError(f"unknown corruption(s) {bad}; valid: {', '.join(CORRUPTIONS)}")
+        self.mnist_c_names()
         return self
+
+    def mnist_c_names(self) -> list[str]:
+        """The MNIST-C corruptions to score, in the order given (``'all'``: the 15)."""
+        return mnist_c_names(self.mnist_c)
 
 
 def classification_rows(pred: Predictive, labels: torch.Tensor, split: str, full: bool = True):
@@ -237,10 +251,17 @@ def _evaluate_classification(model, bundle: DataBundle, cfg: EvalConfig):
             f"model predicts {n_classes} classes but {bundle.name} has "
             f"{bundle.num_classes}; evaluate on the data set the model was trained for"
         )
+    mnist_c = cfg.mnist_c_names()
+    if mnist_c and tuple(bundle.input_shape) != MNIST_C_SHAPE:
+        raise ConfigError(
+            f"MNIST-C is defined on 28x28 grey images, but {bundle.name} has images of shape "
+            f"{tuple(bundle.input_shape)} (C, H, W); leave mnist_c empty for this data set"
+        )
     rows: list[tuple[str, str, float]] = []
     bs = cfg.batch_size
     xt, yt = bundle.test.float(), bundle.test.y
     steps = 1 + len(bundle.ood) + len(cfg.corruptions) * len(cfg.severities) + len(cfg.angles)
+    steps += len(mnist_c)
     bar = tqdm(
         total=steps,
         desc=f"evaluate {getattr(model, 'method', type(model).__name__)}",
@@ -292,6 +313,20 @@ def _evaluate_classification(model, bundle: DataBundle, cfg: EvalConfig):
     if cfg.corruptions:
         for metric, values in per_metric.items():
             rows.append(("corrupt:mean", metric, sum(values) / len(values)))
+
+    per_metric = {"accuracy": [], "nll": [], "ece": []}
+    for name in mnist_c:
+        key = ("mnist_c", name, cfg.seed, cfg.n_corrupt)
+        xc = _shifted(bundle, key, corrupt_mnist_c, xs, name, seed=cfg.seed)
+        for split, metric, value in classification_rows(
+            model.predict(xc, bs), ys, f"mnist_c:{name}", full=False
+        ):
+            rows.append((split, metric, value))
+            per_metric[metric].append(value)
+        bar.update()
+    if mnist_c:
+        for metric, values in per_metric.items():
+            rows.append(("mnist_c:mean", metric, sum(values) / len(values)))
 
     sub = bundle.test.head(cfg.n_rotate)
     xs, ys = sub.float(), sub.y
@@ -395,6 +430,11 @@ def evaluate_segmentation(model, bundle: DataBundle, cfg: EvalConfig | None = No
 
 
 def _evaluate_segmentation(model, bundle: DataBundle, cfg: EvalConfig):
+    if cfg.mnist_c_names():
+        raise ConfigError(
+            f"MNIST-C is a classification evaluation of 28x28 grey images; {bundle.name} is a "
+            "segmentation data set: leave mnist_c empty (no --mnist-c)"
+        )
     moving = [c for c in cfg.corruptions if c in GEOMETRIC_CORRUPTIONS]
     if moving:
         raise ConfigError(

@@ -48,12 +48,13 @@ def run(a) -> int:
     from ..train import RunConfig
 
     run_dir = Path(a.run_dir)
+    ecfg = config(a)
+    ecfg.mnist_c_names()  # unknown MNIST-C names: refused before anything is loaded
     if not (run_dir / "model.safetensors").is_file():
         raise ConfigError(
             f"{run_dir} holds no trained model (model.safetensors); train one with "
             f"`bnnkit train --out {run_dir}` or finish it with --resume"
         )
-    ecfg = config(a)
     cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     model = UQModel.load(run_dir / "model.safetensors")
     bundle = load_bundle(
@@ -72,7 +73,7 @@ def run(a) -> int:
             ecfg.n_corrupt = SEG_EVAL_DEFAULTS["n_corrupt"]
     rows, _ = evaluate(model, bundle, ecfg)
     io.atomic_write_text(run_dir / "metrics.json", json.dumps(rows, indent=1))
-    keep = {"test", "anomaly", "corrupt:mean", "cost"} | {
+    keep = {"test", "anomaly", "corrupt:mean", "mnist_c:mean", "cost"} | {
         s for s in (r["split"] for r in rows) if s.startswith("ood:")
     }
     for r in rows:

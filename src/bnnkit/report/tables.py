@@ -161,6 +161,33 @@ def shift_summary(rows: list[dict], kind: str, metric: str, methods: list[str] |
     return headers, lines
 
 
+def mnist_c_summary(rows: list[dict], metric: str, methods: list[str] | None = None):
+    """One line per method, one column per MNIST-C corruption (``mnist_c:<name>`` splits, in
+    the paper's order) and their mean (``mnist_c:mean``): ``metric`` (accuracy and ECE in %),
+    mean over seeds."""
+    from ..data.mnist_c import MNIST_C
+
+    cells: dict = defaultdict(lambda: defaultdict(list))  # method -> corruption -> [values]
+    for r in rows:
+        if r["split"].startswith("mnist_c:") and r["metric"] == metric:
+            cells[r["method"]][r["split"][8:]].append(r["value"])
+    seen = {c for per in cells.values() for c in per}
+    names = [c for c in MNIST_C if c in seen] + sorted(seen - set(MNIST_C) - {"mean"})
+    names += ["mean"] if "mean" in seen else []
+    scale = 100.0 if metric in ("accuracy", "ece") else 1.0
+    fmt = "{:.1f}" if scale == 100.0 else "{:.3f}"
+    headers = ["Method", *names]
+    lines = []
+    for m in methods or sorted(cells):
+        if m not in cells:
+            continue
+        vals = cells[m]
+        lines.append(
+            [m] + [fmt.format(scale * statistics.mean(vals[c])) if vals[c] else "–" for c in names]
+        )
+    return headers, lines
+
+
 def ood_summary(rows: list[dict], metric: str, methods: list[str] | None = None):
     """One line per method, one column per OOD set (``ood:<name>`` splits): ``metric`` (e.g.
     ``auroc_entropy``) in %, mean ± std over seeds. The main table's OOD columns are the mean
