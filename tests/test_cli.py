@@ -1,5 +1,6 @@
 """The command line: error messages (no tracebacks), data listing, bench end to end."""
 
+import csv
 import json
 import sqlite3
 
@@ -104,8 +105,21 @@ def test_bench_end_to_end_and_resume(tmp_path, ood_root):
     out = tmp_path / "bench"
     for name in ["results.md", "results.csv", "results.sqlite", "bench_config.json"]:
         assert (out / name).is_file()
-    for fig in ["reliability.png", "ood_hist.png", "corruption.png", "rotation.png"]:
+    for fig in ["reliability.png", "ood_hist.png", "corruption.png", "rotation.png",
+                "training_curves.png"]:  # fmt: skip
         assert (out / "figures" / fig).stat().st_size > 1000
+    # the convergence table: trained methods only (temperature scaling trains nothing), the
+    # validation NLL the runs logged, averaged over the seeds
+    md = (out / "results.md").read_text()
+    conv = md.split("### Validation NLL during training")[1].split("###")[0]
+    logged = []
+    for seed in range(2):
+        (log,) = (out / "runs" / f"deep_ensemble-seed{seed}" / "logs").glob("*/metrics.csv")
+        with open(log, newline="") as f:
+            logged += [float(r["val_nll"]) for r in csv.DictReader(f) if r["val_nll"]]
+    assert len(logged) == 2
+    assert f"| deep_ensemble | 1 | {sum(logged) / 2:.4f} |" in conv
+    assert "| temperature_scaling |" not in conv
     db = sqlite3.connect(out / "results.sqlite")
     (n,) = db.execute(
         "SELECT COUNT(*) FROM results WHERE method='deep_ensemble' AND split='test'"

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from . import io
 from .data import CORRUPTIONS, load_bundle
+from .data.mnist_c import MNIST_C_SHAPE, mnist_c_names
 from .errors import ConfigError
 from .evaluate import EVAL_OPTIONS, EvalConfig, evaluate
 from .methods import METHODS, UQModel, get_method, method_options
@@ -34,6 +35,8 @@ from .report import (
     summary,
 )
 from .report import figures as figs
+from .report.tables import mnist_c_summary
+from .report.training import convergence_summary, read_curve
 from .train import Budget, check_writable, train_run
 from .train.chunks import device_name
 from .train.config import DATA_OPTIONS, TRAIN_OPTIONS, check_extras, run_config
@@ -87,6 +90,7 @@ BENCH_OPTIONS = OptionTable(
         Option("device", "choice", "auto", "where to train and evaluate",
                choices=("auto", "cpu", "cuda", "gpu", "mps")),
         EVAL_OPTIONS["n_corrupt"].with_default(250),
+        EVAL_OPTIONS["mnist_c"],
         dataclasses.replace(EVAL_OPTIONS["batch_size"], name="eval_batch_size"),
         EVAL_OPTIONS["n_rotate"].with_default(300),
         EVAL_OPTIONS["angles"],
@@ -138,7 +142,10 @@ class BenchConfig:
     corruptions: list[str] = field(default_factory=lambda: list(DEFAULT_CORRUPTIONS))
 
     def validate(self) -> None:
-        BENCH_OPTIONS.resolve({o.name: getattr(self, o.name) for o in BENCH_OPTIONS})
+        # mnist_c may also be a list of names (YAML): checked by name below
+        BENCH_OPTIONS.resolve(
+            {o.name: getattr(self, o.name) for o in BENCH_OPTIONS if o.name != "mnist_c"}
+        )
         if not isinstance(self.methods, list) or not all(isinstance(m, str) for m in self.methods):
             raise ConfigError(f"methods must be a list of method names, got {self.methods!r}")
         if not self.methods:
@@ -165,6 +172,7 @@ class BenchConfig:
         bad = [c for c in self.corruptions if c not in CORRUPTIONS]
         if bad:
             raise ConfigError(f"unknown corruption(s) {bad}; valid: {', '.join(CORRUPTIONS)}")
+        mnist_c_names(self.mnist_c)
 
     def resolve(self, name: str) -> tuple[str, dict[str, Any]]:
         """``(method, options)`` of a method name or variant label."""
@@ -182,7 +190,16 @@ def _check_task(cfg: BenchConfig) -> None:
     from .data.sources import get_spec
     from .evaluate import GEOMETRIC_CORRUPTIONS
 
-    if get_spec(cfg.dataset).task != "segmentation":
+    spec = get_spec(cfg.dataset)
+    if mnist_c_names(cfg.mnist_c) and (
+        spec.task != "classification" or tuple(spec.input_shape) != MNIST_C_SHAPE
+    ):
+        raise ConfigError(
+            f"MNIST-C is defined on 28x28 grey classification images, but {cfg.dataset} is a "
+            f"{spec.task} data set of images {tuple(spec.input_shape)} (C, H, W); leave "
+            "mnist_c out (e.g. use it with --dataset mnist or fashion_mnist)"
+        )
+    if spec.task != "segmentation":
         return
     moving = [c for c in cfg.corruptions if c in GEOMETRIC_CORRUPTIONS]
     if moving:
@@ -335,6 +352,7 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
     )  # fmt: skip
     eval_cfg = EvalConfig(
         corruptions=cfg.corruptions,
+        mnist_c=cfg.mnist_c,
         n_corrupt=cfg.n_corrupt,
         n_rotate=cfg.n_rotate,
         angles=[] if bundle.dense else cfg.angles,
@@ -398,6 +416,11 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
         )
         return None
     rows = [r for r in rows if r["method"] in cfg.methods and r["seed"] < cfg.seeds]
+    curves = {
+        m: [read_curve(out / "runs" / f"{m}-seed{seed}") for seed in range(cfg.seeds)]
+        for m in cfg.methods
+    }
+    curves = {m: c for m, c in curves.items() if any(r.get("val_nll") for r in c)}
     headers, lines = summary(rows, cfg.methods, SEG_COLUMNS if bundle.dense else None)
     stamp = _dt.date.today().isoformat()
     shift = (
@@ -415,6 +438,7 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
         + "\n\n"
         + (SEG_COLUMN_NOTE if bundle.dense else COLUMN_NOTE)
         + _throughput_table(rows, cfg.methods)
+        + _convergence_table(curves)
         + (_seg_tables(rows, cfg, bundle.class_names) if bundle.dense else _shift_tables(rows, cfg))
     )
     io.atomic_write_text(out / "results.md", md)
@@ -432,6 +456,8 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
         figs.reliability_diagrams(ordered, fig_dir / "reliability.png")
         if bundle.ood:
             figs.ood_histograms(ordered, fig_dir / "ood_hist.png")
+    if curves:
+        figs.training_curves(curves, fig_dir / "training_curves.png")
     if cfg.corruptions:
         figs.corruption_curves(rows, fig_dir / "corruption.png", cfg.methods, bundle.dense)
     if cfg.angles and not bundle.dense:
@@ -456,6 +482,18 @@ def _train_rows(run_dir: Path) -> list[dict]:
     return [] if rate is None else [{"split": "train", "metric": "images_per_s", "value": rate}]
 
 
+def _convergence_table(curves: dict[str, list[dict]]) -> str:
+    headers, lines = convergence_summary(curves)
+    if not lines:
+        return ""
+    return (
+        "\n\n### Validation NLL during training (figures/training_curves.png)\n\n"
+        "Mean over seeds; change over the last quarter: the last epoch minus the epoch three "
+        "quarters in (negative: still falling; positive: rising again).\n\n"
+        + markdown(headers, lines)
+    )
+
+
 def _throughput_table(rows: list[dict], methods: list[str]) -> str:
     rates: dict[str, list[float]] = {}
     for r in rows:
@@ -471,7 +509,7 @@ def _throughput_table(rows: list[dict], methods: list[str]) -> str:
 def _shift_tables(rows: list[dict], cfg: BenchConfig) -> str:
     """OOD AUROC per OOD set; accuracy / NLL / ECE per rotation angle and per corruption
     severity (mean over seeds and, for corruptions, over types): the numbers behind the main
-    table's means and the shift figures."""
+    table's means and the shift figures; NLL and accuracy per MNIST-C corruption."""
     out = []
     for metric, name in (("auroc_entropy", "entropy"), ("auroc_mutual_info", "mutual information")):
         headers, lines = ood_summary(rows, metric, cfg.methods)
@@ -482,6 +520,13 @@ def _shift_tables(rows: list[dict], cfg: BenchConfig) -> str:
             headers, lines = shift_summary(rows, kind, metric, cfg.methods)
             if lines and len(headers) > 1:
                 out.append(f"### {name} by {title}\n\n" + markdown(headers, lines))
+    for metric, name in (("nll", "NLL"), ("accuracy", "Accuracy %")):
+        headers, lines = mnist_c_summary(rows, metric, cfg.methods)
+        if lines and len(headers) > 1:
+            out.append(
+                f"### MNIST-C: {name} per corruption (first {cfg.n_corrupt} test images)\n\n"
+                + markdown(headers, lines)
+            )
     return ("\n\n" + "\n\n".join(out)) if out else ""
 
 

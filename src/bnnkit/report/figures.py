@@ -111,6 +111,37 @@ def corruption_curves(rows, path: Path, methods: list[str], dense: bool = False)
     )  # fmt: skip
 
 
+def training_curves(curves: dict[str, list[dict]], path: Path) -> Path:
+    """Validation NLL and accuracy per epoch, one line per method (mean over its seeds, the
+    seeds' range shaded): the evidence that training has converged, or has not."""
+    fig = Figure(figsize=(11, 3.8))
+    axes = fig.subplots(1, 2)
+    for ax, metric, label in zip(
+        axes, ("val_nll", "val_acc"), ("validation NLL", "validation accuracy")
+    ):
+        for method, runs in curves.items():
+            runs = [r[metric] for r in runs if r.get(metric)]
+            if not runs:
+                continue
+            epochs = sorted(set.intersection(*(set(r) for r in runs)))
+            if not epochs:
+                continue
+            values = torch.tensor([[r[e] for e in epochs] for r in runs])
+            x = [e + 1 for e in epochs]
+            (line,) = ax.plot(x, values.mean(0).tolist(), lw=1.4, label=method)
+            if len(runs) > 1:
+                ax.fill_between(x, values.min(0).values.tolist(), values.max(0).values.tolist(),
+                                color=line.get_color(), alpha=0.15, lw=0)  # fmt: skip
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Training curves (mean over seeds; shaded: the seeds' range)")
+    fig.tight_layout()
+    _save(fig, path)
+    return path
+
+
 def segmentation_maps(arts: dict[str, dict], path: Path, score: str = "entropy") -> Path:
     """Uncertainty maps of a few fixed test images: one row per image; columns: the image, the
     ground truth (void black), the anomaly mask (the held-out classes' pixels), then per method
