@@ -128,3 +128,11 @@ def test_atomic_write_keeps_the_old_file_on_failure_and_respects_umask(tmp_path)
     finally:
         os.umask(old)
     assert (tmp_path / "g.txt").stat().st_mode & 0o777 == 0o640
+    # safetensors replaces the temporary with a private 0o600 file: saved models and
+    # checkpoints get the umask's mode like every other output
+    old = os.umask(0o022)
+    try:
+        io.save({"w": torch.ones(2)}, tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644

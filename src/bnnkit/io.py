@@ -111,7 +111,12 @@ def atomic_write(path: Path, write) -> None:
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
+        mode = os.stat(tmp).st_mode & 0o777  # 0o666 less the umask
         write(str(tmp))
+        if os.stat(tmp).st_mode & 0o777 != mode:
+            # a writer that replaced the file (safetensors writes a private 0o600 file) would
+            # otherwise leave a model only its owner can read, unlike every other output
+            os.chmod(tmp, mode)
         _fsync_path(tmp)
         os.replace(tmp, path)
         _fsync_path(path.parent, directory=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import matplotlib
 import torch
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
 
 from ..metrics import reliability
 
@@ -133,6 +133,7 @@ def training_curves(curves: dict[str, list[dict]], path: Path) -> Path:
                 ax.fill_between(x, values.min(0).values.tolist(), values.max(0).values.tolist(),
                                 color=line.get_color(), alpha=0.15, lw=0)  # fmt: skip
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)

@@ -51,7 +51,8 @@ class Budget:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.machine()}, {torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{device.type} ({platform.machine()}, {n} thread{'' if n == 1 else 's'})"
 
 
 def read_progress(run_dir: Path) -> dict:
