@@ -423,3 +423,104 @@ def test_mirror_download_accepts_any_recorded_checksum_and_only_those(
     err = capsys.readouterr().err
     assert "checksum mismatch" in err and "1" * 64 in err and "0" * 64 in err
     assert list(store.iterdir()) == []
+
+
+# ------------------------------------------------------------------ corrupt(): input checks
+
+
+@pytest.mark.timeout(60)
+def test_corrupt_refuses_images_outside_0_1_and_non_finite_values():
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    x[0, 0, 0, 0], x[1, 0, 0, 0] = 1.0, 0.0
+    for name in CORRUPTIONS:
+        with pytest.raises(InputError, match=r"values in \[0, 255\].*divide by 255"):
+            corrupt(x * 255, name, 2)
+    with pytest.raises(InputError, match=r"values in \[-1, 1\]"):
+        corrupt(x * 2 - 1, "contrast", 2)
+    y = x.clone()
+    y[2, 1, 5, 5] = float("nan")
+    with pytest.raises(InputError, match="non-finite"):
+        corrupt(y, "contrast", 2)
+    edge = x.clone()
+    edge[0, 0, 0, 0] = 1 + 5e-7  # float rounding: accepted
+    assert corrupt(edge, "contrast", 2).shape == x.shape
+
+
+@pytest.mark.timeout(60)
+def test_corrupt_on_an_empty_batch_gives_an_empty_result_for_every_name(recwarn):
+    for shape, dtype in (((3, 32, 32), torch.float32), ((1, 28, 28), torch.float64)):
+        empty = torch.rand(2, *shape, dtype=dtype)[:0]
+        for name in CORRUPTIONS:
+            for severity in (1, 5):
+                out = corrupt(empty, name, severity, seed=2)
+                assert out.shape == (0, *shape) and out.dtype == dtype, name
+            g = torch.Generator().manual_seed(0)
+            assert CORRUPTIONS[name](empty.float(), 3, g).shape == (0, *shape), name
+    assert rotate_by(torch.rand(0, 1, 28, 28), 30.0).shape == (0, 1, 28, 28)
+    assert not [str(w.message) for w in recwarn.list]
+
+
+@pytest.mark.timeout(60)
+def test_corrupt_takes_int_seeds_and_severities_only():
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    for bad in (None, 1.5, "1", True, -1, 2**63, 2**64):
+        with pytest.raises(InputError, match=r"seed must be an int in 0\.\.2\*\*63-1, got "):
+            corrupt(x, "gaussian_noise", 2, seed=bad)
+    top = corrupt(x, "gaussian_noise", 2, seed=2**63 - 1)
+    assert not torch.equal(top, corrupt(x, "gaussian_noise", 2, seed=2**63 - 2))
+    assert torch.equal(corrupt(x, "rotate", 2, seed=np.int64(4)), corrupt(x, "rotate", 2, 4))
+    for bad in (1.5, "2", True, 0, 6):
+        with pytest.raises(InputError, match="severity must be an integer in 1..5"):
+            corrupt(x, "contrast", bad)
+
+
+@pytest.mark.timeout(60)
+def test_corruption_names_match_in_any_case_and_none_means_none():
+    from bnnkit.data.corruptions import corruption_names
+    from bnnkit.data.mnist_c import MNIST_C
+
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    want = corrupt(x, "gaussian_noise", 3, seed=1)
+    for spelling in ("Gaussian_Noise", " gaussian_noise ", "GAUSSIAN_NOISE"):
+        assert torch.equal(corrupt(x, spelling, 3, seed=1), want)
+    assert corruption_names("ALL") == corruption_names(["all"]) == list(CORRUPTIONS)
+    for nothing in ("", "none", "None", [], ["NONE"]):
+        assert corruption_names(nothing) == []
+    assert corruption_names("Contrast, jpeg,contrast") == ["contrast", "jpeg"]
+    with pytest.raises(ConfigError, match="'all' cannot be combined"):
+        corruption_names("all,contrast")
+    with pytest.raises(ConfigError) as e:
+        corruption_names("contrast,fog,zoom")
+    msg = str(e.value)
+    assert "['fog', 'zoom']" in msg and "'fog' is an MNIST-C corruption" in msg
+    assert "--mnist-c" in msg and ", ".join(CORRUPTIONS) in msg  # the registry's order
+    with pytest.raises(ConfigError) as e:
+        corrupt(x, "zigzag", 1)
+    assert "MNIST-C" in str(e.value) and ", ".join(CORRUPTIONS) in str(e.value)
+    assert set(MNIST_C) & set(CORRUPTIONS)  # names of both families are plain names here
+    assert corruption_names("rotate,shot_noise") == ["rotate", "shot_noise"]
+    with pytest.raises(InputError, match=r"x\[:, None\]") as e:
+        corrupt(x[:, 0], "contrast", 1)
+    assert "to_float" not in str(e.value)
+    with pytest.raises(InputError, match="to_float"):
+        corrupt((x * 255).to(torch.uint8), "contrast", 1)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 12, 10)])
+def test_corrupt_gives_image_i_the_same_result_whatever_the_batch_size(shape):
+    """Image i's corruption depends only on (seed, name, severity, i): a prefix of a batch is
+    corrupted as in the whole batch. Before, gaussian_noise and speckle_noise broke this on
+    images whose pixel count is not a multiple of 16 (torch's normal sampler redraws a
+    tensor's last group of 16), e.g. 1 x 12 x 10. The random draws agree exactly; the two
+    blurs may differ in the last float bit for a single image (torch's convolution picks
+    another algorithm for a batch of one)."""
+    x = torch.rand(20, *shape, generator=torch.Generator().manual_seed(4))
+    for name in CORRUPTIONS:
+        whole = corrupt(x, name, 4, seed=6)
+        for k in (1, 3, 11):
+            part = corrupt(x[:k], name, 4, seed=6)
+            if name in ("gaussian_blur", "defocus_blur"):
+                torch.testing.assert_close(part, whole[:k], atol=1e-6, rtol=0)
+            else:
+                assert torch.equal(part, whole[:k]), (name, k)

@@ -277,7 +277,7 @@ def test_glass_shuffle_is_the_sequential_swap_sweep():
     g = torch.Generator().manual_seed(5)
     for size in (28, 9):
         y = torch.randperm(4 * size * size, generator=g).double().view(4, size, size)
-        moves = mc.glass_moves(4, g, size)
+        moves = mc.glass_moves(4, g, size)[:, 0]
         got = mc.glass_shuffle(y, moves)
         for i in range(4):
             want = brute_glass_sweep(y[i].numpy(), moves[i].numpy())
@@ -287,13 +287,17 @@ def test_glass_shuffle_is_the_sequential_swap_sweep():
 
 
 def test_glass_moves_swap_half_the_swept_pixels_to_the_three_neighbours():
-    moves = mc.glass_moves(400, torch.Generator().manual_seed(6))
-    assert bool((moves[:, :2] == 0).all() and (moves[:, :, :2] == 0).all())
-    swept = moves[:, 2:, 2:].flatten()
-    n = swept.numel()
-    for code, p in ((0, 5 / 8), (1, 1 / 8), (2, 1 / 8), (3, 1 / 8)):
-        frac = float((swept == code).float().mean())
-        assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / n), code
+    moves = mc.glass_moves(200, torch.Generator().manual_seed(6), passes=2)
+    assert moves.shape == (200, 2, 28, 28)
+    assert bool((moves[..., :2, :] == 0).all() and (moves[..., :2] == 0).all())
+    for swept in (moves[:, 0, 2:, 2:].flatten(), moves[:, 1, 2:, 2:].flatten()):
+        n = swept.numel()
+        for code, p in ((0, 5 / 8), (1, 1 / 8), (2, 1 / 8), (3, 1 / 8)):
+            frac = float((swept == code).float().mean())
+            assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / n), code
+    # the two passes are drawn independently: P(both swap left) = 1/64
+    both = float(((moves[:, 0, 2:, 2:] == 1) & (moves[:, 1, 2:, 2:] == 1)).float().mean())
+    assert abs(both - 1 / 64) < 5 * math.sqrt(1 / 64 * 63 / 64 / (200 * 26 * 26))
 
 
 def test_glass_blur_keeps_the_mean_up_to_the_8_bit_truncation():
@@ -367,11 +371,18 @@ def test_motion_blur_draws_angles_within_45_degrees_and_rounds_to_8_bits():
 
 
 def brute_plasma(n, g, size, decay):
+    """The diamond-square loops; each map's uniforms are one row of a single draw, consumed
+    level by level, set by set, row-major."""
     m = np.zeros((n, size, size))
     step, wib = size, 100.0
+    total = sum(3 * (size // s) ** 2 for s in (2**i for i in range(1, 20)) if s <= size)
+    noise = (torch.rand((n, total), generator=g, dtype=torch.float64) * 2 - 1).numpy()
+    used = [0]
 
     def draw(k):
-        return (torch.rand((n, k, k), generator=g, dtype=torch.float64) * 2 - 1).numpy()
+        u = noise[:, used[0] : used[0] + k * k].reshape(n, k, k)
+        used[0] += k * k
+        return u
 
     while step >= 2:
         h, k = step // 2, size // step
@@ -401,6 +412,7 @@ def brute_plasma(n, g, size, decay):
                     m[b, y + h, x] = s / 4 + wib * wib * u[b, i, j]
         step //= 2
         wib /= decay
+    assert used[0] == total
     m -= m.min((1, 2), keepdims=True)
     return m / m.max((1, 2), keepdims=True)
 
@@ -676,3 +688,217 @@ def test_cli_flag_takes_names_or_all_and_refuses_unknown_names(capsys, tmp_path)
     assert main(["evaluate", str(tmp_path), "--mnist-c", "fog,smog"]) == 2
     err = capsys.readouterr().err
     assert "unknown MNIST-C corruption(s) ['smog']" in err and "holds no trained" not in err
+
+
+# ------------------------------------------------------------------ input checks and names
+
+
+def test_images_outside_0_1_or_not_finite_are_refused_with_the_fix():
+    x = digits(3)
+    x[0, 0, 14, 14], x[2, 0, 0, 0] = 1.0, 0.0
+    for bad, found in (
+        (x * 255, r"got values in \[0, 255\]; images scaled 0\.\.255: divide by 255"),
+        (x - 0.5, r"got values in \[-0\.5, 0\.5\]"),
+        (x + 1e-4, r"got values in \[0\.0001, 1\.0001\]"),
+    ):
+        for name in ("stripe", "rotate", "fog"):  # stripe once returned 1 - 255 = -254
+            with pytest.raises(InputError, match=found):
+                corrupt_mnist_c(bad, name)
+    with pytest.raises(InputError, match="to_float"):
+        corrupt_mnist_c(x * 255, "stripe")
+    for value in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[1, 0, 3, 4] = value
+        with pytest.raises(InputError, match="non-finite values"):
+            corrupt_mnist_c(y, "stripe")
+    # float rounding just outside [0, 1] is accepted, and stripe stays within it
+    edge = x.clone()
+    edge[0, 0, 0, 0], edge[0, 0, 0, 1] = 1 + 5e-7, -5e-7
+    out = corrupt_mnist_c(edge, "stripe")
+    assert float(out.min()) >= -1e-6 and float(out.max()) <= 1 + 1e-6
+
+
+def test_shape_and_dtype_errors_give_the_hint_that_fits():
+    x = digits(2)
+    with pytest.raises(InputError) as e:
+        corrupt_mnist_c(x[:, 0], "stripe")  # [N, 28, 28]: the channel axis is missing
+    msg = str(e.value)
+    assert "x[:, None]" in msg and "(2, 28, 28)" in msg and "to_float" not in msg
+    with pytest.raises(InputError) as e:
+        corrupt_mnist_c(x[0, 0], "stripe")
+    assert "x[None, None]" in str(e.value) and "to_float" not in str(e.value)
+    with pytest.raises(InputError, match="permute"):
+        corrupt_mnist_c(x.permute(0, 2, 3, 1), "stripe")
+    with pytest.raises(InputError, match=r"torch.uint8.*bnnkit.data.to_float"):
+        corrupt_mnist_c((x * 255).to(torch.uint8), "stripe")
+    with pytest.raises(InputError) as e:
+        corrupt_mnist_c(x.long(), "stripe")
+    assert "to_float" not in str(e.value) and "torch.int64" in str(e.value)
+    with pytest.raises(InputError, match="as_tensor"):
+        corrupt_mnist_c(x.numpy(), "stripe")
+
+
+def test_an_empty_batch_gives_an_empty_result_for_every_name(recwarn):
+    x = digits(3)
+    for dtype in (torch.float32, torch.float64):
+        empty = x[:0].to(dtype)
+        for name in PAPER_ORDER:
+            out = corrupt_mnist_c(empty, name, seed=1)
+            assert out.shape == (0, 1, 28, 28) and out.dtype == dtype, name
+            direct = MNIST_C[name](empty, torch.Generator().manual_seed(0))
+            assert direct.shape == (0, 1, 28, 28), name
+    assert mc.rotate_by(x[:0], 30).shape == (0, 1, 28, 28)
+    assert mc.affine_about_centre(x[:0], torch.eye(2)).shape == (0, 1, 28, 28)
+    assert not [str(w.message) for w in recwarn.list]
+
+
+def test_seeds_must_be_non_negative_ints_below_2_to_the_63():
+    x = digits(2)
+    for bad in (None, 1.5, 1.0, "1", True, -1, 2**63, 2**64, torch.tensor(1)):
+        want = r"seed must be an int in 0\.\.2\*\*63-1, got " + re.escape(repr(bad))
+        with pytest.raises(InputError, match=want):
+            corrupt_mnist_c(x, "rotate", seed=bad)
+    top = corrupt_mnist_c(x, "shot_noise", seed=2**63 - 1)  # the derived seed stays in range
+    assert not torch.equal(top, corrupt_mnist_c(x, "shot_noise", seed=2**63 - 2))
+    assert torch.equal(corrupt_mnist_c(x, "fog", seed=np.int64(3)), corrupt_mnist_c(x, "fog", 3))
+
+
+def test_names_match_in_any_case_and_all_or_none_stand_alone():
+    x = digits(3)
+    want = corrupt_mnist_c(x, "rotate", seed=2)
+    for spelling in ("Rotate", " rotate ", "ROTATE"):
+        assert torch.equal(corrupt_mnist_c(x, spelling, seed=2), want)
+    assert mc.mnist_c_names("ALL") == mc.mnist_c_names(" all ") == PAPER_ORDER
+    assert mc.mnist_c_names(["All"]) == PAPER_ORDER
+    for nothing in ("", "none", "None", " NONE ", [], ["none"], ",", " "):
+        assert mc.mnist_c_names(nothing) == [], nothing
+    assert mc.mnist_c_names("Fog, ZIGZAG ,fog") == ["fog", "zigzag"]
+    assert mc.mnist_c_names(["Shear", "scale"]) == ["shear", "scale"]
+    for mixed in ("all,fog", ["fog", "ALL"], "none,fog", "all,none"):
+        with pytest.raises(ConfigError, match="cannot be combined with other names"):
+            mc.mnist_c_names(mixed)
+    assert mc.mnist_c_names("all,ALL") == PAPER_ORDER  # the same word twice is not a mix
+
+
+def test_unknown_names_list_the_valid_ones_in_order_and_point_to_the_other_family():
+    order = ", ".join(PAPER_ORDER)
+    with pytest.raises(ConfigError) as e:
+        mc.mnist_c_names("fog,gaussian_noise")
+    msg = str(e.value)
+    assert "['gaussian_noise']" in msg and "--corruptions" in msg and order in msg
+    with pytest.raises(ConfigError) as e:
+        corrupt_mnist_c(digits(1), "contrast")
+    msg = str(e.value)
+    assert "unknown MNIST-C corruption 'contrast'" in msg and "--corruptions" in msg
+    assert order in msg
+    with pytest.raises(ConfigError, match=r"did you mean 'zigzag'"):
+        corrupt_mnist_c(digits(1), "zigzg")
+    with pytest.raises(ConfigError, match="did you mean 'canny_edges'"):
+        mc.mnist_c_names(["canny_edge"])
+    # a name of both families (rotate, shot_noise, ...) is simply an MNIST-C name here
+    assert mc.mnist_c_names("rotate,impulse_noise") == ["rotate", "impulse_noise"]
+
+
+# ------------------------------------------------------------------ batch independence
+
+
+@pytest.mark.parametrize("name", PAPER_ORDER)
+def test_image_i_gets_the_same_corruption_whatever_the_batch_size(name):
+    """The result for image i depends only on (seed, name, i): a prefix of a batch is
+    corrupted as in the whole batch (before, impulse_noise, glass_blur, fog and zigzag drew
+    several arrays for the whole batch, so the first images' draws depended on its size).
+    fog's plasma maps are made 64 at a time: 70 images cross a chunk boundary."""
+    n = 70 if name == "fog" else 24
+    x = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(11))
+    whole = corrupt_mnist_c(x, name, seed=4)
+    for k in (1, 5, 13) + ((64, 65) if name == "fog" else ()):
+        assert torch.equal(corrupt_mnist_c(x[:k], name, seed=4), whole[:k]), (name, k)
+    # and on another seed the draws move (random corruptions only)
+    if name not in DETERMINISTIC:
+        assert not torch.equal(corrupt_mnist_c(x[:5], name, seed=5), whole[:5])
+
+
+# ------------------------------------------------------------------ bench and CLI settings
+
+
+def test_bench_settings_compare_by_the_names_they_select(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from bnnkit.bench import DEFAULT_CORRUPTIONS, BenchConfig, _check_reusable
+
+    def recorded(**kw):
+        cfg = BenchConfig(**kw)
+        cfg.validate()
+        path = tmp_path / "bench_config.json"
+        path.write_text(json.dumps(asdict(cfg)))
+        return path
+
+    def check(path, **kw):
+        cfg = BenchConfig(**kw)
+        cfg.validate()
+        _check_reusable(path, cfg)
+
+    for first, second in (
+        (["rotate"], "rotate"),
+        ("rotate", [" Rotate "]),
+        ("all", "ALL"),
+        ("all", ",".join(PAPER_ORDER)),
+        ("", []),
+        ("none", ""),
+    ):
+        check(recorded(mnist_c=first), mnist_c=second)
+    cfg = BenchConfig(mnist_c="ALL", corruptions="Contrast, pixelate")
+    cfg.validate()
+    assert cfg.mnist_c == PAPER_ORDER and cfg.corruptions == ["contrast", "pixelate"]
+    # a bench directory recorded before the names were resolved holds the text given
+    path = tmp_path / "old.json"
+    old = asdict(BenchConfig())
+    for text, same in (("", []), ("all", "ALL"), ("fog,zigzag", ["fog", "zigzag"])):
+        path.write_text(json.dumps({**old, "mnist_c": text}))
+        check(path, mnist_c=same)
+    # settings that differ are still refused
+    with pytest.raises(ConfigError, match="other settings.*mnist_c"):
+        check(recorded(mnist_c="rotate"), mnist_c="fog")
+    with pytest.raises(ConfigError, match="other settings.*mnist_c"):
+        check(recorded(mnist_c=""), mnist_c="fog")
+    path.write_text(json.dumps({**old, "mnist_c": "fog,smog"}))  # unreadable old names
+    with pytest.raises(ConfigError, match="other settings"):
+        check(path, mnist_c="fog")
+    with pytest.raises(ConfigError, match="other settings.*corruptions"):
+        check(recorded(corruptions=list(DEFAULT_CORRUPTIONS)), corruptions="contrast")
+    check(
+        recorded(corruptions=list(DEFAULT_CORRUPTIONS)), corruptions=",".join(DEFAULT_CORRUPTIONS)
+    )
+
+
+def test_empty_and_none_mean_no_corruptions_on_every_flag(capsys, tmp_path):
+    from bnnkit.bench import BenchConfig
+    from bnnkit.cli import build_parser, main
+    from bnnkit.cli import evaluate as evaluate_cmd
+    from bnnkit.data import CORRUPTIONS
+    from bnnkit.evaluate import EvalConfig
+
+    def corruptions(*flags):
+        return evaluate_cmd.config(build_parser().parse_args(["evaluate", "run", *flags]))
+
+    for nothing in ("", "none", "NONE", " None "):
+        cfg = corruptions("--corruptions", nothing, "--mnist-c", nothing, "--angles", "")
+        assert cfg.corruptions == [] and cfg.mnist_c_names() == [] and cfg.angles == []
+        bench = BenchConfig(corruptions=nothing, mnist_c=nothing)
+        bench.validate()
+        assert bench.corruptions == [] and bench.mnist_c == []
+        assert EvalConfig(corruptions=nothing).validate().corruptions == []
+    assert corruptions().corruptions == list(CORRUPTIONS)  # not given: all 12
+    assert corruptions("--corruptions", "all").corruptions == list(CORRUPTIONS)
+    got = corruptions("--corruptions", "Gaussian_Noise, contrast").corruptions
+    assert got == ["gaussian_noise", "contrast"]
+    assert main(["evaluate", str(tmp_path), "--corruptions", "contrast,fog"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown corruption(s) ['fog']" in err and "--mnist-c" in err
+    assert ", ".join(CORRUPTIONS) in err and "holds no trained" not in err
+    assert main(["evaluate", str(tmp_path), "--mnist-c", "all,fog"]) == 2
+    assert "cannot be combined" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path), "--mnist-c", "gaussian_noise"]) == 2
+    err = capsys.readouterr().err
+    assert "--corruptions" in err and ", ".join(PAPER_ORDER) in err

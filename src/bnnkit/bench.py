@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import io
-from .data import CORRUPTIONS, load_bundle
+from .data import load_bundle
+from .data.corruptions import corruption_names
 from .data.mnist_c import MNIST_C_SHAPE, mnist_c_names
 from .errors import ConfigError
 from .evaluate import EVAL_OPTIONS, EvalConfig, evaluate
@@ -139,9 +140,13 @@ class BenchConfig:
     #: further train config fields for every run (optimizer, loader, cutout, channels_last,
     #: compile, precision, warmup_epochs, momentum, augment); the options above win
     train_options: dict[str, Any] = field(default_factory=dict)
+    #: corruption names (a list, or a comma-separated string; 'all'; '' / 'none' for none)
     corruptions: list[str] = field(default_factory=lambda: list(DEFAULT_CORRUPTIONS))
 
     def validate(self) -> None:
+        """Check every setting; ``corruptions`` and ``mnist_c`` become the lists of registry
+        names they select, so that equivalent spellings (``ALL``, ``all``, the 15 names;
+        ``rotate``, ``[rotate]``) are one setting."""
         # mnist_c may also be a list of names (YAML): checked by name below
         BENCH_OPTIONS.resolve(
             {o.name: getattr(self, o.name) for o in BENCH_OPTIONS if o.name != "mnist_c"}
@@ -169,10 +174,8 @@ class BenchConfig:
             method_options(m, opts)  # unknown method or option: a clear error now, not later
         for m in self.methods:
             method_options(*self.resolve(m))
-        bad = [c for c in self.corruptions if c not in CORRUPTIONS]
-        if bad:
-            raise ConfigError(f"unknown corruption(s) {bad}; valid: {', '.join(CORRUPTIONS)}")
-        mnist_c_names(self.mnist_c)
+        self.corruptions = corruption_names(self.corruptions)
+        self.mnist_c = mnist_c_names(self.mnist_c)
 
     def resolve(self, name: str) -> tuple[str, dict[str, Any]]:
         """``(method, options)`` of a method name or variant label."""
@@ -248,6 +251,21 @@ _REUSABLE = {"methods", "seeds", "device", "out", "progress", "method_options", 
              "max_minutes", "eval_batch_size"}  # fmt: skip
 
 
+#: recorded settings compared by what they select, not by their spelling (a bench recorded
+#: before they were stored as lists may hold the text given, e.g. mnist_c "" or "all")
+_RESOLVED = {"corruptions": corruption_names, "mnist_c": mnist_c_names}
+
+
+def _same_setting(key: str, old, new) -> bool:
+    resolve = _RESOLVED.get(key)
+    if resolve is not None:
+        try:
+            return resolve(old) == resolve(new)
+        except ConfigError:
+            return False
+    return old == new
+
+
 def _check_reusable(path: Path, cfg: BenchConfig) -> None:
     if not path.is_file():
         return
@@ -256,7 +274,7 @@ def _check_reusable(path: Path, cfg: BenchConfig) -> None:
     diffs = [
         f"{k}: {old.get(k)!r} -> {v!r}"
         for k, v in new.items()
-        if k not in _REUSABLE and k in old and old[k] != v
+        if k not in _REUSABLE and k in old and not _same_setting(k, old[k], v)
     ]
     if diffs:
         raise ConfigError(

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .data import CORRUPTIONS, DataBundle, corrupt, corrupt_mnist_c, rotate_by
 from .data.bundle import to_float
+from .data.corruptions import corruption_names
 from .data.mnist_c import MNIST_C_SHAPE, mnist_c_names
 from .errors import ConfigError
 from .metrics.uncertainty import SCORES
@@ -48,8 +49,8 @@ EVAL_OPTIONS = OptionTable(
                high=5),
         Option("n_corrupt", "int", 2000, "test images per corruption and severity", low=1),
         Option("mnist_c", "str", "", "MNIST-C corruptions to score on the first n_corrupt test "
-               "images of a 28x28 grey data set: comma-separated names or 'all' (a config "
-               "may also give a list); '' for none"),
+               "images of a 28x28 grey data set: comma-separated names (any case) or 'all' (a "
+               "config may also give a list); '' or 'none' for none"),
         Option("angles", "int_list", list(range(0, 181, 15)), "rotation angles in degrees "
                "([]: none)", empty=True),
         Option("n_rotate", "int", 2000, "test images per rotation angle", low=1),
@@ -73,7 +74,9 @@ EVAL_OPTIONS = OptionTable(
 @declared_by(EVAL_OPTIONS)
 class EvalConfig:
     """What an evaluation measures: one field per option of :data:`EVAL_OPTIONS`, plus the
-    corruptions (names checked against the registry)."""
+    corruptions: a list of names of :data:`~bnnkit.data.CORRUPTIONS` or a comma-separated
+    string, ``'all'``, or ``''`` / ``'none'`` / ``[]`` for none (:meth:`validate` turns it into
+    the list of registry names)."""
 
     corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
 
@@ -82,9 +85,7 @@ class EvalConfig:
         EVAL_OPTIONS.resolve(
             {o.name: getattr(self, o.name) for o in EVAL_OPTIONS if o.name != "mnist_c"}
         )
-        bad = [c for c in self.corruptions if c not in CORRUPTIONS]
-        if bad:
-            raise ConfigError(f"unknown corruption(s) {bad}; valid: {', '.join(CORRUPTIONS)}")
+        self.corruptions = corruption_names(self.corruptions)
         self.mnist_c_names()
         return self
 

@@ -19,7 +19,11 @@ def arguments(e) -> None:
 
     e.add_argument("run_dir")
     e.add_argument("--dataset", help="evaluate on another data set of the same shape")
-    e.add_argument("--corruptions", help="comma-separated corruption names")
+    e.add_argument(
+        "--corruptions",
+        help="comma-separated corruption names (any case), 'all', or '' / 'none' for none "
+        "[default: all; segmentation: gaussian_noise,gaussian_blur,contrast,jpeg]",
+    )
     add_arguments(e, EVAL_OPTIONS, exclude=NO_FLAG)
     add_quiet(e)
 
@@ -30,13 +34,10 @@ def config(a):
     from ..options import given
 
     ecfg = EvalConfig(progress=not a.quiet, **given(a, EVAL_OPTIONS))
-    if a.corruptions:
-        from ..data import CORRUPTIONS
+    if a.corruptions is not None:  # '' and 'none' mean none, as for --angles and --mnist-c
+        from ..data.corruptions import corruption_names
 
-        ecfg.corruptions = [c.strip() for c in a.corruptions.split(",") if c.strip()]
-        bad = [c for c in ecfg.corruptions if c not in CORRUPTIONS]
-        if bad:
-            raise ConfigError(f"unknown corruption(s) {bad}; valid: {', '.join(CORRUPTIONS)}")
+        ecfg.corruptions = corruption_names(a.corruptions)
     return ecfg
 
 
@@ -67,7 +68,7 @@ def run(a) -> int:
         from ..evaluate import EVAL_OPTIONS, SEG_EVAL_DEFAULTS
         from ..options import given
 
-        if not a.corruptions:
+        if a.corruptions is None:
             ecfg.corruptions = list(SEG_EVAL_DEFAULTS["corruptions"])
         if "n_corrupt" not in given(a, EVAL_OPTIONS):
             ecfg.n_corrupt = SEG_EVAL_DEFAULTS["n_corrupt"]

@@ -4,7 +4,10 @@ MNIST-C has one fixed severity per corruption; the constants here are the refere
 implementation's defaults, with which the published data set was made. Every function takes
 float images ``[N, 1, 28, 28]`` in [0, 1] and a ``torch.Generator`` and returns images of the
 same shape in [0, 1]; its random choices (directions, angles, line positions, noise) are drawn
-per image from the generator. :func:`corrupt_mnist_c` is deterministic for a seed.
+per image from the generator, in one call whose leading axis is the image, so that image ``i``'s
+draws (and result) do not depend on how many images follow it. :func:`corrupt_mnist_c` is
+deterministic for a seed, and image ``i``'s result depends only on the seed, the name and
+image ``i``.
 
 ===============  =================================================================
 shot_noise       ``Poisson(3 x) / 3`` (3 photons per unit intensity), clipped
@@ -39,7 +42,12 @@ Differences to the reference implementation, stated plainly:
 
 - All arithmetic is torch float32 (float64 for the glass blur, the spatter mask, the line
   geometry and the Canny gradients) instead of numpy float64; random numbers come from torch
-  (drawn for the whole batch at once), so no seed reproduces the published images.
+  (drawn for the whole batch at once, image by image), so no seed reproduces the published
+  images. Where the reference draws several arrays, they are drawn together, each image's
+  block in turn: ``impulse_noise``'s flip and salt uniforms, ``glass_blur``'s swap
+  decisions and offsets of both passes (offsets and decisions from uniforms),
+  ``zigzag``'s start row and rise (one integer of the 27 x 10 pairs), ``fog``'s plasma
+  noise of every level; the distributions are the reference's.
 - The Gaussian filters are skimage's (edge pixels repeated, truncated at 4 sigma), not
   :func:`bnnkit.data.corruptions.gaussian_blur_sigma` (mirrored edges, 3 sigma): the
   spatter mask depends on the filter near the border.
@@ -75,8 +83,19 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, InputError, unknown_name
-from .corruptions import _warp, rotate_by
+from ..errors import InputError
+from .corruptions import (
+    CORRUPTIONS,
+    _warp,
+    check_images,
+    check_seed,
+    check_unit_range,
+    derived_seed,
+    lookup_name,
+    per_image_randn,
+    rotate_by,
+    select_names,
+)
 
 MnistCorruption = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -174,8 +193,9 @@ def shot_noise(x, g):
 
 def impulse_noise(x, g):
     amount = 0.17
-    flipped = torch.rand(x.shape, generator=g) < amount
-    salt = torch.rand(x.shape, generator=g) < 0.5
+    u = torch.rand((x.shape[0], 2, *x.shape[1:]), generator=g)  # per image: flip, salt
+    flipped = u[:, 0] < amount
+    salt = u[:, 1] < 0.5
     out = torch.where(flipped & salt, torch.ones_like(x), x)
     return torch.where(flipped & ~salt, torch.zeros_like(x), out)
 
@@ -186,15 +206,16 @@ def impulse_noise(x, g):
 _NONE, _LEFT, _UP, _UPLEFT = 0, 1, 2, 3
 
 
-def glass_moves(n: int, g: torch.Generator, size: int = 28) -> torch.Tensor:
-    """One pass's swap codes ``[n, size, size]`` (int64; 0 outside the swept positions):
-    at every swept position (rows and columns ``2..size-1``) a swap with probability 1/2, to
-    the offset ``(dx, dy)``, each drawn uniformly from {-1, 0} (the reference's
-    ``randint(-1, 1)``); a zero offset swaps the pixel with itself."""
+def glass_moves(n: int, g: torch.Generator, size: int = 28, passes: int = 1) -> torch.Tensor:
+    """The swap codes of ``passes`` passes, ``[n, passes, size, size]`` (int64; 0 outside the
+    swept positions): at every swept position (rows and columns ``2..size-1``) a swap with
+    probability 1/2, to the offset ``(dx, dy)``, each uniform on {-1, 0} (the reference's
+    ``randint(-1, 1)``); a zero offset swaps the pixel with itself. Drawn in one call, three
+    uniforms per position (swap, dx, dy), image by image."""
     k = size - 2
-    do = torch.rand((n, k, k), generator=g) < 0.5
-    d = torch.randint(-1, 1, (n, k, k, 2), generator=g)
-    dx, dy = d[..., 0], d[..., 1]
+    u = torch.rand((n, passes, k, k, 3), generator=g)
+    do = u[..., 0] < 0.5
+    dx, dy = -(u[..., 1] < 0.5).long(), -(u[..., 2] < 0.5).long()
     code = torch.where(
         dy == 0, torch.where(dx == 0, _NONE, _LEFT), torch.where(dx == 0, _UP, _UPLEFT)
     )
@@ -205,7 +226,7 @@ def glass_moves(n: int, g: torch.Generator, size: int = 28) -> torch.Tensor:
 def glass_shuffle(y: torch.Tensor, moves: torch.Tensor) -> torch.Tensor:
     """The reference's sequential swap sweep ``for h in H-1..2: for w in W-1..2: swap (h, w)
     with its partner`` on ``y: [N, H, W]`` with codes ``moves: [N, H, W]``
-    (:func:`glass_moves`), computed one row at a time.
+    (one pass of :func:`glass_moves`), computed one row at a time.
 
     Along a row the value sitting at ``(h, w)`` when it is visited is the row's original value
     there, unless the previous step swapped left, which carries the value along: a suffix
@@ -240,8 +261,9 @@ def glass_blur(x, g):
     N, _, H, W = x.shape
     y = torch.floor(_gaussian(x.double(), sigma) * 255).clamp(0, 255)  # np.uint8(...)
     y = y[:, 0]
-    for _ in range(iterations):
-        y = glass_shuffle(y, glass_moves(N, g, H))
+    moves = glass_moves(N, g, H, iterations)
+    for i in range(iterations):
+        y = glass_shuffle(y, moves[:, i])
     return _gaussian(y[:, None] / 255, sigma).clamp(0, 1).to(x.dtype)
 
 
@@ -339,15 +361,23 @@ def plasma_fractal(
     """``n`` diamond-square height maps ``[n, mapsize, mapsize]`` normalised to
     [0, 1], the reference's algorithm on a periodic grid: at every level the square centres
     and then the two diamond-point sets get the mean of their four neighbours plus
-    ``wibble * U(-wibble, wibble)`` (drawn in that order, one array per set), then
-    ``wibble /= decay`` (``wibble`` starts at 100)."""
+    ``wibble * U(-wibble, wibble)``, then ``wibble /= decay`` (``wibble`` starts at 100).
+    The uniforms are drawn in one call ``[n, total]``: each map's row holds, level by level,
+    the square centres' then the two diamond sets' values (row-major), so that a map does not
+    depend on how many maps follow it."""
     if mapsize & (mapsize - 1):
         raise InputError(f"plasma map size must be a power of two, got {mapsize}")
     m = torch.zeros((n, mapsize, mapsize), dtype=dtype)
     step, wibble = mapsize, 100.0
+    total = sum(3 * 4**level for level in range(mapsize.bit_length() - 1))  # 3 k^2 per level
+    noise = torch.rand((n, total), generator=g, dtype=dtype) * 2 - 1
+    used = 0
 
     def wibbled(a):
-        u = torch.rand(a.shape, generator=g, dtype=dtype) * 2 - 1
+        nonlocal used
+        k = a.shape[1] * a.shape[2]
+        u = noise[:, used : used + k].reshape(a.shape)
+        used += k
         return a / 4 + (wibble * wibble) * u
 
     while step >= 2:
@@ -391,7 +421,7 @@ def spatter_mask(n: int, g: torch.Generator, size: int = 28) -> torch.Tensor:
     (sigma 1), values below 0.65 set to 0, the indicator of values above 0.65 blurred
     (sigma 1.5), values below 0.8 set to 0."""
     loc, sd, sigma, thr, mask_sigma = SPATTER
-    liquid = torch.randn((n, 1, size, size), generator=g, dtype=torch.float64) * sd + loc
+    liquid = per_image_randn((n, 1, size, size), g, torch.float64) * sd + loc
     liquid = _gaussian(liquid, sigma)
     liquid = torch.where(liquid < thr, torch.zeros_like(liquid), liquid)
     m = _gaussian((liquid > thr).double(), mask_sigma)
@@ -441,8 +471,10 @@ _RISES = range(-5, 5)
 
 def zigzag(x, g):
     N = x.shape[0]
-    r0 = torch.randint(0, 27, (N,), generator=g).double()
-    k = torch.randint(-5, 5, (N,), generator=g)
+    # the start row (0..26) and the rise (-5..4) from one uniform integer per image
+    v = torch.randint(0, 27 * len(_RISES), (N,), generator=g)
+    r0 = (v // len(_RISES)).double()
+    k = v % len(_RISES) + _RISES[0]
     tables = [zigzag_points(int(v)) for v in _RISES]
     P = max(len(t) for t in tables)
     # pad with the last corner: a zero-length segment draws nothing
@@ -540,55 +572,48 @@ MNIST_C: dict[str, MnistCorruption] = {
 }
 
 
+#: what an unknown MNIST-C name that is a corruption of the other family is told
+_CIFAR_HINT = (
+    set(CORRUPTIONS) - set(MNIST_C),
+    "a corruption of the CIFAR-10-C family (option corruptions, --corruptions), not an MNIST-C one",
+)
+
+
 def mnist_c_names(value) -> list[str]:
     """MNIST-C corruption names from a list of names, a comma-separated string, ``"all"``
-    (the 15, in the paper's order) or ``""`` / ``[]`` (none); duplicates dropped, unknown
-    names refused with :class:`ConfigError`."""
-    if isinstance(value, str):
-        if value.strip().lower() == "all":
-            return list(MNIST_C)
-        names = [p.strip() for p in value.split(",") if p.strip()]
-    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        if [v.strip().lower() for v in value] == ["all"]:
-            return list(MNIST_C)
-        names = [v.strip() for v in value]
-    else:
-        raise ConfigError(
-            "option 'mnist_c' must be a list of MNIST-C corruption names, a comma-separated "
-            f"string or 'all', got {value!r}"
-        )
-    bad = [n for n in names if n not in MNIST_C]
-    if bad:
-        raise ConfigError(
-            f"option 'mnist_c': unknown MNIST-C corruption(s) {bad}; valid: "
-            f"{', '.join(MNIST_C)} (or 'all')"
-        )
-    return list(dict.fromkeys(names))
+    (the 15, in the paper's order) or ``""`` / ``"none"`` / ``[]`` (none): matched
+    case-insensitively with surrounding spaces stripped, duplicates dropped; ``all`` with
+    other names and unknown names are refused with :class:`ConfigError`."""
+    return select_names(value, MNIST_C, "MNIST-C corruption", "mnist_c", _CIFAR_HINT)
 
 
 def check_mnist_c_images(x: torch.Tensor) -> None:
-    """Refuse what MNIST-C is not defined on: non-float, non-4-D or non-28x28-grey input."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.dtype.is_floating_point:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        dtype = f" {x.dtype}" if isinstance(x, torch.Tensor) else ""
-        raise InputError(
-            f"MNIST-C corruptions take float images [N, 1, 28, 28] in [0, 1], got{dtype} {got}; "
-            "convert uint8 images with bnnkit.data.to_float"
-        )
+    """Refuse what MNIST-C is not defined on: non-float, non-4-D or non-28x28-grey input,
+    values outside [0, 1] or non-finite values."""
+    check_images(x, "MNIST-C corruptions", "[N, 1, 28, 28]")
     if tuple(x.shape[1:]) != MNIST_C_SHAPE:
+        hint = (
+            "channels last? use x.permute(0, 3, 1, 2)"
+            if tuple(x.shape[1:]) == (28, 28, 1)
+            else "use it on MNIST-sized data sets only"
+        )
         raise InputError(
             "MNIST-C is defined on 28x28 grey images [N, 1, 28, 28], got images of shape "
-            f"{tuple(x.shape[1:])} (C, H, W); use it on MNIST-sized data sets only"
+            f"{tuple(x.shape[1:])} (C, H, W); {hint}"
         )
+    check_unit_range(x, "MNIST-C corruptions")
 
 
 def corrupt_mnist_c(x: torch.Tensor, name: str, seed: int = 0) -> torch.Tensor:
-    """Apply MNIST-C corruption ``name`` (its one fixed severity) to ``x: [N, 1, 28, 28]`` in
-    [0, 1], deterministically for ``seed``."""
-    if name not in MNIST_C:
-        raise unknown_name("MNIST-C corruption", name, MNIST_C)
+    """Apply MNIST-C corruption ``name`` (case-insensitive; its one fixed severity) to
+    ``x: [N, 1, 28, 28]`` in [0, 1], deterministically for ``seed`` (an int in 0..2**63-1);
+    image ``i``'s result does not depend on the other images of the batch."""
+    key = lookup_name(name, MNIST_C, "MNIST-C corruption", _CIFAR_HINT)
+    seed = check_seed(seed)
     check_mnist_c_images(x)
-    index = list(MNIST_C).index(name)
-    g = torch.Generator().manual_seed(int(seed) * 1009 + index * 17 + 7919)
+    if x.shape[0] == 0:
+        return x.detach().cpu().clone()
+    index = list(MNIST_C).index(key)
+    g = torch.Generator().manual_seed(derived_seed(seed, index, 7919))
     with torch.no_grad():
-        return MNIST_C[name](x.detach().cpu().float(), g).to(x.dtype)
+        return MNIST_C[key](x.detach().cpu().float(), g).to(x.dtype)
