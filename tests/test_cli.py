@@ -229,3 +229,20 @@ def test_a_refused_train_leaves_nothing_and_the_corrected_command_runs(capsys, t
     assert code == 0, err
     assert is_complete(out)
     assert json.loads((out / "config.json").read_text())["method"] == "placement"
+
+
+@pytest.mark.parametrize(
+    ("flag", "expected"),
+    [("", []), ("none", []), ("contrast, Gaussian_Noise", ["contrast", "gaussian_noise"])],
+)
+def test_bench_corruptions_flag(flag, expected):
+    from bnnkit.cli import build_parser
+    from bnnkit.cli.bench import config
+
+    a = build_parser().parse_args(["bench", "--corruptions", flag])
+    cfg = config(a)
+    cfg.validate()
+    assert cfg.corruptions == expected
+    a = build_parser().parse_args(["bench", "--corruptions", "contrst"])
+    with pytest.raises(ConfigError, match="contrst"):
+        config(a).validate()

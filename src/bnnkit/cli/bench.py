@@ -20,6 +20,11 @@ def arguments(b) -> None:
     from ..options import add_arguments
 
     b.add_argument("--methods", help="comma-separated method names (see `bnnkit methods`)")
+    b.add_argument(
+        "--corruptions",
+        help="comma-separated corruption names, 'all', or '' / 'none' for none (default: the "
+        "bench's six; segmentation: those that keep pixels in place)",
+    )
     add_arguments(b, BENCH_OPTIONS, rename=RENAME, exclude=NO_FLAG)
     b.add_argument("--config", help="YAML file with BenchConfig fields (flags given win)")
     b.add_argument("--train-option", action="append", help="train config key=value for every run")
@@ -55,6 +60,8 @@ def config(a):
     cfg = bench_config(a.config)
     if a.methods:
         cfg.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    if a.corruptions is not None:
+        cfg.corruptions = a.corruptions  # names, 'all' or '' / 'none': resolved by validate()
     for k, v in given(a, BENCH_OPTIONS).items():
         setattr(cfg, k, v)
     if a.quiet:
