@@ -43,6 +43,11 @@ def main(bench_dir: str) -> None:
         "Regenerate this section with "
         f"`python benchmarks/update_readme.py {bench_dir}`; accuracy, NLL and ECE per rotation "
         f"angle and corruption severity are in `{bench_dir}/results.md`.\n\n"
+        "**A short budget, a first look**: the networks are far from converged (LeNet-5 at "
+        "about 83% on Fashion-MNIST, where it converges near 91%), which flatters methods that "
+        "widen the predictive; compare methods on the converged benches "
+        "(`benchmarks/configs/fmnist_converged.yaml`, `mnist_converged.yaml`: full training "
+        "sets, 30 epochs, 3 seeds; BENCHMARKS.md).\n\n"
         + results
         + "\n\n"
         + "\n".join(figs)
