@@ -57,14 +57,18 @@ def class_iou_summary(rows: list[dict], methods: list[str] | None = None, classe
                 classes.append(c)
             if r["value"] == r["value"]:  # not NaN
                 cells[r["method"]][c].append(100.0 * r["value"])
-    headers = ["Method", *classes]
+    return ["Method", *classes], _mean_lines(cells, methods, classes, lambda v: f"{v:.1f}")
+
+
+def _mean_lines(cells, methods, columns, fmt) -> list[list[str]]:
+    """Lines of ``method, fmt(mean over seeds) per column`` ("–" where a column has no value)
+    for the methods in ``cells`` (in the order of ``methods`` when given)."""
     lines = []
     for m in methods or sorted(cells):
-        if m not in cells:
-            continue
-        vals = cells[m]
-        lines.append([m] + [f"{statistics.mean(vals[c]):.1f}" if vals[c] else "–" for c in classes])
-    return headers, lines
+        if m in cells:
+            vals = cells[m]
+            lines.append([m] + [fmt(statistics.mean(vals[c])) if vals[c] else "–" for c in columns])
+    return lines
 
 
 def _value(rows_by_key, method, seed, split, metric):
@@ -176,16 +180,7 @@ def mnist_c_summary(rows: list[dict], metric: str, methods: list[str] | None = N
     names += ["mean"] if "mean" in seen else []
     scale = 100.0 if metric in ("accuracy", "ece") else 1.0
     fmt = "{:.1f}" if scale == 100.0 else "{:.3f}"
-    headers = ["Method", *names]
-    lines = []
-    for m in methods or sorted(cells):
-        if m not in cells:
-            continue
-        vals = cells[m]
-        lines.append(
-            [m] + [fmt.format(scale * statistics.mean(vals[c])) if vals[c] else "–" for c in names]
-        )
-    return headers, lines
+    return ["Method", *names], _mean_lines(cells, methods, names, lambda v: fmt.format(scale * v))
 
 
 def ood_summary(rows: list[dict], metric: str, methods: list[str] | None = None):
