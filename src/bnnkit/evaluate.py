@@ -300,34 +300,27 @@ def _evaluate_classification(model, bundle: DataBundle, cfg: EvalConfig):
 
     sub = bundle.test.head(cfg.n_corrupt)
     xs, ys = sub.float(), sub.y
-    per_metric: dict[str, list[float]] = {"accuracy": [], "nll": [], "ece": []}
-    for cname in cfg.corruptions:
-        for sev in cfg.severities:
-            key = ("corrupt", cname, sev, cfg.seed, cfg.n_corrupt)
-            xc = _shifted(bundle, key, corrupt, xs, cname, sev, seed=cfg.seed)
+    # (family, [(row split, cache key, corruption function, its arguments)]): each family's
+    # rows and its ":mean" row over them
+    families = [
+        ("corrupt", [(f"corrupt:{c}:{sev}", ("corrupt", c, sev, cfg.seed, cfg.n_corrupt),
+                      corrupt, (c, sev)) for c in cfg.corruptions for sev in cfg.severities]),
+        ("mnist_c", [(f"mnist_c:{c}", ("mnist_c", c, cfg.seed, cfg.n_corrupt), corrupt_mnist_c,
+                      (c,)) for c in mnist_c]),
+    ]  # fmt: skip
+    for family, sets in families:
+        per_metric: dict[str, list[float]] = {"accuracy": [], "nll": [], "ece": []}
+        for split_name, key, fn, args in sets:
+            xc = _shifted(bundle, key, fn, xs, *args, seed=cfg.seed)
             for split, metric, value in classification_rows(
-                model.predict(xc, bs), ys, f"corrupt:{cname}:{sev}", full=False
+                model.predict(xc, bs), ys, split_name, full=False
             ):
                 rows.append((split, metric, value))
                 per_metric[metric].append(value)
             bar.update()
-    if cfg.corruptions:
-        for metric, values in per_metric.items():
-            rows.append(("corrupt:mean", metric, sum(values) / len(values)))
-
-    per_metric = {"accuracy": [], "nll": [], "ece": []}
-    for name in mnist_c:
-        key = ("mnist_c", name, cfg.seed, cfg.n_corrupt)
-        xc = _shifted(bundle, key, corrupt_mnist_c, xs, name, seed=cfg.seed)
-        for split, metric, value in classification_rows(
-            model.predict(xc, bs), ys, f"mnist_c:{name}", full=False
-        ):
-            rows.append((split, metric, value))
-            per_metric[metric].append(value)
-        bar.update()
-    if mnist_c:
-        for metric, values in per_metric.items():
-            rows.append(("mnist_c:mean", metric, sum(values) / len(values)))
+        if sets:
+            for metric, values in per_metric.items():
+                rows.append((f"{family}:mean", metric, sum(values) / len(values)))
 
     sub = bundle.test.head(cfg.n_rotate)
     xs, ys = sub.float(), sub.y
