@@ -47,7 +47,7 @@ def main(bench_dir: str) -> None:
         "about 83% on Fashion-MNIST, where it converges near 91%), which flatters methods that "
         "widen the predictive; compare methods on the converged benches "
         "(`benchmarks/configs/fmnist_converged.yaml`, `mnist_converged.yaml`: full training "
-        "sets, 30 epochs, 3 seeds; BENCHMARKS.md).\n\n"
+        "sets, 15 epochs, 3 seeds; BENCHMARKS.md).\n\n"
         + results
         + "\n\n"
         + "\n".join(figs)
