@@ -1,8 +1,12 @@
-"""Copy a bench's table and figures into the README (between the bench markers).
+"""Copy a bench's table and figures into the README.
 
     python benchmarks/update_readme.py runs/bench
+    python benchmarks/update_readme.py --converged runs/fmnist_converged runs/mnist_converged
 
-Figures go to docs/figures/; the README section names the command and the date.
+The first form fills the default-benchmark section (between the bench markers; figures go to
+docs/figures/). The second fills the converged-results section (between the converged markers,
+added before the default benchmark on first use) with the main table of each finished converged
+bench. Each section names its command and date.
 """
 
 from __future__ import annotations
@@ -18,13 +22,63 @@ from bnnkit import io
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _replace(text: str, name: str, section: str, before: str) -> str:
+    """``text`` with the block between ``<!-- name:start -->`` and ``<!-- name:end -->``
+    replaced by ``section``; a missing block is inserted before the line ``before``."""
+    pattern = rf"<!-- {name}:start -->.*<!-- {name}:end -->"
+    if re.search(pattern, text, flags=re.S):
+        return re.sub(pattern, lambda _: section, text, flags=re.S)
+    if before not in text:
+        sys.exit(f"error: README.md has neither the {name} markers nor {before!r}")
+    return text.replace(before, section + "\n\n" + before, 1)
+
+
+def _main_table(bench: Path) -> tuple[dict, str, str]:
+    """A finished bench's config, its results.md header line and the main table with its
+    column note (the tables after the first ``###`` stay in results.md)."""
+    results_md = bench / "results.md"
+    if not results_md.is_file():
+        sys.exit(
+            f"error: {results_md} does not exist: the bench has not finished; run its "
+            "command again until it prints the table"
+        )
+    cfg = json.loads((bench / "bench_config.json").read_text())
+    head, results = results_md.read_text().split("\n", 2)[1:]
+    return cfg, results.split("\n### ")[0].strip(), head
+
+
+def converged(bench_dirs: list[str]) -> None:
+    parts = []
+    for bench_dir in bench_dirs:
+        cfg, table, _ = _main_table(Path(bench_dir))
+        name = Path(bench_dir).name
+        parts.append(
+            f"### {cfg['dataset']}, {cfg['model']}\n\n"
+            f"`bnnkit bench --config benchmarks/configs/{name}.yaml` (output `{bench_dir}`): "
+            f"{cfg['epochs']} epochs on the whole training set but {cfg['val_size']:,} "
+            f"validation images, {cfg['seeds']} seeds, the whole test set.\n\n" + table
+        )
+    section = (
+        "<!-- converged:start -->\n"
+        "## Converged results\n\n"
+        "Every method trained to convergence (validation NLL flat; the curves, the MNIST-C and "
+        "per-corruption tables, the papers' numbers beside these and each paper's claim "
+        'answered with seed-paired confidence intervals are in BENCHMARKS.md, "Converged '
+        'Fashion-MNIST and MNIST"). Regenerate this section with '
+        f"`python benchmarks/update_readme.py --converged {' '.join(bench_dirs)}`.\n\n"
+        + "\n\n".join(parts)
+        + "\n<!-- converged:end -->"
+    )
+    readme = ROOT / "README.md"
+    text = _replace(readme.read_text(), "converged", section, "<!-- bench:start -->")
+    io.atomic_write_text(readme, text)
+    print(f"README converged section updated from {', '.join(bench_dirs)}")
+
+
 def main(bench_dir: str) -> None:
     bench = Path(bench_dir)
-    cfg = json.loads((bench / "bench_config.json").read_text())
-    head, results = (bench / "results.md").read_text().split("\n", 2)[1:]
+    cfg, results, _ = _main_table(bench)
     made = re.search(r"made (\d{4}-\d{2}-\d{2})", results)
-    # the main table and its column note; the per-angle / per-severity tables stay in results.md
-    results = results.split("\n### ")[0].strip()
     fig_out = ROOT / "docs" / "figures"
     fig_out.mkdir(parents=True, exist_ok=True)
     figs = []
@@ -54,11 +108,16 @@ def main(bench_dir: str) -> None:
         + "\n<!-- bench:end -->"
     )
     readme = ROOT / "README.md"
-    text = readme.read_text()
-    new = re.sub(r"<!-- bench:start -->.*<!-- bench:end -->", lambda _: section, text, flags=re.S)
+    new = _replace(readme.read_text(), "bench", section, "## The default benchmark")
     io.atomic_write_text(readme, new)
     print(f"README updated from {bench}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/bench")
+    args = sys.argv[1:]
+    if args[:1] == ["--converged"]:
+        if len(args) < 2:
+            sys.exit("error: --converged needs the converged bench directories")
+        converged(args[1:])
+    else:
+        main(args[0] if args else "runs/bench")
