@@ -13,16 +13,14 @@ def _seed():
     yield
 
 
-@pytest.fixture
-def ood_root(tmp_path_factory, monkeypatch):
-    """$BNNKIT_DATA holding only a small synthetic mnist.npz, so that the OOD partner of
-    Fashion-MNIST is present whatever the machine has (Fashion-MNIST itself is still found in
-    the standard locations)."""
+def install_ood_root(root, monkeypatch):
+    """Point $BNNKIT_DATA at ``root``, holding only a small synthetic mnist.npz, so that the OOD
+    partner of Fashion-MNIST is present whatever the machine has (Fashion-MNIST itself is still
+    found in the standard locations)."""
     import numpy as np
 
     from bnnkit.data import sources
 
-    root = tmp_path_factory.mktemp("ood_data")
     rng = np.random.default_rng(0)
     np.savez(
         root / "mnist.npz",
@@ -34,6 +32,12 @@ def ood_root(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("BNNKIT_DATA", str(root))
     monkeypatch.setattr(sources, "_CACHE", {})
     return root
+
+
+@pytest.fixture
+def ood_root(tmp_path_factory, monkeypatch):
+    """$BNNKIT_DATA with a small synthetic MNIST (:func:`install_ood_root`)."""
+    return install_ood_root(tmp_path_factory.mktemp("ood_data"), monkeypatch)
 
 
 @pytest.fixture(scope="session")

@@ -214,7 +214,7 @@ def test_the_parsed_command_line_sets_the_config_fields_it_names():
 def test_typed_configs_defaults_are_their_tables():
     own = {SearchConfig: {"kinds", "baselines", "train_options", "model_options"},
            BenchConfig: {"methods", "model_options", "method_options", "variants",
-                         "train_options", "corruptions"},
+                         "train_options", "corruptions", "reuse"},
            EvalConfig: {"corruptions"}, PosteriorReportConfig: {"collections"},
            TrainConfig: set(), DataConfig: set()}  # fmt: skip
     tables = {SearchConfig: SEARCH_OPTIONS, BenchConfig: BENCH_OPTIONS, EvalConfig: EVAL_OPTIONS,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from .report.training import convergence_summary, read_curve
 from .train import Budget, check_writable, train_run
 from .train.chunks import device_name
 from .train.config import DATA_OPTIONS, TRAIN_OPTIONS, check_extras, run_config
-from .train.run import check_run, check_same_config, is_complete
+from .train.run import check_run, check_same_config, config_diffs, is_complete
 
 DEFAULT_METHODS = [
     "deterministic",
@@ -137,6 +138,10 @@ class BenchConfig:
     #: directory and one table row each), e.g. ``{"subnet-random": {"method":
     #: "laplace_subnetwork", "strategy": "random"}}``; their options override ``method_options``
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: other bench directories whose finished runs are copied in instead of being trained
+    #: again, each run only when its saved run config equals this bench's for that method and
+    #: seed (the benches' data and evaluation settings must agree; checked before any write)
+    reuse: list[str] = field(default_factory=list)
     #: further train config fields for every run (optimizer, loader, cutout, channels_last,
     #: compile, precision, warmup_epochs, momentum, augment); the options above win
     train_options: dict[str, Any] = field(default_factory=dict)
@@ -248,7 +253,7 @@ def _order(cfg: BenchConfig) -> list[str]:
 #: fields that may change between runs into the same output directory: adding methods or
 #: seeds reuses the finished runs; anything else would mix results of different set-ups
 _REUSABLE = {"methods", "seeds", "device", "out", "progress", "method_options", "variants",
-             "max_minutes", "eval_batch_size"}  # fmt: skip
+             "max_minutes", "eval_batch_size", "reuse"}  # fmt: skip
 
 
 #: recorded settings compared by what they select, not by their spelling (a bench recorded
@@ -266,16 +271,18 @@ def _same_setting(key: str, old, new) -> bool:
     return old == new
 
 
+def _setting_diffs(old: dict, cfg: BenchConfig) -> list[str]:
+    return [
+        f"{k}: {old.get(k)!r} -> {v!r}"
+        for k, v in asdict(cfg).items()
+        if k not in _REUSABLE and k in old and not _same_setting(k, old[k], v)
+    ]
+
+
 def _check_reusable(path: Path, cfg: BenchConfig) -> None:
     if not path.is_file():
         return
-    old = json.loads(path.read_text())
-    new = asdict(cfg)
-    diffs = [
-        f"{k}: {old.get(k)!r} -> {v!r}"
-        for k, v in new.items()
-        if k not in _REUSABLE and k in old and not _same_setting(k, old[k], v)
-    ]
+    diffs = _setting_diffs(json.loads(path.read_text()), cfg)
     if diffs:
         raise ConfigError(
             f"{path.parent} holds a bench made with other settings ({'; '.join(diffs)}); "
@@ -295,6 +302,60 @@ def _check_ood_sets(path: Path, ood_sets: list[str]) -> None:
             "available now; use another --out (or delete it) so that every row is scored on "
             "the same sets"
         )
+
+
+def _check_reuse_sources(cfg: BenchConfig, ood_sets: list[str]) -> list[Path]:
+    """The ``reuse`` directories, each checked to be a bench scored like this one: the same
+    data, model, training and evaluation settings and OOD sets (the methods may differ)."""
+    if isinstance(cfg.reuse, str) or not all(isinstance(r, str) for r in cfg.reuse):
+        raise ConfigError(f"reuse must be a list of bench directories, got {cfg.reuse!r}")
+    sources = []
+    for name in cfg.reuse:
+        src = Path(name)
+        meta = src / "bench_config.json"
+        if not meta.is_file() or not (src / "results.sqlite").is_file():
+            raise ConfigError(
+                f"reuse: {src} is not a bench directory (no bench_config.json / results.sqlite);"
+                " name the --out of an earlier bnnkit bench"
+            )
+        if src.resolve() == Path(cfg.out).resolve():
+            raise ConfigError(f"reuse: {src} is this bench's own output directory; drop it")
+        old = json.loads(meta.read_text())
+        diffs = _setting_diffs(old, cfg)
+        if old.get("ood_sets") is not None and old["ood_sets"] != ood_sets:
+            diffs.append(f"ood_sets: {old['ood_sets']!r} -> {ood_sets!r}")
+        if diffs:
+            raise ConfigError(
+                f"reuse: {src} was made with other settings ({'; '.join(diffs)}); its runs "
+                "would be scored differently from this bench's: drop it from reuse"
+            )
+        sources.append(src)
+    return sources
+
+
+def _adopt_run(src: Path, cfg: BenchConfig, method: str, seed: int, rc, run_dir: Path,
+               store: ResultStore, log) -> bool:  # fmt: skip
+    """Copy ``method``'s finished run of ``seed`` from the bench at ``src`` into ``run_dir``
+    and its rows into ``store`` when that run was made with exactly ``rc``; True if copied."""
+    src_run = src / "runs" / f"{method}-seed{seed}"
+    if not (src_run / "predictions.safetensors").is_file() or not is_complete(src_run):
+        return False
+    diffs = config_diffs(src_run / "config.json", rc)
+    if diffs is None or diffs:
+        log(f"note: not reusing {src_run}: made with other settings ({'; '.join(diffs or [])})")
+        return False
+    with ResultStore(src / "results.sqlite") as src_store:
+        rows = src_store.rows(method=method, dataset=cfg.dataset, model=cfg.model, seed=seed)
+    if not rows:
+        return False
+    # copy beside the target, then one rename: a kill leaves either no run or the whole run
+    tmp = run_dir.with_name(run_dir.name + ".reuse-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src_run, tmp)
+    tmp.rename(run_dir)
+    store.add_run(method, cfg.dataset, cfg.model, seed, run_dir, json.dumps(rc.to_dict()), rows)
+    log(f"reused {src_run}")
+    return True
 
 
 def _run_config(cfg: BenchConfig, method: str, seed: int):
@@ -358,6 +419,7 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
     for name, why in bundle.missing_ood.items():
         log(f"note: OOD set {name} skipped: {why}")
     _check_ood_sets(out / "bench_config.json", sorted(bundle.ood))
+    sources = _check_reuse_sources(cfg, sorted(bundle.ood))
     order = _order(cfg)
     # every run's refusals (subset, model, Lightning's set-up) before the first write, so a
     # refused bench leaves nothing that would refuse the corrected command in turn
@@ -394,6 +456,10 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
             posthoc_of = get_method(rc.method).posthoc_of
             pred_path = run_dir / "predictions.safetensors"
             done = store.has(method, cfg.dataset, cfg.model, seed) and pred_path.is_file()
+            if not done and not run_dir.exists():
+                done = any(
+                    _adopt_run(src, cfg, method, seed, rc, run_dir, store, log) for src in sources
+                )
             if done and method in cfg.methods:
                 check_same_config(run_dir / "config.json", rc)
                 if seed == 0:

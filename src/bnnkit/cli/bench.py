@@ -27,6 +27,13 @@ def arguments(b) -> None:
     )
     add_arguments(b, BENCH_OPTIONS, rename=RENAME, exclude=NO_FLAG)
     b.add_argument("--config", help="YAML file with BenchConfig fields (flags given win)")
+    b.add_argument(
+        "--reuse",
+        action="append",
+        metavar="DIR",
+        help="an earlier bench's output directory: its finished runs made with the same "
+        "settings are copied in instead of trained again (repeatable)",
+    )
     b.add_argument("--train-option", action="append", help="train config key=value for every run")
     b.add_argument(
         "--model-option", action="append", help="architecture option key=value, e.g. width=16"
@@ -64,6 +71,8 @@ def config(a):
         cfg.corruptions = a.corruptions  # names, 'all' or '' / 'none': resolved by validate()
     for k, v in given(a, BENCH_OPTIONS).items():
         setattr(cfg, k, v)
+    if a.reuse:
+        cfg.reuse = [*cfg.reuse, *a.reuse]
     if a.quiet:
         cfg.progress = False
     apply_extras(cfg, a)

@@ -167,6 +167,16 @@ def _config_diff(old: dict, new: dict, prefix=()) -> list[str]:
     return diffs
 
 
+def config_diffs(path: Path, cfg: RunConfig) -> list[str] | None:
+    """How the run config saved at ``path`` differs from ``cfg`` (empty: the same run);
+    None when the file is missing or unreadable."""
+    try:
+        old = RunConfig.from_dict(json.loads(path.read_text())).to_dict()
+    except (OSError, ValueError, TypeError):
+        return None
+    return _config_diff(old, cfg.to_dict())
+
+
 def check_same_config(path: Path, cfg: RunConfig, may_change: tuple = ()) -> None:
     """A run directory belongs to one config: reusing it with another would mix results.
     ``may_change``: dotted keys that may differ (``train.epochs`` when extending a run)."""
