@@ -2,6 +2,7 @@
 again, and only when they were made with exactly this bench's run settings."""
 
 import json
+import shutil
 import sqlite3
 from dataclasses import replace
 
@@ -100,12 +101,29 @@ def test_a_source_scored_otherwise_is_refused_before_any_write(
 
 
 def test_bad_source_directories(source, tmp_path, ood_root):
-    with pytest.raises(ConfigError, match="not a bench directory"):
-        run_bench(_cfg(tmp_path / "b", reuse=[str(tmp_path / "nope")]), log=lambda *_: None)
-    with pytest.raises(ConfigError, match="own output directory"):
-        run_bench(_cfg(source, reuse=[str(source)]), log=lambda *_: None)
-    with pytest.raises(ConfigError, match="list of bench directories"):
-        run_bench(_cfg(tmp_path / "c", reuse=str(source)), log=lambda *_: None)
+    def refused(reuse, match, out=tmp_path / "b"):
+        with pytest.raises(ConfigError, match=match):
+            run_bench(_cfg(out, reuse=reuse), log=lambda *_: None)
+        assert not (tmp_path / "b").exists()
+
+    refused([str(tmp_path / "nope")], "does not exist")
+    (tmp_path / "empty").mkdir()
+    refused([str(tmp_path / "empty")], "not a bench directory")
+    refused([str(source)], "own output directory", out=source)
+    for bad in (str(source), None, {str(source): 1}, [""], [None]):
+        refused(bad, "list of bench directories")
+
+
+def test_a_setting_the_source_did_not_record_is_a_difference(source, tmp_path, ood_root):
+    """A source written before a setting existed (or edited) cannot be shown to agree."""
+    old = tmp_path / "old"
+    shutil.copytree(source, old)
+    meta = json.loads((old / "bench_config.json").read_text())
+    del meta["test_size"], meta["ood_sets"]
+    (old / "bench_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="test_size: not recorded -> 200.*ood_sets"):
+        run_bench(_cfg(tmp_path / "b", reuse=[str(old)]), log=lambda *_: None)
+    assert not (tmp_path / "b").exists()
 
 
 def test_cli_flag(source, tmp_path, capsys, ood_root):
@@ -117,3 +135,9 @@ def test_cli_flag(source, tmp_path, capsys, ood_root):
     err = capsys.readouterr().err
     assert code == 2 and "epochs: 1 -> 2" in err and "Traceback" not in err
     assert not out.exists()
+    # the flag replaces a config file's list (flags given win)
+    cfg_file = tmp_path / "bench.yaml"
+    cfg_file.write_text(f"reuse: [{tmp_path / 'not-a-bench'}]\n")
+    assert main([*argv, "--config", str(cfg_file)]) == 2
+    err = capsys.readouterr().err
+    assert "epochs: 1 -> 2" in err and "not-a-bench" not in err

@@ -160,6 +160,17 @@ class BenchConfig:
             raise ConfigError(f"methods must be a list of method names, got {self.methods!r}")
         if not self.methods:
             raise ConfigError("no methods given; e.g. --methods deterministic,deep_ensemble")
+        if not isinstance(self.variants, dict):
+            raise ConfigError(
+                f"variants must be a mapping of label -> {{method: ..., options}}, got "
+                f"{self.variants!r}"
+            )
+        if not isinstance(self.reuse, list) or not all(
+            isinstance(r, str) and r.strip() for r in self.reuse
+        ):
+            raise ConfigError(
+                f"reuse must be a list of bench directories (e.g. [runs/bench]), got {self.reuse!r}"
+            )
         for label, spec in self.variants.items():
             if label in METHODS:
                 raise ConfigError(f"variant {label!r} shadows the method of that name; rename it")
@@ -306,13 +317,17 @@ def _check_ood_sets(path: Path, ood_sets: list[str]) -> None:
 
 def _check_reuse_sources(cfg: BenchConfig, ood_sets: list[str]) -> list[Path]:
     """The ``reuse`` directories, each checked to be a bench scored like this one: the same
-    data, model, training and evaluation settings and OOD sets (the methods may differ)."""
-    if isinstance(cfg.reuse, str) or not all(isinstance(r, str) for r in cfg.reuse):
-        raise ConfigError(f"reuse must be a list of bench directories, got {cfg.reuse!r}")
+    data, model, training and evaluation settings and OOD sets (the methods may differ). A
+    setting the source did not record counts as a difference: it cannot be shown to agree."""
     sources = []
     for name in cfg.reuse:
         src = Path(name)
         meta = src / "bench_config.json"
+        if not src.is_dir():
+            raise ConfigError(
+                f"reuse: {src} does not exist; name the --out of an earlier bnnkit bench, or "
+                "drop it from reuse"
+            )
         if not meta.is_file() or not (src / "results.sqlite").is_file():
             raise ConfigError(
                 f"reuse: {src} is not a bench directory (no bench_config.json / results.sqlite);"
@@ -320,14 +335,20 @@ def _check_reuse_sources(cfg: BenchConfig, ood_sets: list[str]) -> list[Path]:
             )
         if src.resolve() == Path(cfg.out).resolve():
             raise ConfigError(f"reuse: {src} is this bench's own output directory; drop it")
-        old = json.loads(meta.read_text())
-        diffs = _setting_diffs(old, cfg)
-        if old.get("ood_sets") is not None and old["ood_sets"] != ood_sets:
-            diffs.append(f"ood_sets: {old['ood_sets']!r} -> {ood_sets!r}")
+        try:
+            old = json.loads(meta.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"reuse: {meta} is unreadable ({e}); drop it from reuse") from e
+        new = asdict(cfg)
+        diffs = [f"{k}: not recorded -> {new[k]!r}" for k in new
+                 if k not in _REUSABLE and k not in old]  # fmt: skip
+        diffs += _setting_diffs(old, cfg)
+        if old.get("ood_sets") != ood_sets:
+            diffs.append(f"ood_sets: {old.get('ood_sets', 'not recorded')!r} -> {ood_sets!r}")
         if diffs:
             raise ConfigError(
-                f"reuse: {src} was made with other settings ({'; '.join(diffs)}); its runs "
-                "would be scored differently from this bench's: drop it from reuse"
+                f"reuse: {src} was made with other settings ({'; '.join(diffs)}); drop it from "
+                "reuse, or make this bench's settings the same"
             )
         sources.append(src)
     return sources

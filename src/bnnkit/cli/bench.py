@@ -32,7 +32,8 @@ def arguments(b) -> None:
         action="append",
         metavar="DIR",
         help="an earlier bench's output directory: its finished runs made with the same "
-        "settings are copied in instead of trained again (repeatable)",
+        "settings are copied in instead of trained again (repeatable; replaces the config "
+        "file's reuse list)",
     )
     b.add_argument("--train-option", action="append", help="train config key=value for every run")
     b.add_argument(
@@ -72,7 +73,7 @@ def config(a):
     for k, v in given(a, BENCH_OPTIONS).items():
         setattr(cfg, k, v)
     if a.reuse:
-        cfg.reuse = [*cfg.reuse, *a.reuse]
+        cfg.reuse = list(a.reuse)
     if a.quiet:
         cfg.progress = False
     apply_extras(cfg, a)
