@@ -325,6 +325,11 @@ def test_final_comparison_config_leaves_the_given_bench_config_alone(tmp_path, m
     assert cfg.train_options == {"optimizer": "sgd", "cutout": 4}  # the bench's own wins
     assert cfg.methods == ["mc_dropout", "mc_dropout_full", "searched"]
     assert cfg.epochs == 1 and cfg.out == str(out / "final")
+    # a bench stopped by its time budget: no comparison from a part of the runs
+    (out / "final" / "comparison.md").unlink()
+    monkeypatch.setattr(final, "run_bench", lambda cfg, log=print: None)
+    assert final.final_comparison(out, given_cfg, log=lambda *_: None) is None
+    assert not (out / "final" / "comparison.md").exists()
 
 
 def test_add_arguments_and_given_on_a_generated_table():

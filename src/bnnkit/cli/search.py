@@ -3,7 +3,7 @@ comparison of the searched plans with the bench's training."""
 
 from __future__ import annotations
 
-from .common import add_quiet, apply_extras
+from .common import EXIT_STOPPED, add_quiet, apply_extras
 
 NAME, HELP = "search", "search where the Bayesian layers go (Optuna, NSGA-II)"
 
@@ -73,5 +73,6 @@ def run(a) -> int:
 
         bench = final_bench or bench_config(None)
         bench.progress = not a.quiet
-        final_comparison(out, bench)
+        if final_comparison(out, bench) is None:
+            return EXIT_STOPPED
     return 0

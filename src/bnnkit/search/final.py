@@ -99,11 +99,13 @@ def final_comparison(
     bench: BenchConfig | None = None,
     baselines: list[str] | None = None,
     log=print,
-) -> str:
+) -> str | None:
     """Retrain the searched plans and the baselines with ``bench`` (default: the bench's own
     defaults) into ``OUT/final``; return and write the comparison (``comparison.md``).
 
-    Resumable like the bench: finished runs are read back, a killed run continues."""
+    Resumable like the bench: finished runs are read back, a killed run continues; None when
+    the bench's ``max_minutes`` ran out first (the same call continues, and only then writes
+    the comparison)."""
     out = Path(out)
     plans = final_plans(out)
     scfg = json.loads((out / "search_config.json").read_text())
@@ -127,6 +129,8 @@ def final_comparison(
         variants={**base_cfg.variants, **variants},
     )
     table = run_bench(cfg, log=log)
+    if table is None:  # stopped by max_minutes: no comparison from a part of the runs
+        return None
     with ResultStore(Path(cfg.out) / "results.sqlite") as store:
         rows = store.rows(dataset=cfg.dataset, model=cfg.model)
     rows = [r for r in rows if r["method"] in cfg.methods and r["seed"] < cfg.seeds]
