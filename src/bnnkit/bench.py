@@ -282,12 +282,19 @@ def _same_setting(key: str, old, new) -> bool:
     return old == new
 
 
-def _setting_diffs(old: dict, cfg: BenchConfig) -> list[str]:
-    return [
-        f"{k}: {old.get(k)!r} -> {v!r}"
-        for k, v in asdict(cfg).items()
-        if k not in _REUSABLE and k in old and not _same_setting(k, old[k], v)
-    ]
+def _setting_diffs(old: dict, cfg: BenchConfig, strict: bool = False) -> list[str]:
+    """The settings (outside ``_REUSABLE``) in which the recorded bench ``old`` differs from
+    ``cfg``; ``strict``: a setting ``old`` did not record is a difference too."""
+    diffs = []
+    for k, v in asdict(cfg).items():
+        if k in _REUSABLE:
+            continue
+        if k not in old:
+            if strict:
+                diffs.append(f"{k}: not recorded -> {v!r}")
+        elif not _same_setting(k, old[k], v):
+            diffs.append(f"{k}: {old[k]!r} -> {v!r}")
+    return diffs
 
 
 def _check_reusable(path: Path, cfg: BenchConfig) -> None:
@@ -339,10 +346,7 @@ def _check_reuse_sources(cfg: BenchConfig, ood_sets: list[str]) -> list[Path]:
             old = json.loads(meta.read_text())
         except (OSError, ValueError) as e:
             raise ConfigError(f"reuse: {meta} is unreadable ({e}); drop it from reuse") from e
-        new = asdict(cfg)
-        diffs = [f"{k}: not recorded -> {new[k]!r}" for k in new
-                 if k not in _REUSABLE and k not in old]  # fmt: skip
-        diffs += _setting_diffs(old, cfg)
+        diffs = _setting_diffs(old, cfg, strict=True)
         if old.get("ood_sets") != ood_sets:
             diffs.append(f"ood_sets: {old.get('ood_sets', 'not recorded')!r} -> {ood_sets!r}")
         if diffs:
@@ -362,8 +366,11 @@ def _adopt_run(src: Path, cfg: BenchConfig, method: str, seed: int, rc, run_dir:
     if not (src_run / "predictions.safetensors").is_file() or not is_complete(src_run):
         return False
     diffs = config_diffs(src_run / "config.json", rc)
-    if diffs is None or diffs:
-        log(f"note: not reusing {src_run}: made with other settings ({'; '.join(diffs or [])})")
+    if diffs is None:
+        log(f"note: not reusing {src_run}: its config.json is unreadable")
+        return False
+    if diffs:
+        log(f"note: not reusing {src_run}: made with other settings ({'; '.join(diffs)})")
         return False
     with ResultStore(src / "results.sqlite") as src_store:
         rows = src_store.rows(method=method, dataset=cfg.dataset, model=cfg.model, seed=seed)

@@ -167,14 +167,19 @@ def _config_diff(old: dict, new: dict, prefix=()) -> list[str]:
     return diffs
 
 
+def _saved_config(path: Path) -> dict:
+    # parsed through the dataclass, so that keys added since the run was made take their
+    # defaults instead of reading as differences
+    return RunConfig.from_dict(json.loads(path.read_text())).to_dict()
+
+
 def config_diffs(path: Path, cfg: RunConfig) -> list[str] | None:
     """How the run config saved at ``path`` differs from ``cfg`` (empty: the same run);
     None when the file is missing or unreadable."""
     try:
-        old = RunConfig.from_dict(json.loads(path.read_text())).to_dict()
+        return _config_diff(_saved_config(path), cfg.to_dict())
     except (OSError, ValueError, TypeError):
         return None
-    return _config_diff(old, cfg.to_dict())
 
 
 def check_same_config(path: Path, cfg: RunConfig, may_change: tuple = ()) -> None:
@@ -183,9 +188,7 @@ def check_same_config(path: Path, cfg: RunConfig, may_change: tuple = ()) -> Non
     if not path.is_file():
         return
     try:
-        # parsed through the dataclass, so that keys added since the run was made take their
-        # defaults instead of reading as differences
-        old = RunConfig.from_dict(json.loads(path.read_text())).to_dict()
+        old = _saved_config(path)
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path} is unreadable ({e}); remove the run directory") from e
     diffs = [d for d in _config_diff(old, cfg.to_dict()) if d.split(":")[0] not in may_change]
