@@ -453,134 +453,141 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
     # refused bench leaves nothing that would refuse the corrected command in turn
     for method in order:
         check_run(_run_config(cfg, method, 0), out / "runs" / f"{method}-seed0", bundle)
-    out.mkdir(parents=True, exist_ok=True)
-    io.atomic_write_text(
-        out / "bench_config.json", json.dumps({**asdict(cfg), "ood_sets": sorted(bundle.ood)},
-                                              indent=2)
-    )  # fmt: skip
-    eval_cfg = EvalConfig(
-        corruptions=cfg.corruptions,
-        mnist_c=cfg.mnist_c,
-        n_corrupt=cfg.n_corrupt,
-        n_rotate=cfg.n_rotate,
-        angles=[] if bundle.dense else cfg.angles,
-        batch_size=cfg.eval_batch_size,
-        memory_budget=cfg.memory_budget,
-        progress=cfg.progress,
-    )
-    arts: dict[str, dict] = {}
-    with ResultStore(out / "results.sqlite") as store:
-        jobs = [(s, m) for s in range(cfg.seeds) for m in order]
-        bar = tqdm(jobs, desc="bench", disable=not cfg.progress)
-        trained: dict[tuple[str, int], UQModel] = {}
-        stopped = False
-        for seed, method in bar:
-            if budget.exhausted():
-                stopped = True
-                break
-            bar.set_postfix_str(f"{method} seed {seed}")
-            run_dir = out / "runs" / f"{method}-seed{seed}"
-            rc = _run_config(cfg, method, seed)
-            posthoc_of = get_method(rc.method).posthoc_of
-            pred_path = run_dir / "predictions.safetensors"
-            done = store.has(method, cfg.dataset, cfg.model, seed) and pred_path.is_file()
-            if not done and not run_dir.exists():
-                done = any(
-                    _adopt_run(src, cfg, method, seed, rc, run_dir, store, log) for src in sources
-                )
-            if done and method in cfg.methods:
-                check_same_config(run_dir / "config.json", rc)
-                if seed == 0:
-                    arts[method] = io.load(pred_path, kind="predictions")
-                continue
-            base = trained.get((posthoc_of or "", seed))
-            if base is None and posthoc_of:
-                base_path = out / "runs" / f"{posthoc_of}-seed{seed}"
-                if (base_path / "model.safetensors").is_file():
-                    base = UQModel.load(base_path / "model.safetensors")
-            model = train_run(
-                rc, run_dir, resume=True, bundle=bundle, base_model=base, budget=budget
-            )
-            if not is_complete(run_dir):
-                stopped = True
-                break
-            trained[(method, seed)] = model
-            if method not in cfg.methods:
-                continue
-            model.to(device)
-            rows, art = evaluate(model, bundle, eval_cfg)
-            model.cpu()
-            rows += _train_rows(run_dir)
-            io.save(art, pred_path, kind="predictions")
-            io.atomic_write_text(run_dir / "metrics.json", json.dumps(rows, indent=1))
-            store.add_run(
-                method, cfg.dataset, cfg.model, seed, run_dir, json.dumps(rc.to_dict()), rows
-            )
-            if seed == 0:
-                arts[method] = art
-        rows = store.rows(dataset=cfg.dataset, model=cfg.model)
-        store.to_csv(out / "results.csv")
-    bar.close()
-    if stopped:
-        log(
-            f"stopped: the {cfg.max_minutes:g}-minute budget ran out; finished runs and the "
-            f"last epoch of the current one are kept in {out}: run the same command to continue"
+    # one bench writes an output directory at a time: a second call (the same command in
+    # another terminal) is refused instead of training the same runs twice into one store
+    with io.exclusive(out, "wait for it to finish, or give this bench another --out"):
+        io.atomic_write_text(
+            out / "bench_config.json", json.dumps({**asdict(cfg), "ood_sets": sorted(bundle.ood)},
+                                                  indent=2)
+        )  # fmt: skip
+        eval_cfg = EvalConfig(
+            corruptions=cfg.corruptions,
+            mnist_c=cfg.mnist_c,
+            n_corrupt=cfg.n_corrupt,
+            n_rotate=cfg.n_rotate,
+            angles=[] if bundle.dense else cfg.angles,
+            batch_size=cfg.eval_batch_size,
+            memory_budget=cfg.memory_budget,
+            progress=cfg.progress,
         )
-        return None
-    rows = [r for r in rows if r["method"] in cfg.methods and r["seed"] < cfg.seeds]
-    curves = {
-        m: [read_curve(out / "runs" / f"{m}-seed{seed}") for seed in range(cfg.seeds)]
-        for m in cfg.methods
-    }
-    curves = {m: c for m, c in curves.items() if any(r.get("val_nll") for r in c)}
-    headers, lines = summary(rows, cfg.methods, SEG_COLUMNS if bundle.dense else None)
-    stamp = _dt.date.today().isoformat()
-    shift = (
-        f"anomaly classes: {', '.join(bundle.anomaly_classes) or 'none'}"
-        if bundle.dense
-        else f"OOD: {', '.join(bundle.ood) or 'none'}"
-    )
-    md = (
-        f"# bnnkit bench: {cfg.dataset}, {cfg.model}\n\n"
-        f"{cfg.seeds} seed(s), {cfg.epochs} epochs, training subset {cfg.subset or 'all'}, "
-        f"{len(bundle.test)} test images, "
-        f"{shift}; made {stamp} on {device_name(device)}, "
-        f"torch {torch.__version__}.\n\n"
-        + markdown(headers, lines)
-        + "\n\n"
-        + (SEG_COLUMN_NOTE if bundle.dense else COLUMN_NOTE)
-        + _throughput_table(rows, cfg.methods)
-        + _convergence_table(curves)
-        + (_seg_tables(rows, cfg, bundle.class_names) if bundle.dense else _shift_tables(rows, cfg))
-    )
-    io.atomic_write_text(out / "results.md", md)
-    fig_dir = out / "figures"
-    fig_dir.mkdir(exist_ok=True)
-    present = [m for m in cfg.methods if m in arts]
-    if present and bundle.dense:
-        ordered = {m: arts[m] for m in present}
-        if any(a.get("maps") for a in ordered.values()):
-            figs.segmentation_maps(ordered, fig_dir / "uncertainty_maps.png", "entropy")
-        if any(a.get("maps") and a.get("members", 1) > 1 for a in ordered.values()):
-            figs.segmentation_maps(ordered, fig_dir / "mutual_info_maps.png", "mutual_info")
-    elif present:
-        ordered = {m: arts[m] for m in present}
-        figs.reliability_diagrams(ordered, fig_dir / "reliability.png")
-        if bundle.ood:
-            figs.ood_histograms(ordered, fig_dir / "ood_hist.png")
-    if curves:
-        figs.training_curves(curves, fig_dir / "training_curves.png")
-    if cfg.corruptions:
-        figs.corruption_curves(rows, fig_dir / "corruption.png", cfg.methods, bundle.dense)
-    if cfg.angles and not bundle.dense:
-        figs.rotation_curves(rows, fig_dir / "rotation.png", cfg.methods)
-    table = plain(headers, lines)
-    log(table)
-    log(
-        f"\nresults: {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.sqlite'}; "
-        f"figures in {fig_dir}"
-    )
-    return table
+        arts: dict[str, dict] = {}
+        with ResultStore(out / "results.sqlite") as store:
+            jobs = [(s, m) for s in range(cfg.seeds) for m in order]
+            bar = tqdm(jobs, desc="bench", disable=not cfg.progress)
+            trained: dict[tuple[str, int], UQModel] = {}
+            stopped = False
+            for seed, method in bar:
+                if budget.exhausted():
+                    stopped = True
+                    break
+                bar.set_postfix_str(f"{method} seed {seed}")
+                run_dir = out / "runs" / f"{method}-seed{seed}"
+                rc = _run_config(cfg, method, seed)
+                posthoc_of = get_method(rc.method).posthoc_of
+                pred_path = run_dir / "predictions.safetensors"
+                done = store.has(method, cfg.dataset, cfg.model, seed) and pred_path.is_file()
+                if not done and not run_dir.exists():
+                    done = any(
+                        _adopt_run(src, cfg, method, seed, rc, run_dir, store, log)
+                        for src in sources
+                    )
+                if done and method in cfg.methods:
+                    check_same_config(run_dir / "config.json", rc)
+                    if seed == 0:
+                        arts[method] = io.load(pred_path, kind="predictions")
+                    continue
+                base = trained.get((posthoc_of or "", seed))
+                if base is None and posthoc_of:
+                    base_path = out / "runs" / f"{posthoc_of}-seed{seed}"
+                    if (base_path / "model.safetensors").is_file():
+                        base = UQModel.load(base_path / "model.safetensors")
+                model = train_run(
+                    rc, run_dir, resume=True, bundle=bundle, base_model=base, budget=budget
+                )
+                if not is_complete(run_dir):
+                    stopped = True
+                    break
+                trained[(method, seed)] = model
+                if method not in cfg.methods:
+                    continue
+                model.to(device)
+                rows, art = evaluate(model, bundle, eval_cfg)
+                model.cpu()
+                rows += _train_rows(run_dir)
+                io.save(art, pred_path, kind="predictions")
+                io.atomic_write_text(run_dir / "metrics.json", json.dumps(rows, indent=1))
+                store.add_run(
+                    method, cfg.dataset, cfg.model, seed, run_dir, json.dumps(rc.to_dict()), rows
+                )
+                if seed == 0:
+                    arts[method] = art
+            rows = store.rows(dataset=cfg.dataset, model=cfg.model)
+            store.to_csv(out / "results.csv")
+        bar.close()
+        if stopped:
+            log(
+                f"stopped: the {cfg.max_minutes:g}-minute budget ran out; finished runs and the "
+                f"last epoch of the current one are kept in {out}: run the same command to continue"
+            )
+            return None
+        rows = [r for r in rows if r["method"] in cfg.methods and r["seed"] < cfg.seeds]
+        curves = {
+            m: [read_curve(out / "runs" / f"{m}-seed{seed}") for seed in range(cfg.seeds)]
+            for m in cfg.methods
+        }
+        curves = {m: c for m, c in curves.items() if any(r.get("val_nll") for r in c)}
+        headers, lines = summary(rows, cfg.methods, SEG_COLUMNS if bundle.dense else None)
+        stamp = _dt.date.today().isoformat()
+        shift = (
+            f"anomaly classes: {', '.join(bundle.anomaly_classes) or 'none'}"
+            if bundle.dense
+            else f"OOD: {', '.join(bundle.ood) or 'none'}"
+        )
+        md = (
+            f"# bnnkit bench: {cfg.dataset}, {cfg.model}\n\n"
+            f"{cfg.seeds} seed(s), {cfg.epochs} epochs, training subset {cfg.subset or 'all'}, "
+            f"{len(bundle.test)} test images, "
+            f"{shift}; made {stamp} on {device_name(device)}, "
+            f"torch {torch.__version__}.\n\n"
+            + markdown(headers, lines)
+            + "\n\n"
+            + (SEG_COLUMN_NOTE if bundle.dense else COLUMN_NOTE)
+            + _throughput_table(rows, cfg.methods)
+            + _convergence_table(curves)
+            + (
+                _seg_tables(rows, cfg, bundle.class_names)
+                if bundle.dense
+                else _shift_tables(rows, cfg)
+            )
+        )
+        io.atomic_write_text(out / "results.md", md)
+        fig_dir = out / "figures"
+        fig_dir.mkdir(exist_ok=True)
+        present = [m for m in cfg.methods if m in arts]
+        if present and bundle.dense:
+            ordered = {m: arts[m] for m in present}
+            if any(a.get("maps") for a in ordered.values()):
+                figs.segmentation_maps(ordered, fig_dir / "uncertainty_maps.png", "entropy")
+            if any(a.get("maps") and a.get("members", 1) > 1 for a in ordered.values()):
+                figs.segmentation_maps(ordered, fig_dir / "mutual_info_maps.png", "mutual_info")
+        elif present:
+            ordered = {m: arts[m] for m in present}
+            figs.reliability_diagrams(ordered, fig_dir / "reliability.png")
+            if bundle.ood:
+                figs.ood_histograms(ordered, fig_dir / "ood_hist.png")
+        if curves:
+            figs.training_curves(curves, fig_dir / "training_curves.png")
+        if cfg.corruptions:
+            figs.corruption_curves(rows, fig_dir / "corruption.png", cfg.methods, bundle.dense)
+        if cfg.angles and not bundle.dense:
+            figs.rotation_curves(rows, fig_dir / "rotation.png", cfg.methods)
+        table = plain(headers, lines)
+        log(table)
+        log(
+            f"\nresults: {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.sqlite'}; "
+            f"figures in {fig_dir}"
+        )
+        return table
 
 
 def _train_rows(run_dir: Path) -> list[dict]:

@@ -11,10 +11,13 @@ one, never a torn one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 FORMAT = "bnnkit-checkpoint"
 VERSION = 1
@@ -123,6 +126,35 @@ def atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+#: the file :func:`exclusive` locks inside a directory
+LOCK_NAME = ".bnnkit.lock"
+
+
+@contextlib.contextmanager
+def exclusive(directory: str | os.PathLike, refusal: str) -> Iterator[None]:
+    """Hold an advisory lock on ``directory`` (``flock`` on its :data:`LOCK_NAME`) for the
+    block, creating the directory if needed. A second process that asks while this one holds
+    it is refused at once with a :class:`ConfigError`: ``refusal`` (what to do instead) after
+    the holder's pid, instead of both writing the same files. The kernel drops the lock when
+    its holder ends, killed or not, so a left-over lock file never blocks a later call."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / LOCK_NAME, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "pid unknown"
+            raise ConfigError(
+                f"{directory} is in use by another bnnkit process ({holder}); {refusal}"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        yield
 
 
 def atomic_write_text(path: Path, text: str) -> None:

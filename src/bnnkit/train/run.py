@@ -355,42 +355,47 @@ def train_run(
     fitting = not (method.posthoc_of is not None and base_model is not None)
     # Lightning's refusals (strategy, devices, precision) too, before anything is written
     fit = _trainer(cfg, run_dir, model, bundle, callbacks or [], budget) if fitting else None
-    config_path = run_dir / "config.json"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    io.atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
-    t0 = time.time()
-    trained_epochs = 0
-    is_zero = True
-    if fit is None:
-        model.load_state_dict(base_model.state_dict())
-    else:
-        is_zero, trained_epochs = _fit(cfg, run_dir, model, bundle, resume, fit)
-        if trained_epochs < cfg.train.epochs:
-            return model  # stopped by the budget: resumable, not complete
-    train_seconds = time.time() - t0
-    if method.fit is not None:
-        method.fit(model, bundle)
-    if is_zero:
-        model.save(run_dir / "model.safetensors", extra={"config": cfg.to_dict()})
-        meta = {
-            "method": cfg.method,
-            "parameters": model.num_parameters(),
-            "train_seconds": round(train_seconds, 2),
-            "epochs": trained_epochs,
-            "n_train": len(bundle.train),
-            "temperature": float(model.temperature),
-            "torch": torch.__version__,
-        }
-        chunks = read_progress(run_dir).get("chunks", [])
-        images = sum(c.get("train_images", 0) for c in chunks)
-        seconds = sum(c.get("train_seconds", 0.0) for c in chunks)
-        if trains and chunks:
-            meta["chunks"] = len(chunks)
-            meta["train_seconds"] = round(sum(c.get("seconds", 0.0) for c in chunks), 2)
-            if seconds > 0:
-                meta["train_images_per_s"] = round(images / seconds, 1)
-        io.atomic_write_text(run_dir / "meta.json", json.dumps(meta, indent=2))
-    return model
+    # one process writes a run directory at a time (a distributed run's workers join rank 0's)
+    with contextlib.ExitStack() as hold:
+        if not _is_worker():
+            hold.enter_context(
+                io.exclusive(run_dir, "wait for it to finish, or give this run another --out")
+            )
+        config_path = run_dir / "config.json"
+        io.atomic_write_text(config_path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+        t0 = time.time()
+        trained_epochs = 0
+        is_zero = True
+        if fit is None:
+            model.load_state_dict(base_model.state_dict())
+        else:
+            is_zero, trained_epochs = _fit(cfg, run_dir, model, bundle, resume, fit)
+            if trained_epochs < cfg.train.epochs:
+                return model  # stopped by the budget: resumable, not complete
+        train_seconds = time.time() - t0
+        if method.fit is not None:
+            method.fit(model, bundle)
+        if is_zero:
+            model.save(run_dir / "model.safetensors", extra={"config": cfg.to_dict()})
+            meta = {
+                "method": cfg.method,
+                "parameters": model.num_parameters(),
+                "train_seconds": round(train_seconds, 2),
+                "epochs": trained_epochs,
+                "n_train": len(bundle.train),
+                "temperature": float(model.temperature),
+                "torch": torch.__version__,
+            }
+            chunks = read_progress(run_dir).get("chunks", [])
+            images = sum(c.get("train_images", 0) for c in chunks)
+            seconds = sum(c.get("train_seconds", 0.0) for c in chunks)
+            if trains and chunks:
+                meta["chunks"] = len(chunks)
+                meta["train_seconds"] = round(sum(c.get("seconds", 0.0) for c in chunks), 2)
+                if seconds > 0:
+                    meta["train_images_per_s"] = round(images / seconds, 1)
+            io.atomic_write_text(run_dir / "meta.json", json.dumps(meta, indent=2))
+        return model
 
 
 def _trainer(
