@@ -21,6 +21,11 @@ Claims:
 - Rank-1 BNNs (Dusenberry et al., 2020) beat BatchEnsemble and match or beat deep ensembles in
   NLL and calibration.
 - LP-BNN (Franchi et al., 2020) detects OOD inputs better than BatchEnsemble.
+- The placement search (Wang et al., 2022) finds plans as good as MC dropout and deep ensembles
+  in NLL and OOD detection at a fraction of their cost: on the final comparison of ``bnnkit
+  search`` (``OUT/final``), every searched plan against ``deep_ensemble``, ``mc_dropout_full``
+  (MC dropout run the usual way) and ``mc_dropout``. Only quality is compared here; the
+  speed-ups come from ``benchmarks/latency.py --runs OUT/final`` (side by side on idle cores).
 
 Rows are those the bench's own table uses: its data set and model, the methods of its config
 and seeds below its ``seeds`` (``bench_config.json``). Bad input (a missing directory, no
@@ -503,6 +508,31 @@ def claim_lpbnn(bench: Bench, metrics: dict[str, Metric]) -> str:
     return _pairs_claim(bench, metrics, title, "lpbnn", ["batch_ensemble"], keys)
 
 
+#: the final comparison of a placement search: its plans' labels and the baselines
+SEARCHED = ("searched", "searched_fast", "searched_nll", "searched_ood")
+SEARCH_BASELINES = ("deep_ensemble", "mc_dropout_full", "mc_dropout")
+
+
+def claim_search(bench: Bench, metrics: dict[str, Metric]) -> str:
+    title = (
+        "### Placement search (Wang et al., 2022: as good as MC dropout and deep ensembles in "
+        "NLL and OOD detection, about 3x faster)\n\n"
+    )
+    plans = [p for p in SEARCHED if bench.has(p)]
+    if not plans:
+        return title + (
+            "Skipped: this bench has no searched plan (the final comparison of `bnnkit search "
+            "--final-config`, in its `OUT/final`, has them)."
+        )
+    present = [b for b in SEARCH_BASELINES if bench.has(b)]
+    if not present:
+        return title + f"Skipped: this bench has none of {', '.join(SEARCH_BASELINES)}."
+    keys = ["test_nll", "auroc_entropy"]
+    keys += sorted(k for k in metrics if k.startswith("auroc_entropy:")) + ["test_ece"]
+    rows = [Row(p, b, k) for p in plans for b in present for k in keys]
+    return title + comparison_table(bench, rows, metrics)
+
+
 def papers_table(bench: Bench) -> str:
     title = "### The papers' numbers beside ours\n\n"
     entries = [p for p in PAPER_NUMBERS if p[0] == bench.dataset]
@@ -539,7 +569,7 @@ def papers_table(bench: Bench) -> str:
     return title + head + markdown(headers, lines) + note
 
 
-CLAIMS = [claim_selection, claim_subnet_vs_others, claim_rank1, claim_lpbnn]
+CLAIMS = [claim_selection, claim_subnet_vs_others, claim_rank1, claim_lpbnn, claim_search]
 
 
 def report(benches: list[Bench]) -> str:

@@ -292,3 +292,47 @@ def test_mnist_bench_ood_sets_mnist_c_and_lpbnn(tmp_path, capsys):
         for ln in text.splitlines()
     )
     assert "Fashion-MNIST test NLL" not in text
+
+
+def test_search_final_plans_against_the_baselines(tmp_path, capsys):
+    """A search's final bench: every searched plan against each baseline on NLL, AUROC per OOD
+    set (and their mean) and ECE, paired by seed; a bench without plans skips the claim."""
+    rng = np.random.default_rng(3)
+    methods = ["deterministic", "mc_dropout", "deep_ensemble", "searched", "searched_fast"]
+    vals = {}
+    for m in methods:
+        for s in range(3):
+            vals[(m, s)] = {
+                ("test", "nll"): 0.25 + 0.02 * rng.random(),
+                ("test", "ece"): 0.01 + 0.01 * rng.random(),
+                ("ood:mnist", "auroc_entropy"): 0.85 + 0.05 * rng.random(),
+                ("ood:cifar10_grey", "auroc_entropy"): 0.9 + 0.05 * rng.random(),
+            }
+    for s in range(3):  # searched_fast: NLL 0.05 worse than the ensemble's, clearly
+        de, fast = vals[("deep_ensemble", s)], vals[("searched_fast", s)]
+        fast[("test", "nll")] = de[("test", "nll")] + 0.05 + 0.001 * s
+    path = tmp_path / "final"
+    _write_bench(path, vals, methods=methods)
+    assert claims.main([str(path)]) == 0
+    text = capsys.readouterr().out
+    part = text.split("### Placement search")[1].split("###")[0]
+    rows = _rows(part)
+    # 2 plans x 2 baselines present (mc_dropout_full absent) x (NLL, mean AUROC, 2 sets, ECE)
+    assert len(rows) == 2 * 2 * 5
+    assert {r["B"] for r in rows} == {"deep_ensemble", "mc_dropout"}
+    r = _find(rows, "searched_fast", "deep_ensemble", "test NLL")
+    a = [vals[("searched_fast", s)][("test", "nll")] for s in range(3)]
+    b = [vals[("deep_ensemble", s)][("test", "nll")] for s in range(3)]
+    mean, lo, hi = _hand(a, b, T_2)
+    assert float(r["A − B"]) == pytest.approx(mean, abs=1e-4)
+    assert _ci(r["95% CI"]) == pytest.approx((lo, hi), abs=1e-4)
+    assert r["Verdict"] == "B better"
+    r = _find(rows, "searched", "mc_dropout", "OOD AUROC % (entropy) vs mnist")
+    a = [vals[("searched", s)][("ood:mnist", "auroc_entropy")] for s in range(3)]
+    b = [vals[("mc_dropout", s)][("ood:mnist", "auroc_entropy")] for s in range(3)]
+    assert float(r["A − B"]) == pytest.approx(100 * _hand(a, b, T_2)[0], abs=1e-2)
+
+
+def test_search_claim_skipped_without_plans(report):
+    part = report.split("### Placement search")[1]
+    assert "Skipped: this bench has no searched plan" in part
