@@ -76,3 +76,66 @@ def test_search_then_final_retrains_the_searched_plans_beside_the_baselines(tmp_
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert {p: p.stat().st_mtime for p in mtimes} == mtimes
+    # the final bench with other settings: refused, naming what to delete (not the search)
+    (tmp_path / "final.yaml").write_text(yaml.safe_dump({**bench, "epochs": 2}))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2
+    assert f"delete {out / 'final'} to start the final comparison over" in r.stderr
+    assert "epochs: 1 -> 2" in r.stderr
+    assert {p: p.stat().st_mtime for p in mtimes} == mtimes
+
+
+def _search_settings(tmp_path):
+    from dataclasses import asdict
+
+    from bnnkit.search.study import SearchConfig
+
+    return asdict(SearchConfig(out=str(tmp_path / "search"), model="mlp"))
+
+
+def test_a_final_config_is_checked_before_the_search(tmp_path):
+    """What the final bench would refuse after an hours-long search is refused before it:
+    fields the search sets, invalid values, reuse directories that are no such bench."""
+    from dataclasses import asdict, replace
+
+    from bnnkit.bench import BenchConfig
+    from bnnkit.search.final import check_final_config
+
+    search = _search_settings(tmp_path)
+    ok = BenchConfig(epochs=1, seeds=1)
+    check_final_config(search, ok, given={"epochs", "seeds"})
+    for key in ("methods", "dataset", "out", "variants", "model"):
+        with pytest.raises(ConfigError, match=f"sets {key}, which the final comparison takes"):
+            check_final_config(search, ok, given={"epochs", key}, source="f.yaml")
+    with pytest.raises(ConfigError, match="seeds"):
+        check_final_config(search, replace(ok, seeds=0))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="afile is a file, not a directory"):
+        check_final_config(search, replace(ok, reuse=[str(tmp_path / "afile")]))
+    with pytest.raises(ConfigError, match="nothere does not exist"):
+        check_final_config(search, replace(ok, reuse=[str(tmp_path / "nothere")]))
+    # a bench made with the same settings is accepted; one with other epochs refused by name
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "results.sqlite").write_bytes(b"")
+    final = replace(ok, dataset="fashion_mnist", model="mlp", out=str(tmp_path / "search/final"))
+    (src / "bench_config.json").write_text(json.dumps({**asdict(final), "ood_sets": []}))
+    check_final_config(search, replace(ok, reuse=[str(src)]))
+    (src / "bench_config.json").write_text(
+        json.dumps({**asdict(replace(final, epochs=3)), "ood_sets": []})
+    )
+    with pytest.raises(ConfigError, match="was made with other settings .*epochs: 3 -> 1"):
+        check_final_config(search, replace(ok, reuse=[str(src)]))
+
+
+def test_the_cli_refuses_a_bad_final_config_before_searching(tmp_path):
+    (tmp_path / "f.yaml").write_text("methods: [deterministic]\nepochs: 1\n")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    for name, what in (("f.yaml", "sets methods"), ("list.yaml", "holds a YAML list"),
+                       ("", "is a directory, not a file")):  # fmt: skip
+        out = tmp_path / "search"
+        cmd = [sys.executable, "-m", "bnnkit.cli", "search", "--out", str(out), "--trials", "2",
+               "--final-config", str(tmp_path / name), "--quiet"]  # fmt: skip
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and what in r.stderr, r.stderr[-2000:]
+        assert not out.exists()  # nothing made that the corrected command would trip over

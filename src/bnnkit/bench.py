@@ -297,14 +297,16 @@ def _setting_diffs(old: dict, cfg: BenchConfig, strict: bool = False) -> list[st
     return diffs
 
 
-def _check_reusable(path: Path, cfg: BenchConfig) -> None:
+_START_OVER = "use another --out, or delete it to start over"
+
+
+def _check_reusable(path: Path, cfg: BenchConfig, advice: str = _START_OVER) -> None:
     if not path.is_file():
         return
     diffs = _setting_diffs(json.loads(path.read_text()), cfg)
     if diffs:
         raise ConfigError(
-            f"{path.parent} holds a bench made with other settings ({'; '.join(diffs)}); "
-            "use another --out, or delete it to start over"
+            f"{path.parent} holds a bench made with other settings ({'; '.join(diffs)}); {advice}"
         )
 
 
@@ -322,18 +324,20 @@ def _check_ood_sets(path: Path, ood_sets: list[str]) -> None:
         )
 
 
-def _check_reuse_sources(cfg: BenchConfig, ood_sets: list[str]) -> list[Path]:
+def _check_reuse_sources(cfg: BenchConfig, ood_sets: list[str] | None) -> list[Path]:
     """The ``reuse`` directories, each checked to be a bench scored like this one: the same
-    data, model, training and evaluation settings and OOD sets (the methods may differ). A
-    setting the source did not record counts as a difference: it cannot be shown to agree."""
+    data, model, training and evaluation settings and OOD sets (the methods may differ; None:
+    the OOD sets are not known yet and not compared). A setting the source did not record
+    counts as a difference: it cannot be shown to agree."""
     sources = []
     for name in cfg.reuse:
         src = Path(name)
         meta = src / "bench_config.json"
         if not src.is_dir():
+            what = "is a file, not a directory" if src.exists() else "does not exist"
             raise ConfigError(
-                f"reuse: {src} does not exist; name the --out of an earlier bnnkit bench, or "
-                "drop it from reuse"
+                f"reuse: {src} {what}; name the --out of an earlier bnnkit bench, or drop it "
+                "from reuse"
             )
         if not meta.is_file() or not (src / "results.sqlite").is_file():
             raise ConfigError(
@@ -347,7 +351,7 @@ def _check_reuse_sources(cfg: BenchConfig, ood_sets: list[str]) -> list[Path]:
         except (OSError, ValueError) as e:
             raise ConfigError(f"reuse: {meta} is unreadable ({e}); drop it from reuse") from e
         diffs = _setting_diffs(old, cfg, strict=True)
-        if old.get("ood_sets") != ood_sets:
+        if ood_sets is not None and old.get("ood_sets") != ood_sets:
             diffs.append(f"ood_sets: {old.get('ood_sets', 'not recorded')!r} -> {ood_sets!r}")
         if diffs:
             raise ConfigError(

@@ -55,15 +55,25 @@ def config(a):
 
 
 def run(a) -> int:
+    import dataclasses
     import warnings
 
     import optuna
 
+    from ..search.final import check_final_config
     from ..search.study import PlacementSearch
+    from ..train import load_yaml
     from .bench import bench_config
 
     cfg = config(a)
     final_bench = bench_config(a.final_config) if a.final_config else None
+    if a.final or a.final_config:  # its refusals before the search, not after it
+        cfg.validate()
+        check_final_config(
+            dataclasses.asdict(cfg), final_bench or bench_config(None),
+            given=set(load_yaml(a.final_config)) if a.final_config else set(),
+            source=a.final_config or "the final bench",
+        )  # fmt: skip
     with warnings.catch_warnings():  # heartbeats and stale-trial retries are "experimental"
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         out = PlacementSearch(cfg).run()

@@ -31,7 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .. import io
-from ..bench import BenchConfig, run_bench
+from ..bench import BenchConfig, _check_reusable, _check_reuse_sources, run_bench
 from ..errors import ConfigError
 from ..plan import PlacementPlan
 from ..report import ResultStore, markdown
@@ -109,25 +109,12 @@ def final_comparison(
     out = Path(out)
     plans = final_plans(out)
     scfg = json.loads((out / "search_config.json").read_text())
-    base_cfg = bench if bench is not None else BenchConfig()
-    base = list(baselines if baselines is not None else scfg.get("baselines", []))
-    variants = {label: {"method": "placement", "plan": p.to_dict()} for label, p in plans.items()}
-    if "mc_dropout" in base:  # the same network run the usual way: the whole net every pass
-        base.insert(base.index("mc_dropout") + 1, "mc_dropout_full")
-        variants["mc_dropout_full"] = {"method": "mc_dropout", "prefix_once": False}
-    # the bench's training and evaluation on the search's data (and held-out classes), model
-    # and train options (the bench's own train options win); the given config is left as it was
-    cfg = dataclasses.replace(
-        base_cfg,
-        dataset=scfg["dataset"],
-        anomaly_classes=scfg.get("anomaly_classes", base_cfg.anomaly_classes),
-        model=scfg["model"],
-        model_options=dict(scfg.get("model_options", {})),
-        train_options={**scfg.get("train_options", {}), **base_cfg.train_options},
-        out=str(out / "final"),
-        methods=base + list(plans),
-        variants={**base_cfg.variants, **variants},
-    )
+    cfg, base = _final_config(out, scfg, bench, baselines, plans)
+    _check_reusable(
+        out / "final" / "bench_config.json", cfg,
+        advice=f"delete {out / 'final'} to start the final comparison over (the search itself "
+        "is kept), or give the final bench the settings it was made with",
+    )  # fmt: skip
     table = run_bench(cfg, log=log)
     if table is None:  # stopped by max_minutes: no comparison from a part of the runs
         return None
@@ -152,6 +139,67 @@ def final_comparison(
     log("\n" + markdown(headers, lines))
     log(f"\nfinal comparison -> {out / 'final' / 'comparison.md'}")
     return table
+
+
+#: BenchConfig fields the final comparison takes from the search (data set, model, held-out
+#: classes), sets itself (output directory) or builds (methods: the search's baselines and the
+#: searched plans, as variants); a --final-config that sets them would be silently overridden
+SET_BY_SEARCH = ("dataset", "model", "model_options", "anomaly_classes", "out", "methods",
+                 "variants")  # fmt: skip
+
+
+def _final_config(
+    out: Path,
+    scfg: dict,
+    bench: BenchConfig | None,
+    baselines: list[str] | None,
+    plans: dict[str, PlacementPlan],
+) -> tuple[BenchConfig, list[str]]:
+    """The final bench's config and its baselines: ``bench``'s training and evaluation on the
+    search's data (and held-out classes), model and train options (the bench's own train
+    options win); ``bench`` itself is left as it was."""
+    base_cfg = bench if bench is not None else BenchConfig()
+    base = list(baselines if baselines is not None else scfg.get("baselines", []))
+    variants = {label: {"method": "placement", "plan": p.to_dict()} for label, p in plans.items()}
+    if "mc_dropout" in base:  # the same network run the usual way: the whole net every pass
+        base.insert(base.index("mc_dropout") + 1, "mc_dropout_full")
+        variants["mc_dropout_full"] = {"method": "mc_dropout", "prefix_once": False}
+    cfg = dataclasses.replace(
+        base_cfg,
+        dataset=scfg["dataset"],
+        anomaly_classes=scfg.get("anomaly_classes", base_cfg.anomaly_classes),
+        model=scfg["model"],
+        model_options=dict(scfg.get("model_options", {})),
+        train_options={**scfg.get("train_options", {}), **base_cfg.train_options},
+        out=str(out / "final"),
+        methods=base + list(plans),
+        variants={**base_cfg.variants, **variants},
+    )
+    return cfg, base
+
+
+def check_final_config(
+    search: dict, bench: BenchConfig, given: set[str] | frozenset[str] = frozenset(),
+    source: str = "the final config",
+) -> None:  # fmt: skip
+    """Refuse, before a search starts, a final bench that would be refused (or silently
+    overridden) after it: fields the search sets (``given``: the keys the user's file set),
+    invalid values, and ``reuse`` directories that are not benches made with the same
+    settings. ``search``: the search's settings (``asdict(SearchConfig)``)."""
+    clash = sorted(set(given) & set(SET_BY_SEARCH))
+    if clash:
+        raise ConfigError(
+            f"{source} sets {', '.join(clash)}, which the final comparison takes from the search "
+            "(its data set, model and output directory; methods: the search's baselines and the "
+            "searched plans); remove them (the baselines are the search's own: "
+            "SearchConfig.baselines, or none with --no-baselines)"
+        )
+    out = Path(search.get("out") or ".")
+    cfg, _ = _final_config(out, search, bench, None, {})
+    if not cfg.methods:  # validate() wants methods; the plans are not known yet
+        cfg = dataclasses.replace(cfg, methods=["deterministic"])
+    cfg.validate()
+    _check_reuse_sources(cfg, None)
 
 
 def _means(rows: list[dict]) -> dict[tuple[str, str, str], float]:

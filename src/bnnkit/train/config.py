@@ -230,6 +230,8 @@ def _from_dict(cls, d: dict[str, Any], where: str):
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory, not a file; give a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -241,6 +243,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         what = getattr(e, "problem", None) or str(e).replace("\n", " ")
         raise ConfigError(f"config file {path} is not valid YAML{where}: {what}") from e
+    if d is not None and not isinstance(d, dict):
+        raise ConfigError(
+            f"config file {path} holds a YAML {type(d).__name__}, not a mapping of settings "
+            "(write one `key: value` per line)"
+        )
     return d or {}
 
 
