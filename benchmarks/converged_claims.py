@@ -146,6 +146,15 @@ class Bench:
     dataset: str
     model: str
     runs: dict[str, dict[int, Values]]  # method -> seed -> values
+    expected: dict[str, int] | None = None  # methods of its config -> seeds it will have
+
+    def unfinished(self) -> list[str]:
+        """Methods of the bench's config with fewer finished seeds than it will have."""
+        return [
+            f"{m} ({len(self.runs.get(m, {}))} of {n} seeds)"
+            for m, n in (self.expected or {}).items()
+            if len(self.runs.get(m, {})) < n
+        ]
 
     @property
     def seeds(self) -> list[int]:
@@ -222,7 +231,10 @@ def load_bench(path: str) -> Bench:
         if v is None or not math.isfinite(v):
             continue
         runs.setdefault(r["method"], {}).setdefault(r["seed"], {})[(r["split"], r["metric"])] = v
-    return Bench(path, dataset, model, runs)
+    expected = None
+    if isinstance(cfg.get("methods"), list) and isinstance(cfg.get("seeds"), int):
+        expected = {m: cfg["seeds"] for m in cfg["methods"] if isinstance(m, str)}
+    return Bench(path, dataset, model, runs, expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,10 +539,17 @@ def claim_search(bench: Bench, metrics: dict[str, Metric]) -> str:
     present = [b for b in SEARCH_BASELINES if bench.has(b)]
     if not present:
         return title + f"Skipped: this bench has none of {', '.join(SEARCH_BASELINES)}."
+    note = ""
+    if "mc_dropout_full" in present and "mc_dropout" in present:
+        present.remove("mc_dropout")  # the same trained network: only its cost differs
+        note = (
+            "\n\nmc_dropout is the same trained network as mc_dropout_full (run with the "
+            "deterministic prefix once): its quality is the same, so it is not repeated."
+        )
     keys = ["test_nll", "auroc_entropy"]
     keys += sorted(k for k in metrics if k.startswith("auroc_entropy:")) + ["test_ece"]
     rows = [Row(p, b, k) for p in plans for b in present for k in keys]
-    return title + comparison_table(bench, rows, metrics)
+    return title + comparison_table(bench, rows, metrics) + note
 
 
 def papers_table(bench: Bench) -> str:
@@ -584,6 +603,12 @@ def report(benches: list[Bench]) -> str:
     for bench in benches:
         metrics = bench_metrics(bench)
         parts.append(f"## `{bench.path}`: {bench.dataset}, {bench.model}")
+        if bench.unfinished():
+            parts.append(
+                f"**Unfinished bench**: {', '.join(bench.unfinished())}; the claims below use "
+                "its finished runs only (a method without one is reported as absent). Finish "
+                "the bench (repeat its command) for the full answer."
+            )
         parts += [claim(bench, metrics) for claim in CLAIMS]
         parts.append(papers_table(bench))
     return "\n\n".join(parts) + "\n"

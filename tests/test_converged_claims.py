@@ -336,3 +336,15 @@ def test_search_final_plans_against_the_baselines(tmp_path, capsys):
 def test_search_claim_skipped_without_plans(report):
     part = report.split("### Placement search")[1]
     assert "Skipped: this bench has no searched plan" in part
+
+
+def test_an_unfinished_bench_is_named_as_such(tmp_path, capsys):
+    vals = {k: v for k, v in _values().items() if not (k[0] == "rank1" and k[1] == 2)}
+    vals = {k: v for k, v in vals.items() if k[0] != "laplace_diag"}
+    _write_bench(tmp_path / "b", vals)
+    assert claims.main([str(tmp_path / "b")]) == 0
+    text = capsys.readouterr().out
+    head = next(ln for ln in text.splitlines() if ln.startswith("**Unfinished bench**"))
+    assert "rank1 (2 of 3 seeds)" in head and "laplace_diag (0 of 3 seeds)" in head
+    assert "subnet-random-600 (2 of 3 seeds)" in head  # the fixture's missing seed 0
+    assert "deep_ensemble" not in head

@@ -295,7 +295,7 @@ def test_a_trial_orphaned_before_its_first_heartbeat_is_failed_and_the_search_go
         assert all(len(t.values) == len(OBJECTIVES) for t in done)
 
 
-def test_a_worker_over_budget_waits_without_creating_trials(tmp_path):
+def test_a_worker_over_budget_waits_without_creating_trials(tmp_path, capsys):
     from bnnkit.search.study import OBJECTIVES
 
     cfg = _cfg(tmp_path, trials=1)
@@ -333,6 +333,9 @@ def test_a_worker_over_budget_waits_without_creating_trials(tmp_path):
         stop.set()
         beating.join()
     assert _states(cfg) == [optuna.trial.TrialState.COMPLETE]  # no trial made while waiting
+    err = capsys.readouterr().err  # and says so, once, naming the trial and its worker
+    assert err.count(f"waiting for trial {trial.number} of worker other") == 1
+    assert "its heartbeat is 2 s old" in err
 
 
 def test_a_search_proposes_the_same_plans_from_its_seed_whatever_the_timing(tmp_path, monkeypatch):

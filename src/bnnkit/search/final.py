@@ -133,6 +133,7 @@ def final_comparison(
         + markdown(headers, lines)
         + "\n\n"
         + (SEG_COMPARISON_NOTE if dense else COMPARISON_NOTE)
+        + (REUSED_TIMING_NOTE.format(final=out / "final") if cfg.reuse else "")
         + "\n"
     )
     io.atomic_write_text(out / "final" / "comparison.md", md)
@@ -270,6 +271,12 @@ COMPARISON_NOTE = (
     "the searched plan is better); AUROC vs baseline: relative difference in OOD AUROC with the "
     "predictive entropy, per test OOD set (positive: better). Means over seeds; the full table "
     "with spreads is in results.md."
+)
+
+REUSED_TIMING_NOTE = (
+    "\n\nRuns copied from a `reuse` bench keep the latency that bench measured, in another "
+    "process and at another time: for speed-ups timed side by side, run `python "
+    "benchmarks/latency.py --runs {final} --vs <baselines>`."
 )
 
 SEG_COMPARISON_NOTE = (

@@ -42,6 +42,7 @@ import io as stdio
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -715,6 +716,22 @@ class PlacementSearch:
             states.count(optuna.trial.TrialState.RUNNING),
         )
 
+    def _say_waiting(self, bar) -> None:
+        """One line per running trial this worker waits for, the first time it does: a
+        stopped worker's trial holds its slot until its heartbeat is stale."""
+        said = self.__dict__.setdefault("_said_waiting", set())
+        running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        for t in running:
+            if t.number in said:
+                continue
+            said.add(t.number)
+            bar.write(
+                f"waiting for trial {t.number} of worker {t.user_attrs.get('worker', '?')}: "
+                f"if that worker was stopped, its trial is failed and its plan re-queued once "
+                f"its heartbeat is {2 * self.cfg.heartbeat} s old",
+                file=sys.stderr,
+            )
+
     def run(self) -> Path:
         """Ask, evaluate and tell until the study holds ``cfg.trials`` completed trials."""
         bar = tqdm(total=self.cfg.trials, disable=not self.cfg.progress, desc="search")
@@ -730,6 +747,7 @@ class PlacementSearch:
                 # the last slots are held by other workers' running trials: wait for them to
                 # finish (or to be failed as stale, which re-queues their plans), creating
                 # no trial meanwhile
+                self._say_waiting(bar)
                 time.sleep(pause)
                 continue
             with warnings.catch_warnings():  # heartbeats are run below, around the trial
