@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, InputError
-from ..nn.ensemble import EnsembleModule, _split, member_pass
+from ..nn.ensemble import EnsembleModule, _split, batch_rows, member_pass
 from .placement import NaivePath, PlacementFallback, PrefixSplit, run_prefix, split_prefix
 
 
@@ -182,16 +182,18 @@ class Folded(nn.Module):
         if isinstance(values, NaivePath):
             self._placement_fallback(values)
             return None
+        B = x.shape[0]
         if self._by_member(x):
             folded = [_fold_value(v, samples) for v in values]
             outs = []
-            with member_pass(self.body) as select:
+            with member_pass(self.body) as select, batch_rows(samples * B):
                 for m in range(self.members):
                     select(m)
                     outs.append(_logits(split.tail(*folded), self.body))
             return torch.cat(outs)
-        return _logits(split.tail(*[_fold_value(v, self.members * samples) for v in values]),
-                       self.body)  # fmt: skip
+        with batch_rows(self.members * samples * B):
+            return _logits(split.tail(*[_fold_value(v, self.members * samples) for v in values]),
+                           self.body)  # fmt: skip
 
     def forward(self, x: torch.Tensor, samples: int = 1) -> torch.Tensor:
         B = x.shape[0]
@@ -203,13 +205,14 @@ class Folded(nn.Module):
         if self._by_member(x):
             xk = fold(x, samples)
             outs = []
-            with member_pass(self.body) as select:
+            with member_pass(self.body) as select, batch_rows(xk.shape[0]):
                 for m in range(self.members):
                     select(m)
                     outs.append(_logits(self.body(xk), self.body))
             out = torch.cat(outs)
         else:
-            out = _logits(self.body(fold(x, R)), self.body)
+            with batch_rows(R * B):
+                out = _logits(self.body(fold(x, R)), self.body)
         return out.reshape(R, B, *out.shape[1:])
 
     def forward_folded(self, xf: torch.Tensor) -> torch.Tensor:
@@ -217,10 +220,11 @@ class Folded(nn.Module):
         ``m*n:(m+1)*n``), e.g. BatchEnsemble's original protocol of one batch split among the
         members. Returns ``[M*n, C]``."""
         if not self._by_member(xf):
-            return _logits(self.body(xf), self.body)
+            with batch_rows(xf.shape[0]):
+                return _logits(self.body(xf), self.body)
         n = _split(xf, self.members)
         outs = []
-        with member_pass(self.body) as select:
+        with member_pass(self.body) as select, batch_rows(n):
             for m in range(self.members):
                 select(m)
                 outs.append(_logits(self.body(xf[m * n : (m + 1) * n]), self.body))

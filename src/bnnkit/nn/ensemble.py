@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import contextvars
 import math
 
 import torch
@@ -33,6 +34,44 @@ from torch import nn
 
 from ..errors import InputError
 from ..options import Option, OptionTable
+
+#: the rows of the batch a folded forward pass feeds its body (members x samples x examples,
+#: or one member's samples x examples), set by bnnkit.models.Folded around the body's call: an
+#: ensemble layer checks that its input still holds them on axis 0 (None: no check)
+_BATCH_ROWS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "bnnkit_batch_rows", default=None
+)
+
+
+@contextlib.contextmanager
+def batch_rows(n: int | None):
+    """Within the block, ensemble layers expect their input's axis 0 to hold ``n`` rows (or a
+    multiple of ``n``: positions flattened into the batch, e.g. ``x.reshape(-1, d)``)."""
+    token = _BATCH_ROWS.set(n)
+    try:
+        yield
+    finally:
+        _BATCH_ROWS.reset(token)
+
+
+def check_rows(x: torch.Tensor, layer: nn.Module) -> None:
+    """Refuse an input whose axis 0 is not the folded batch: a body that moves the batch off
+    axis 0 (e.g. sequence-first ``x.transpose(0, 1)``) would have the layer give one member's
+    factors to another member's rows, silently. Shapes are all it sees: an axis that happens to
+    have exactly the batch's size swapped onto axis 0 cannot be told apart from the batch."""
+    n = _BATCH_ROWS.get()
+    if n is None or x.dim() == 0:
+        return
+    k = x.shape[0]
+    if k % n == 0 and (k == n or n not in tuple(x.shape[1:])):
+        return
+    raise InputError(
+        f"{type(layer).__name__} got an input of shape {tuple(x.shape)} whose axis 0 is not the "
+        f"batch of {n} rows the network was called with (members x samples x examples): the "
+        "model moves the batch off axis 0 before this layer (e.g. a sequence-first transpose), "
+        "and the layer would mix up members' rows; keep the batch on axis 0 around the "
+        "Bayesian layers (transpose back before them, or use batch_first layouts)"
+    )
 
 
 def _split(x: torch.Tensor, members: int) -> int:
@@ -165,10 +204,11 @@ class _Rank1Structure(EnsembleModule):
         bias = None if self.bias is None else self.bias[m]
         if self._fixed_factors():
             w = self._member_weights()
-            if w is not None:
+            if w is not None:  # one weight for all the member's rows: any batch layout is exact
                 return self._apply_weight(x, w[m], bias)
         r, s = self.factors(x.shape[0], m)
         if not (_per_member(r) and _per_member(s)):  # per-row factors scale activations
+            check_rows(x, self)  # ... of rows that must be the examples
             return self._scale_rows(x, r[0], s[0], bias)
         return self._apply_weight(x, self._fold_weight(r[:, 0], s[:, 0])[0], bias)
 
@@ -241,6 +281,7 @@ class Rank1StructureLinear(_Rank1Structure):
         if self._member is not None:
             return self._forward_member(x)
         M = self.members
+        check_rows(x, self)
         n = _split(x, M)
         # [M, n, P, in]: P positions per example (1 for [B, in]; e.g. pixels for a Linear
         # applied to [B, H, W, C]): factors are per member or per example, never per position
@@ -331,6 +372,7 @@ class Rank1StructureConv2d(_Rank1Structure):
         if self._member is not None:
             return self._forward_member(x)
         M = self.members
+        check_rows(x, self)
         n = _split(x, M)
         r, s = self.factors(n)
         xm = x.reshape(M, n, *x.shape[1:]) * r[..., None, None]
@@ -453,6 +495,7 @@ class EnsembleBatchNorm2d(EnsembleModule):
         if self._member is not None:
             return self._forward_member(x)
         M = self.members
+        check_rows(x, self)
         n = _split(x, M)
         C, H, W = x.shape[1:]
         # [M, n, C, H, W] -> [n, M*C, H, W]: one batch_norm call for all members
@@ -461,6 +504,7 @@ class EnsembleBatchNorm2d(EnsembleModule):
         return z.reshape(n, M, C, H, W).transpose(0, 1).reshape(M * n, C, H, W)
 
     def _forward_member(self, x: torch.Tensor) -> torch.Tensor:
+        check_rows(x, self)
         bn, C = self.bn, self.num_features
         sl = slice(self._member * C, (self._member + 1) * C)
         use_batch = bn.training or bn.running_mean is None

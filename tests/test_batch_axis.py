@@ -1,0 +1,89 @@
+"""Ensemble layers read members' rows on axis 0: a body that moves the batch elsewhere
+(sequence-first transposes) is refused by name instead of mixing members up silently, and
+layouts that keep the member-major batch on axis 0 (batch-first tokens, tokens flattened into
+the batch) give the same predictive as the plain model."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from bnnkit import InputError, bayesify
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Tokens(nn.Module):
+    """[B, T, 5] -> [B, 3]; ``layout`` decides how ``f2`` sees the tokens."""
+
+    def __init__(self, layout: str) -> None:
+        super().__init__()
+        self.f0, self.f2, self.out = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.layout = layout
+
+    def forward(self, x):
+        h = self.f0(x).relu()
+        if self.layout == "seq_first":
+            y = self.f2(h.transpose(0, 1)).relu().transpose(0, 1)
+        elif self.layout == "flat":  # tokens flattened into the (member-major) batch
+            y = self.f2(h.reshape(-1, 8)).relu().reshape(h.shape)
+        else:
+            y = self.f2(h).relu()
+        return self.out(y.mean(1))
+
+
+def _pair(kind: str, layout: str, schedule: str):
+    torch.manual_seed(0)
+    plain = Tokens("batch_first")
+    other = Tokens(layout)
+    other.load_state_dict(plain.state_dict())
+    a = bayesify(plain, {"f2": kind}, members=3)
+    b = bayesify(other, {"f2": kind}, members=3)
+    b.load_state_dict(a.state_dict())
+    for n in (a, b):
+        n.schedule = schedule
+    return a, b
+
+
+@pytest.mark.parametrize("kind", ["batch_ensemble", "rank1", "lpbnn"])
+@pytest.mark.parametrize("schedule", ["fold", "members"])
+@pytest.mark.parametrize("T", [6, 7, 30])  # not the folded batch's own size (see check_rows)
+@pytest.mark.parametrize("train", [False, True])
+def test_a_sequence_first_body_is_refused_not_mixed_up(kind, schedule, T, train):
+    a, b = _pair(kind, "seq_first", schedule)
+    a.train(train)
+    b.train(train)
+    x = torch.randn(5, T, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(1)
+        want = a(x)
+        torch.manual_seed(1)
+        if kind == "batch_ensemble" and schedule == "members":
+            # fixed factors, one effective weight per member: exact in any layout
+            assert torch.allclose(b(x), want, atol=1e-5)
+            return
+        with pytest.raises(InputError, match="axis 0 is not the batch"):
+            b(x)
+
+
+@pytest.mark.parametrize("kind", ["batch_ensemble", "rank1"])
+@pytest.mark.parametrize("schedule", ["fold", "members"])
+def test_tokens_flattened_into_the_batch_give_the_plain_predictive(kind, schedule):
+    a, b = _pair(kind, "flat", schedule)
+    a.eval()
+    b.eval()
+    x = torch.randn(4, 6, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(2)
+        want = a(x)
+        torch.manual_seed(2)
+        got = b(x)
+    if kind == "batch_ensemble":
+        assert torch.allclose(got, want, atol=1e-5)
+    else:  # rank-1 draws its factors per row, here per token: same shape, a valid predictive
+        assert got.shape == want.shape and torch.isfinite(got).all()
