@@ -409,6 +409,12 @@ def test_bad_inputs_get_clear_errors():
         SubnetLaplace(model, torch.arange(10), memory_budget=100).fit((x, y))
     with pytest.raises(InputError, match="integer class labels"):
         SubnetLaplace(model, torch.arange(10)).fit((x, y.double()))
+    with pytest.raises(InputError, match=r"shape \(\d+,\) have no axis beside the batch"):
+        SubnetLaplace(model, torch.arange(10)).fit((x[:, 0], y))
+    wrong = torch.cat([x, x], 1)  # other features than the model takes: torch's error, named
+    for la in (SubnetLaplace(model, torch.arange(10)), DiagLaplace(model)):
+        with pytest.raises(InputError, match=r"cannot run on these inputs .*of shape \(8,\)"):
+            la.fit((wrong, y))
     with pytest.raises(ConfigError, match="not fitted"):
         SubnetLaplace(model, torch.arange(10)).predict(x)
     with pytest.raises(InputError, match="unknown subnetwork strategy"):

@@ -113,6 +113,11 @@ def _check_inputs(x: torch.Tensor) -> None:
         raise InputError("inputs must be a float tensor")
     if x.shape[0] == 0:
         raise InputError("empty batch: at least one input is needed")
+    if x.dim() < 2:
+        raise InputError(
+            f"inputs of shape {tuple(x.shape)} have no axis beside the batch: give a batch "
+            "[B, ...] of what the model takes (one feature per example: x[:, None])"
+        )
     if not torch.isfinite(x).all():
         raise InputError("input contains NaN or inf values; clean the data first")
 
@@ -331,8 +336,16 @@ class _Laplace(abc.ABC):
             raise ConfigError(f"{type(self).__name__} is not fitted: call .fit(train_data) first")
 
     def _first_logits(self, x: torch.Tensor) -> int:
-        with torch.no_grad():
-            f = logits_of(self.model(x[:1]))
+        try:
+            with torch.no_grad():
+                f = logits_of(self.model(x[:1]))
+        except (RuntimeError, ValueError, IndexError) as e:  # shape errors inside the model
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise InputError(
+                f"the model cannot run on these inputs (one example of shape "
+                f"{tuple(x.shape[1:])}; {type(e).__name__}: {first}); give batches [B, ...] of "
+                "the inputs the model was trained on"
+            ) from None
         if f.dim() != 2:
             raise InputError(f"the model must return logits [batch, classes], got {tuple(f.shape)}")
         if f.shape[1] < 2:
