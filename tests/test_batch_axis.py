@@ -87,3 +87,29 @@ def test_tokens_flattened_into_the_batch_give_the_plain_predictive(kind, schedul
         assert torch.allclose(got, want, atol=1e-5)
     else:  # rank-1 draws its factors per row, here per token: same shape, a valid predictive
         assert got.shape == want.shape and torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("estimator", ["flipout", "grouped"])
+def test_variational_linear_draws_one_weight_per_example_not_per_position(estimator):
+    """Tokens of one example share its weight sample (identical tokens, identical outputs), and
+    each example's output has the closed-form mean and variance of a weight sample:
+    x W_mu^T + b_mu and (x*x) sigma_W^2^T + sigma_b^2."""
+    from bnnkit.nn import VariationalLinear
+
+    torch.manual_seed(0)
+    layer = VariationalLinear(6, 4, init_sigma=0.3, estimator=estimator)
+    same = torch.randn(3, 1, 6).expand(3, 5, 6)
+    y = layer(same)
+    assert torch.allclose(y, y[:, :1].expand_as(y), atol=1e-6)
+    assert not torch.allclose(y[0], y[1], atol=1e-3)  # examples differ
+    x = torch.randn(6)
+    # one example (2 positions) per pass: Flipout's rows share a pass's perturbation, so the
+    # marginal over weight samples needs many passes
+    with torch.no_grad():
+        draws = torch.cat([layer(x.expand(1, 2, 6))[:, 0] for _ in range(8000)])
+    w_var, b_var = layer._variances()
+    with torch.no_grad():
+        mean = layer.weight_mu @ x + layer.bias_mu
+        var = w_var @ (x * x) + b_var
+    assert torch.allclose(draws.mean(0), mean, atol=4 * (var / 8000).sqrt().max().item())
+    assert torch.allclose(draws.var(0), var, rtol=0.1)

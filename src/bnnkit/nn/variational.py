@@ -6,7 +6,9 @@ samples in one pass. How a row's sample is realised:
 * ``VariationalLinear``: the local reparameterisation trick (Kingma et al., 2015). Each output
   unit depends on its own row of the weight matrix, so sampling every pre-activation from its
   Gaussian is *exactly* the distribution given by a per-example weight sample, at the cost of
-  two matrix products.
+  two matrix products. That holds for inputs ``[B, in]``; on inputs with positions
+  (``[B, T, in]`` tokens, ``[B, H, W, in]`` pixels) the positions of one example share its
+  weight sample, as in a convolution, so such inputs take the convolution's estimators below.
 * ``VariationalConv2d``: a convolution weight is shared by every output position, so the
   outputs of one example are correlated across positions; sampling each position
   independently (local reparameterisation) is not a weight sample and underestimates the
@@ -97,6 +99,7 @@ class VariationalLinear(_Variational):
         )
         self.in_features, self.out_features = in_features, out_features
         self.prior_sigma = prior_sigma
+        self.estimator = estimator  # for inputs with positions ([B, ..., in]; see forward)
         self.weight_mu = nn.Parameter(torch.empty(out_features, in_features))
         self.weight_rho = nn.Parameter(torch.full((out_features, in_features), 0.0))
         self.bias_mu = nn.Parameter(torch.empty(out_features)) if bias else None
@@ -126,9 +129,35 @@ class VariationalLinear(_Variational):
         mean = F.linear(x, self.weight_mu, self.bias_mu)
         if not self.sample:
             return mean
+        if x.dim() > 2:  # positions (tokens, pixels) share their example's weight sample
+            return self._forward_positions(x, mean)
         w_var, b_var = self._variances()
         var = F.linear(x * x, w_var, b_var)
         return mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
+
+    def _forward_positions(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """``x [B, ..., in]``: one weight sample per example, shared by all its positions (as
+        for a convolution; local reparameterisation would draw every position independently
+        and underestimate the variance of anything pooled over them): Flipout or an
+        independent weight per example (``grouped``), then a bias sample per example."""
+        B, mid = x.shape[0], (1,) * (x.dim() - 2)
+        w_sigma = self.sigma(self.weight_rho)
+        if self.estimator == "flipout":
+            dW = w_sigma * torch.randn_like(w_sigma)
+            s_in = _signs((B, *mid, self.in_features), x)
+            s_out = _signs((B, *mid, self.out_features), x)
+            out = mean + F.linear(x * s_in, dW) * s_out
+        else:
+            eps = torch.randn((B, *w_sigma.shape), device=x.device, dtype=x.dtype)
+            dW = w_sigma * eps  # [B, out, in]
+            xf = x.reshape(B, -1, self.in_features)
+            out = mean + torch.bmm(xf, dW.transpose(1, 2)).reshape(mean.shape)
+        if self.bias_mu is not None:
+            b = self.sigma(self.bias_rho) * torch.randn(
+                (B, *mid, self.out_features), device=x.device, dtype=x.dtype
+            )
+            out = out + b
+        return out
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, prior_sigma={self.prior_sigma}"
