@@ -113,3 +113,23 @@ def test_variational_linear_draws_one_weight_per_example_not_per_position(estima
         var = w_var @ (x * x) + b_var
     assert torch.allclose(draws.mean(0), mean, atol=4 * (var / 8000).sqrt().max().item())
     assert torch.allclose(draws.var(0), var, rtol=0.1)
+
+
+def test_mc_dropout_before_a_linear_masks_an_examples_columns_at_every_position():
+    """The weight-space view (one mask over the weight's input columns per example, what
+    network_samples exports): identical tokens of one example give identical outputs, a token's
+    kept inputs are scaled by 1 / (1 - p), and about p of the columns are dropped."""
+    from bnnkit.nn import MCDropoutLinear
+
+    torch.manual_seed(0)
+    layer = MCDropoutLinear(nn.Linear(40, 3), p=0.5)
+    x = torch.randn(200, 1, 40).expand(200, 4, 40)
+    y = layer(x)
+    assert torch.allclose(y, y[:, :1].expand_as(y), atol=1e-6)
+    dropped = layer[0](x)
+    assert torch.equal(dropped == 0, (dropped == 0)[:, :1].expand_as(dropped))
+    kept = dropped != 0
+    torch.testing.assert_close(dropped[kept], 2 * x[kept])
+    assert abs(float((~kept).float().mean()) - 0.5) < 0.02
+    flat = layer[0](torch.ones(500, 40))  # [B, in]: plain dropout, as before
+    assert abs(float((flat == 0).float().mean()) - 0.5) < 0.02

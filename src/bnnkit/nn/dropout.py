@@ -35,10 +35,15 @@ class MCDropout(nn.Module):
 
 
 class MCDropoutLinear(nn.Sequential):
-    """``MCDropout`` followed by the original Linear (the kind ``mc_dropout`` in a plan)."""
+    """MC dropout of the Linear's inputs followed by the original Linear (the kind
+    ``mc_dropout`` in a plan): a mask over the input features per example, i.e. over the
+    weight's input columns. On inputs with positions (``[B, T, in]`` tokens, ``[B, H, W, in]``
+    pixels) the positions of one example share its mask, as in variational RNN dropout (Gal &
+    Ghahramani, 2016): the network is one weight sample per example, which is what
+    ``bnnkit.posterior.network_samples`` exports."""
 
     def __init__(self, layer: nn.Linear, p: float = 0.25):
-        super().__init__(MCDropout(p), layer)
+        super().__init__(_MCDropoutColumns(p), layer)
 
 
 class MCDropoutConv2d(nn.Sequential):
@@ -46,6 +51,17 @@ class MCDropoutConv2d(nn.Sequential):
 
     def __init__(self, layer: nn.Conv2d, p: float = 0.1):
         super().__init__(_MCDropout2d(p), layer)
+
+
+class _MCDropoutColumns(MCDropout):
+    """Dropout of the last axis, one mask per example (shared along the axes between)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() <= 2 or self.p == 0.0:
+            return F.dropout(x, self.p, training=True)
+        shape = (x.shape[0], *(1,) * (x.dim() - 2), x.shape[-1])
+        keep = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
 
 
 class _MCDropout2d(MCDropout):
