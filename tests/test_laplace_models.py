@@ -336,3 +336,44 @@ def test_jacobian_work_is_split_to_the_memory_budget_and_gives_the_same_jacobian
     with _PeakMemory() as pm_whole:
         whole.logits_and_jacobian(x)
     assert pm_whole.peak > j_bytes + 3 * budget  # what the split avoids
+
+
+class _Scaled(nn.Module):
+    """A classifier with a custom parameter used in its forward (a learnt output scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.scale = nn.Parameter(torch.full((1,), 3.0))  # the largest magnitude of the model
+
+    def forward(self, x):
+        return self.b(self.a(x).relu()) * self.scale
+
+
+def test_selections_choose_only_what_a_subnetwork_laplace_can_fit():
+    """A custom parameter outside Linear / Conv2d / BatchNorm layers is never selected (the
+    fit would refuse it); the rules that need a diagonal Laplace over every parameter say how
+    to proceed; freezing the parameter makes them work."""
+    from bnnkit import ConfigError
+    from bnnkit.laplace import SubnetLaplace, select_subnetwork
+
+    torch.manual_seed(0)
+    model = _Scaled().eval()
+    x, y = torch.randn(512, 4), torch.randint(0, 3, (512,))
+    offsets, at = {}, 0  # parameters_to_vector order (the root's own parameters first)
+    for name, p in model.named_parameters():
+        offsets[name], at = at, at + p.numel()
+    scale_index = offsets["scale"]
+    for strategy in ("random", "magnitude", "swag"):
+        for n in (5, 67):  # 67: every fittable parameter
+            idx = select_subnetwork(model, strategy, n, data=(x, y), seed=1, swag_epochs=2)
+            assert len(idx) == n and scale_index not in idx.tolist()
+    SubnetLaplace(model, select_subnetwork(model, "magnitude", 5)).fit((x, y))
+    with pytest.raises(InputError, match="larger than the 67 parameters .*others: scale"):
+        select_subnetwork(model, "random", 68)
+    for strategy in ("largest_variance", "predictive_variance", "largest_variance_informed"):
+        with pytest.raises(ConfigError, match="scale is elsewhere. Freeze it"):
+            select_subnetwork(model, strategy, 5, data=(x, y))
+    model.scale.requires_grad_(False)
+    idx = select_subnetwork(model, "largest_variance", 5, data=(x, y))
+    SubnetLaplace(model, idx).fit((x, y))

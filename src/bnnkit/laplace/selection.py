@@ -27,14 +27,16 @@ Every strategy returns sorted flat indices into the model's trainable parameters
 from __future__ import annotations
 
 import fnmatch
+import math
 
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from .base import _batches, as_logits_model
 from .diagonal import DiagLaplace
 from .jacobians import (
+    SUPPORTED,
     check_indices,
     flat_params,
     param_slots,
@@ -167,16 +169,38 @@ def select_subnetwork(
             f"subnetwork of {n_params} parameters is larger than the model ({total} trainable "
             "parameters); choose n_params <= the model size"
         )
+    # every rule chooses among the parameters a subnetwork Laplace can fit
+    fittable, others = _fittable(model)
+    n_fit = int(fittable.sum())
+    if n_params > n_fit:
+        raise InputError(
+            f"subnetwork of {n_params} parameters is larger than the {n_fit} parameters of the "
+            f"model's Linear, Conv2d and BatchNorm layers (the others: {', '.join(others)}); "
+            f"choose n_params <= {n_fit}"
+        )
     if strategy == "random":
         g = torch.Generator().manual_seed(seed)
-        return torch.sort(torch.randperm(total, generator=g)[:n_params]).values
+        if not others:  # the draw of every earlier bnnkit version
+            return torch.sort(torch.randperm(total, generator=g)[:n_params]).values
+        pool = torch.nonzero(fittable).flatten()
+        return torch.sort(pool[torch.randperm(len(pool), generator=g)[:n_params]]).values
     if strategy == "magnitude":
         theta = flat_params(model)
-        return _top(theta.abs().double().cpu(), n_params)
+        return _top(_only(theta.abs().double().cpu(), fittable), n_params)
     if data is None and stats is None:
         raise InputError(f"strategy {strategy!r} needs training data: data=(x, y) or a DataLoader")
     if strategy == "swag":
-        return _top(swag_variance(model, data, swag_epochs, swag_lr, seed=seed), n_params)
+        score = swag_variance(model, data, swag_epochs, swag_lr, seed=seed)
+        return _top(_only(score, fittable), n_params)
+    if others and stats is None:
+        raise ConfigError(
+            f"strategy {strategy!r} ranks every parameter by a diagonal Laplace, whose Jacobians "
+            f"support Linear, Conv2d and BatchNorm layers; {', '.join(others)} "
+            f"{'is' if len(others) == 1 else 'are'} elsewhere. Freeze "
+            f"{'it' if len(others) == 1 else 'them'} (p.requires_grad_(False): the Laplace keeps "
+            "such parameters at their MAP values), or use strategy swag, magnitude, random, "
+            "names or last_layer, which choose among the supported layers"
+        )
     h, q = stats if stats is not None else diagonal_statistics(model, data, memory_budget)
     delta = torch.as_tensor(prior_precision, dtype=torch.float64)
     if delta.numel() not in (1, total) or not bool((delta > 0).all()):
@@ -187,10 +211,11 @@ def select_subnetwork(
     if strategy != "largest_variance" and delta.numel() > 1:
         raise InputError(f"strategy {strategy!r} takes a scalar prior_precision")
     var = 1.0 / (h + delta)
+    var = _only(var, fittable)
     if strategy in ("largest_variance", "largest_variance_naive"):
         return _top(var, n_params)
     if strategy == "predictive_variance":
-        return _top(q * var, n_params)
+        return _top(_only(q * var, fittable), n_params)
     informed = h > informed_tol * delta
     n_inf = int(informed.sum())
     if n_inf < n_params:
@@ -198,7 +223,32 @@ def select_subnetwork(
             f"only {n_inf} weights are informed by the data (GGN diagonal > {informed_tol} x prior "
             f"precision); ask for n_params <= {n_inf} or lower informed_tol"
         )
-    return _top(torch.where(informed, var, torch.full_like(var, -1.0)), n_params)
+    return _top(torch.where(informed, var, torch.full_like(var, -math.inf)), n_params)
+
+
+def _only(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``score`` with the entries outside ``mask`` ranked last."""
+    if bool(mask.all()):
+        return score
+    return torch.where(mask.to(score.device), score, torch.full_like(score, -math.inf))
+
+
+def _fittable(model: nn.Module) -> tuple[torch.Tensor, list[str]]:
+    """Which flat parameters a subnetwork Laplace can fit (bool mask; parameters of Linear,
+    Conv2d and BatchNorm layers, not tied across a weight and a bias) and the names of the
+    others (a custom ``nn.Parameter`` used in a ``forward``, say)."""
+    slots = param_slots(model)
+    mask = torch.zeros(sum(s.numel for s in slots), dtype=torch.bool)
+    others = []
+    for s in slots:
+        if (
+            all(isinstance(m, SUPPORTED) for m, _ in s.owners)
+            and len({a for _, a in s.owners}) == 1
+        ):
+            mask[s.offset : s.offset + s.numel] = True
+        else:
+            others.append(s.name)
+    return mask, others
 
 
 def _top(score: torch.Tensor, k: int) -> torch.Tensor:
