@@ -516,3 +516,45 @@ def test_a_forward_that_assigns_state_is_not_broken_by_tracing(kind):
     torch.testing.assert_close(fast.body.last_features, naive.body.last_features)
     torch.testing.assert_close(fast_out, naive_out)
     assert len(fallbacks) == 1 and "assigns 'ema'" in fallbacks[0], fallbacks
+
+
+class ViewWrite(InplaceResidual):
+    """The in-place residual written through a view whose shape comes from the input."""
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        v = h.view(x.size(0), -1)
+        v.add_(self.block(h))
+        return self.out(h)
+
+
+class SizeAfterSplit(nn.Module):
+    """``h.view(x.size(0), -1)`` after the stochastic layer, an in-place ReLU before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 3, 3), nn.Conv2d(3, 3, 3)
+        self.fc = nn.Linear(3 * 4 * 4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x), inplace=True)
+        h = F.relu(self.c2(h), inplace=True)
+        return self.fc(h.view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("kind", ["batch_ensemble", "mc_dropout"])
+def test_a_views_shape_arguments_are_not_its_memory(kind):
+    """A view aliases its tensor, not its size arguments: a write through a view of a prefix
+    value is still caught, and a fallback caused by ``x.size(0)`` names that, not the in-place
+    ReLU next to it."""
+    torch.manual_seed(0)
+    net = bayesify(ViewWrite(), {"block.0": kind}, **KINDS[kind])
+    x = torch.randn(5, 4)
+    fast, naive, caught = _both(net, x, samples=2, schedule="fold")
+    torch.testing.assert_close(fast, naive)
+    assert len(caught) == 1 and "in place" in caught[0], caught
+    net = bayesify(SizeAfterSplit(), {"c2": kind}, **KINDS[kind])
+    x = torch.randn(4, 1, 8, 8)
+    fast, naive, caught = _both(net, x, samples=2, schedule="fold")
+    torch.testing.assert_close(fast, naive)
+    assert len(caught) == 1 and "'size'" in caught[0] and "x.size(0)" in caught[0], caught

@@ -305,7 +305,11 @@ def _effect(node: fx.Node, modules: dict[str, nn.Module]) -> _Effect:
             known = base in _METHOD_FRESH or base in _METHOD_ALIAS or dunder
             return _Effect(what, known, True, (args[0], *out), alias_of=(args[0],))
         known = name in _METHOD_FRESH or name in _METHOD_ALIAS
-        return _Effect(what, known, name not in _METHOD_FRESH, out)
+        # a known view (view, reshape, transpose...) aliases its tensor, not its other
+        # arguments (sizes such as x.size(0), another tensor's shape in view_as); an unknown
+        # method may alias any of its inputs
+        alias_of = (args[0],) if name in _METHOD_ALIAS and args else ()
+        return _Effect(what, known, name not in _METHOD_FRESH, out, alias_of=alias_of)
     # call_function
     fn = node.target
     if fn is augmented:
