@@ -3,6 +3,8 @@ comparison of the searched plans with the bench's training."""
 
 from __future__ import annotations
 
+import sys
+
 from .common import EXIT_STOPPED, add_quiet, apply_extras
 
 NAME, HELP = "search", "search where the Bayesian layers go (Optuna, NSGA-II)"
@@ -69,11 +71,18 @@ def run(a) -> int:
     final_bench = bench_config(a.final_config) if a.final_config else None
     if a.final or a.final_config:  # its refusals before the search, not after it
         cfg.validate()
-        check_final_config(
+        unused = check_final_config(
             dataclasses.asdict(cfg), final_bench or bench_config(None),
             given=set(load_yaml(a.final_config)) if a.final_config else set(),
             source=a.final_config or "the final bench",
         )  # fmt: skip
+        if unused:
+            print(
+                f"note: {a.final_config} sets {', '.join(unused)}, which the final comparison "
+                "does not use: it writes OUT/final and trains the search's baselines and the "
+                "searched plans",
+                file=sys.stderr,
+            )
     with warnings.catch_warnings():  # heartbeats and stale-trial retries are "experimental"
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         out = PlacementSearch(cfg).run()

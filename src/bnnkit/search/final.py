@@ -142,11 +142,12 @@ def final_comparison(
     return table
 
 
-#: BenchConfig fields the final comparison takes from the search (data set, model, held-out
-#: classes), sets itself (output directory) or builds (methods: the search's baselines and the
-#: searched plans, as variants); a --final-config that sets them would be silently overridden
-SET_BY_SEARCH = ("dataset", "model", "model_options", "anomaly_classes", "out", "methods",
-                 "variants")  # fmt: skip
+#: BenchConfig fields the final comparison takes from the search: a --final-config may repeat
+#: them (a bench config of the same data and model) but not contradict them
+FROM_SEARCH = ("dataset", "model", "model_options", "anomaly_classes")
+#: fields it sets itself (OUT/final) or builds (the search's baselines and the searched plans,
+#: as variants): a --final-config's values are not used, and the user is told so
+SET_BY_FINAL = ("out", "methods", "variants")
 
 
 def _final_config(
@@ -182,25 +183,36 @@ def _final_config(
 def check_final_config(
     search: dict, bench: BenchConfig, given: set[str] | frozenset[str] = frozenset(),
     source: str = "the final config",
-) -> None:  # fmt: skip
-    """Refuse, before a search starts, a final bench that would be refused (or silently
-    overridden) after it: fields the search sets (``given``: the keys the user's file set),
-    invalid values, and ``reuse`` directories that are not benches made with the same
-    settings. ``search``: the search's settings (``asdict(SearchConfig)``)."""
-    clash = sorted(set(given) & set(SET_BY_SEARCH))
+) -> list[str]:  # fmt: skip
+    """Refuse, before a search starts, a final bench that would be refused after it: data set,
+    model or held-out classes other than the search's (``given``: the keys the user's file
+    set), invalid values, and ``reuse`` directories that are not benches made with the same
+    settings. ``search``: the search's settings (``asdict(SearchConfig)``). Returns the given
+    fields the final comparison does not use (``out``, ``methods``, ``variants``), for a note."""
+    clash = [
+        f"{k}: {getattr(bench, k)!r} (the search's: {search.get(k)!r})"
+        for k in FROM_SEARCH
+        if k in given and k in search and _plain(getattr(bench, k)) != _plain(search[k])
+    ]
     if clash:
         raise ConfigError(
-            f"{source} sets {', '.join(clash)}, which the final comparison takes from the search "
-            "(its data set, model and output directory; methods: the search's baselines and the "
-            "searched plans); remove them (the baselines are the search's own: "
-            "SearchConfig.baselines, or none with --no-baselines)"
+            f"{source} sets {'; '.join(clash)}, but the final comparison retrains the searched "
+            "plans on the search's data and model; remove these fields, or give a bench config "
+            "of the search's data set and model"
         )
+    unused = sorted(set(given) & set(SET_BY_FINAL))
     out = Path(search.get("out") or ".")
     cfg, _ = _final_config(out, search, bench, None, {})
     if not cfg.methods:  # validate() wants methods; the plans are not known yet
         cfg = dataclasses.replace(cfg, methods=["deterministic"])
     cfg.validate()
     _check_reuse_sources(cfg, None)
+    return unused
+
+
+def _plain(v):
+    """A setting as compared: tuples as lists (YAML and JSON give lists)."""
+    return list(v) if isinstance(v, tuple) else v
 
 
 def _means(rows: list[dict]) -> dict[tuple[str, str, str], float]:
