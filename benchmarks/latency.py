@@ -45,20 +45,8 @@ def main() -> None:
     names = [m for m in METHODS if m != "placement"]
     models = {m: build_method(m, spec).to(a.device).eval() for m in names}
     x = torch.rand(a.batch, *ds.input_shape, device=a.device)
-    times = {m: [] for m in models}
-    with torch.no_grad():
-        for model in models.values():
-            for _ in range(3):
-                model.net(x, model.eval_samples)
-        for _ in range(a.repeats):
-            for m, model in models.items():
-                if a.device == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                model.net(x, model.eval_samples)
-                if a.device == "cuda":
-                    torch.cuda.synchronize()
-                times[m].append(time.perf_counter() - t0)
+    calls = {m: (lambda u=u: u.net(x, u.eval_samples)) for m, u in models.items()}
+    times = interleaved(calls, a.repeats, a.device)
     base = statistics.median(times["deterministic"])
     base_params = models["deterministic"].num_parameters()
     print(
@@ -76,6 +64,26 @@ def main() -> None:
             f"| {m} | {model.members * model.eval_samples} | {med * 1000:.2f} | "
             f"{med / base:.2f} | {p:,} | {p / base_params:.3f} |"
         )
+
+
+def interleaved(calls: dict, repeats: int, device: str) -> dict[object, list[float]]:
+    """Seconds per call of every function in ``calls``: 3 warm-up calls each, then ``repeats``
+    rounds calling each once in turn (round-robin, so drift of the machine hits all alike)."""
+    times = {k: [] for k in calls}
+    with torch.no_grad():
+        for fn in calls.values():
+            for _ in range(3):
+                fn()
+        for _ in range(repeats):
+            for k, fn in calls.items():
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times[k].append(time.perf_counter() - t0)
+    return times
 
 
 def trained(a) -> None:
@@ -105,20 +113,8 @@ def trained(a) -> None:
             sys.exit(f"error: --vs {v} is not a method of {out} ({', '.join(cfg['methods'])})")
     torch.manual_seed(0)
     x = torch.rand(a.batch, *ds.input_shape, device=a.device)
-    times = {k: [] for k in models}
-    with torch.no_grad():
-        for model in models.values():
-            for _ in range(3):
-                model.predict(x)
-        for _ in range(a.repeats):
-            for k, model in models.items():
-                if a.device == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                model.predict(x)
-                if a.device == "cuda":
-                    torch.cuda.synchronize()
-                times[k].append(time.perf_counter() - t0)
+    times = interleaved({k: (lambda m=m: m.predict(x)) for k, m in models.items()}, a.repeats,
+                        a.device)  # fmt: skip
     ms = {m: [1000 * statistics.median(times[(m, s)]) for s in range(cfg["seeds"])]
           for m in cfg["methods"]}  # fmt: skip
     mean = {m: statistics.fmean(v) for m, v in ms.items()}

@@ -825,7 +825,7 @@ def test_bench_settings_compare_by_the_names_they_select(tmp_path):
     import json
     from dataclasses import asdict
 
-    from bnnkit.bench import DEFAULT_CORRUPTIONS, BenchConfig, _check_reusable
+    from bnnkit.bench import DEFAULT_CORRUPTIONS, BenchConfig, check_reusable
 
     def recorded(**kw):
         cfg = BenchConfig(**kw)
@@ -837,7 +837,7 @@ def test_bench_settings_compare_by_the_names_they_select(tmp_path):
     def check(path, **kw):
         cfg = BenchConfig(**kw)
         cfg.validate()
-        _check_reusable(path, cfg)
+        check_reusable(path, cfg)
 
     for first, second in (
         (["rotate"], "rotate"),

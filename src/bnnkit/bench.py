@@ -300,7 +300,7 @@ def _setting_diffs(old: dict, cfg: BenchConfig, strict: bool = False) -> list[st
 _START_OVER = "use another --out, or delete it to start over"
 
 
-def _check_reusable(path: Path, cfg: BenchConfig, advice: str = _START_OVER) -> None:
+def check_reusable(path: Path, cfg: BenchConfig, advice: str = _START_OVER) -> None:
     if not path.is_file():
         return
     diffs = _setting_diffs(json.loads(path.read_text()), cfg)
@@ -324,7 +324,7 @@ def _check_ood_sets(path: Path, ood_sets: list[str]) -> None:
         )
 
 
-def _check_reuse_sources(cfg: BenchConfig, ood_sets: list[str] | None) -> list[Path]:
+def check_reuse_sources(cfg: BenchConfig, ood_sets: list[str] | None) -> list[Path]:
     """The ``reuse`` directories, each checked to be a bench scored like this one: the same
     data, model, training and evaluation settings and OOD sets (the methods may differ; None:
     the OOD sets are not known yet and not compared). A setting the source did not record
@@ -443,7 +443,7 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
     out = Path(cfg.out)
     check_writable(out, create=False)
     device = _torch_device(cfg.device)
-    _check_reusable(out / "bench_config.json", cfg)
+    check_reusable(out / "bench_config.json", cfg)
     bundle = load_bundle(
         cfg.dataset, val_size=cfg.val_size, subset=cfg.subset, test_size=cfg.test_size,
         anomaly_classes=cfg.anomaly_classes,
@@ -451,7 +451,7 @@ def run_bench(cfg: BenchConfig, log=print) -> str | None:
     for name, why in bundle.missing_ood.items():
         log(f"note: OOD set {name} skipped: {why}")
     _check_ood_sets(out / "bench_config.json", sorted(bundle.ood))
-    sources = _check_reuse_sources(cfg, sorted(bundle.ood))
+    sources = check_reuse_sources(cfg, sorted(bundle.ood))
     order = _order(cfg)
     # every run's refusals (subset, model, Lightning's set-up) before the first write, so a
     # refused bench leaves nothing that would refuse the corrected command in turn

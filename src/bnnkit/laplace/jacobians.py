@@ -178,6 +178,24 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def unsupported(slot: ParamSlot) -> str | None:
+    """Why subnetwork Jacobians cannot cover ``slot``'s parameter (None: they can): every layer
+    using it must be a Linear, Conv2d or BatchNorm, all as the same role (weight or bias)."""
+    for mod, _ in slot.owners:
+        if not isinstance(mod, SUPPORTED):
+            return (
+                f"subnetwork includes parameter {slot.name!r} of a {type(mod).__name__} layer; "
+                "subnetwork Jacobians support Linear, Conv2d and BatchNorm layers: choose "
+                "indices in those"
+            )
+    if len({a for _, a in slot.owners}) > 1:
+        return (
+            f"parameter {slot.name!r} is both a weight and a bias of different layers; subnetwork "
+            "Jacobians cannot handle that tying: leave it out of the subnetwork"
+        )
+    return None
+
+
 def check_indices(indices, total: int) -> torch.Tensor:
     """Validate subnetwork indices: 1-D integers in ``[0, total)``, no repeats; sorted copy."""
     idx = torch.as_tensor(indices)
@@ -281,18 +299,9 @@ class SubnetJacobian:
             slot = self.slots[k]
             mask = which == k
             cols = torch.nonzero(mask).flatten()
-            for mod, _ in slot.owners:
-                if not isinstance(mod, SUPPORTED):
-                    raise ConfigError(
-                        f"subnetwork includes parameter {slot.name!r} of a "
-                        f"{type(mod).__name__} layer; subnetwork Jacobians support Linear, "
-                        "Conv2d and BatchNorm layers: choose indices in those"
-                    )
-            if len({a for _, a in slot.owners}) > 1:
-                raise ConfigError(
-                    f"parameter {slot.name!r} is both a weight and a bias of different layers; "
-                    "subnetwork Jacobians cannot handle that tying: leave it out of the subnetwork"
-                )
+            why = unsupported(slot)
+            if why is not None:
+                raise ConfigError(why)
             local = self.indices[mask] - slot.offset
             self.groups.append(_Group(slot, local, cols, _as_slice(local), _as_slice(cols)))
         self.modules = list({id(m): m for g in self.groups for m, _ in g.slot.owners}.values())

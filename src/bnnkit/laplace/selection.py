@@ -36,10 +36,10 @@ from ..errors import ConfigError, InputError
 from .base import _batches, as_logits_model
 from .diagonal import DiagLaplace
 from .jacobians import (
-    SUPPORTED,
     check_indices,
     flat_params,
     param_slots,
+    unsupported,
 )
 from .last_layer import last_layer_indices
 from .swag import fit_swag
@@ -241,10 +241,7 @@ def _fittable(model: nn.Module) -> tuple[torch.Tensor, list[str]]:
     mask = torch.zeros(sum(s.numel for s in slots), dtype=torch.bool)
     others = []
     for s in slots:
-        if (
-            all(isinstance(m, SUPPORTED) for m, _ in s.owners)
-            and len({a for _, a in s.owners}) == 1
-        ):
+        if unsupported(s) is None:
             mask[s.offset : s.offset + s.numel] = True
         else:
             others.append(s.name)

@@ -31,7 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .. import io
-from ..bench import BenchConfig, _check_reusable, _check_reuse_sources, run_bench
+from ..bench import BenchConfig, check_reusable, check_reuse_sources, run_bench
 from ..errors import ConfigError
 from ..plan import PlacementPlan
 from ..report import ResultStore, markdown
@@ -110,7 +110,7 @@ def final_comparison(
     plans = final_plans(out)
     scfg = json.loads((out / "search_config.json").read_text())
     cfg, base = _final_config(out, scfg, bench, baselines, plans)
-    _check_reusable(
+    check_reusable(
         out / "final" / "bench_config.json", cfg,
         advice=f"delete {out / 'final'} to start the final comparison over (the search itself "
         "is kept), or give the final bench the settings it was made with",
@@ -206,7 +206,7 @@ def check_final_config(
     if not cfg.methods:  # validate() wants methods; the plans are not known yet
         cfg = dataclasses.replace(cfg, methods=["deterministic"])
     cfg.validate()
-    _check_reuse_sources(cfg, None)
+    check_reuse_sources(cfg, None)
     return unused
 
 

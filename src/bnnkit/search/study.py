@@ -613,6 +613,7 @@ class PlacementSearch:
         _write_out_settings(cfg)
         self._study_id = self.storage.get_study_id_from_name(cfg.study)
         self._adopted: set[int] = set()
+        self._said_waiting: set[int] = set()  # running trials announced as waited for
 
     # ------------------------------------------------------------------ one trial
     def run_config(self, plan: PlacementPlan) -> RunConfig:
@@ -719,12 +720,11 @@ class PlacementSearch:
     def _say_waiting(self, bar) -> None:
         """One line per running trial this worker waits for, the first time it does: a
         stopped worker's trial holds its slot until its heartbeat is stale."""
-        said = self.__dict__.setdefault("_said_waiting", set())
         running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
         for t in running:
-            if t.number in said:
+            if t.number in self._said_waiting:
                 continue
-            said.add(t.number)
+            self._said_waiting.add(t.number)
             bar.write(
                 f"waiting for trial {t.number} of worker {t.user_attrs.get('worker', '?')}: "
                 f"if that worker was stopped, its trial is failed and its plan re-queued once "
